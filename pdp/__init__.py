@@ -1,0 +1,3 @@
+"""pdp: a sidecar policy decision point for PostgreSQL-backed RBAC."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The `pdp` command: migrate, seed, serve and the sync workers.
+
+Only this module (the entry point) configures logging and turns errors into exit
+codes: a user mistake (bad option, bad URL, database down) prints one line
+`pdp: error: ...` and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from typing import Any, NoReturn
+
+from pdp import pg_migrate, pg_seed, seed_data
+from pdp.config import Settings, from_environment
+from pdp.errors import DependencyError, PdpError, UserError
+from pdp.pg_embedded import database_url
+from pdp.pg_errors import describe_database_error, is_database_error
+
+log = logging.getLogger("pdp")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.sql:
+        # Offline mode needs only the dialect, never a server.
+        pg_migrate.upgrade_sql(settings.database_url or "postgresql://", args.revision)
+        return 0
+    with database_url(settings) as url:
+        asyncio.run(pg_migrate.upgrade(url, args.revision))
+    log.info("database at revision %s", args.revision)
+    return 0
+
+
+def _add_migrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="upgrade the database schema to the latest revision",
+        description="Create or upgrade the pdp schema (tables, change capture, pdp.check).",
+    )
+    p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    p.set_defaults(handler=_cmd_migrate)
+
+
+def _cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
+    sizes = ("tenants", "users", "groups", "roles", "seed", "tenant_prefix", "as_of")
+    given = {name: value for name in sizes if (value := getattr(args, name)) is not None}
+    if args.demo and given:
+        raise UserError(f"--demo takes no --{next(iter(given)).replace('_', '-')}")
+    if args.demo:
+        dataset = seed_data.demo()
+    else:
+        given.setdefault("as_of", datetime.now(UTC).date())
+        dataset = seed_data.synthetic(seed_data.SeedSpec(**given))
+    with database_url(settings) as url:
+        summaries = asyncio.run(pg_seed.load(url, dataset, replace=args.replace))
+    for summary in summaries:
+        print(summary.line())
+    return 0
+
+
+def _add_seed(sub: Any) -> None:
+    p = sub.add_parser(
+        "seed",
+        help="load a synthetic dataset (or the small demo tenant) with COPY",
+        description="Load deterministic synthetic tenants with COPY in one transaction, change "
+        "capture paused, ending with one bulk-load marker per tenant (sidecars reload them).",
+        epilog=seed_data.DEMO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    n = {"type": int, "metavar": "N", "default": None}
+    p.add_argument("--tenants", **n, help="number of tenants (default 1)")
+    p.add_argument("--users", **n, help="users per tenant (default 1000)")
+    p.add_argument("--groups", **n, help="groups per tenant (default users/50, at least 1)")
+    p.add_argument("--roles", **n, help="roles per tenant (default 40)")
+    p.add_argument("--seed", **n, help="random seed; same seed and sizes, same data (default 1)")
+    p.add_argument("--tenant-prefix", metavar="P", help="tenant ids are P-1, P-2, ... "
+                   "(default 'tenant')")
+    p.add_argument("--as-of", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                   help="the day expiry dates are relative to (default today, UTC)")
+    p.add_argument("--replace", action="store_true",
+                   help="delete tenants with the same ids first (else that is an error)")
+    p.add_argument("--demo", action="store_true",
+                   help="load the hand-written 'demo' tenant instead (see below)")
+    p.set_defaults(handler=_cmd_seed)
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_migrate, _add_seed]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pdp",
+        description="pdp: a sidecar policy decision point for PostgreSQL-backed RBAC.",
+        epilog="Configuration comes from PDP_* environment variables (see README); "
+        "PDP_DATABASE_URL selects the database, else an embedded one is started.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"pdp: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = from_environment()
+        configure_logging(settings)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except UserError as exc:
+        return _fail(str(exc), 2)
+    except (DependencyError, PdpError) as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if is_database_error(exc):
+            return _fail(describe_database_error(exc), 1)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

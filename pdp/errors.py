@@ -1,0 +1,49 @@
+"""The one exception tree of pdp.
+
+    PdpError
+    ├── UserError            the caller's fault: bad input or configuration (HTTP 400, CLI exit 2)
+    │   ├── ConfigError      a PDP_* variable or flag is invalid; names the variable
+    │   └── RequestError     an API request is malformed; names the field (HTTP 400)
+    │       └── PayloadTooLarge                                         (HTTP 413)
+    ├── NotReady             no data loaded yet, or the data is stale (HTTP 503, or a deny)
+    └── DependencyError      PostgreSQL or Redis trouble, raised `from` the driver error
+
+Anything else escaping is our bug. A deny is a decision, never an exception.
+"""
+
+from __future__ import annotations
+
+
+class PdpError(Exception):
+    """Base of every error pdp raises on purpose."""
+
+
+class UserError(PdpError):
+    """The caller's fault: fix the input and retry."""
+
+
+class ConfigError(UserError):
+    """A setting is invalid; the message names the variable."""
+
+
+class RequestError(UserError):
+    """A malformed request; `field` names the offending part (a JSON path)."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class NotReady(PdpError):
+    """The sidecar cannot answer from memory yet (not loaded, or stale)."""
+
+
+class DependencyError(PdpError):
+    """A dependency (PostgreSQL, Redis) failed; the cause is chained."""

@@ -1,0 +1,1 @@
+"""The async workers that keep a sidecar's replica equal to PostgreSQL (no aiohttp here)."""
