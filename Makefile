@@ -20,6 +20,7 @@ venv: $(STAMP)
 ## Migrate, load the demo tenant and start the sidecar (embedded PostgreSQL unless PDP_DATABASE_URL is set).
 run: $(STAMP)
 	$(BIN)/pdp migrate
+	$(BIN)/pdp seed --demo --replace
 
 ## The whole test suite, against a real PostgreSQL (and Redis where a test needs it).
 test: $(STAMP)

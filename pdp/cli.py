@@ -97,8 +97,9 @@ def _add_seed(sub: Any) -> None:
     p = sub.add_parser(
         "seed",
         help="load a synthetic dataset (or the small demo tenant) with COPY",
-        description="Load deterministic synthetic tenants with COPY in one transaction, change "
-        "capture paused, ending with one bulk-load marker per tenant (sidecars reload them).",
+        description="Load deterministic synthetic tenants with COPY in one transaction,\n"
+        "change capture paused, ending with one bulk-load marker per tenant\n"
+        "(running sidecars reload those tenants).",
         epilog=seed_data.DEMO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -108,14 +109,25 @@ def _add_seed(sub: Any) -> None:
     p.add_argument("--groups", **n, help="groups per tenant (default users/50, at least 1)")
     p.add_argument("--roles", **n, help="roles per tenant (default 40)")
     p.add_argument("--seed", **n, help="random seed; same seed and sizes, same data (default 1)")
-    p.add_argument("--tenant-prefix", metavar="P", help="tenant ids are P-1, P-2, ... "
-                   "(default 'tenant')")
-    p.add_argument("--as-of", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                   help="the day expiry dates are relative to (default today, UTC)")
-    p.add_argument("--replace", action="store_true",
-                   help="delete tenants with the same ids first (else that is an error)")
-    p.add_argument("--demo", action="store_true",
-                   help="load the hand-written 'demo' tenant instead (see below)")
+    p.add_argument(
+        "--tenant-prefix", metavar="P", help="tenant ids are P-1, P-2, ... (default 'tenant')"
+    )
+    p.add_argument(
+        "--as-of",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="the day expiry dates are relative to (default today, UTC)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete tenants with the same ids first (else that is an error)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="load the hand-written 'demo' tenant instead (see below)",
+    )
     p.set_defaults(handler=_cmd_seed)
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import asyncpg
 import sqlalchemy.exc
 
+# What talking to PostgreSQL can raise when the server or the link misbehaves
+# (InternalClientError: asyncpg caught mid-operation by a killed connection).
+DRIVER_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
 
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
@@ -12,8 +22,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     while current is not None and current not in seen:
         seen.append(current)
         orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (
-            current.__cause__ or current.__context__
+        current = (
+            orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
         )
     return seen
 
@@ -21,8 +31,14 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def is_database_error(exc: BaseException) -> bool:
     """True when `exc` came from talking to PostgreSQL (or failing to reach it)."""
     return any(
-        isinstance(e, OSError | TimeoutError | asyncpg.PostgresError | asyncpg.InterfaceError
-                   | sqlalchemy.exc.SQLAlchemyError)
+        isinstance(
+            e,
+            OSError
+            | TimeoutError
+            | asyncpg.PostgresError
+            | asyncpg.InterfaceError
+            | sqlalchemy.exc.SQLAlchemyError,
+        )
         for e in _chain(exc)
     )
 

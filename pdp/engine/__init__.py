@@ -1,0 +1,27 @@
+"""The pure decision engine: an in-memory replica of the RBAC tables and the rule.
+
+No I/O, no clock, no awaits: time is a parameter. See README.md beside this file.
+"""
+
+from pdp.engine.decision import ActionsResult, Decision, Reason, ResourcesResult
+from pdp.engine.digest import digest_lines, render_expiry
+from pdp.engine.engine import Engine, Tables
+from pdp.engine.rows import COLUMNS, ENTITIES, KEY_WIDTH, Row, RowChange
+from pdp.engine.snapshot import Snapshot
+
+__all__ = [
+    "COLUMNS",
+    "ENTITIES",
+    "KEY_WIDTH",
+    "ActionsResult",
+    "Decision",
+    "Engine",
+    "Reason",
+    "ResourcesResult",
+    "Row",
+    "RowChange",
+    "Snapshot",
+    "Tables",
+    "digest_lines",
+    "render_expiry",
+]

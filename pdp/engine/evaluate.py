@@ -1,0 +1,216 @@
+"""The decision rule and its reverse queries over one tenant's state.
+
+Rule: an active user may do action A on resource (R, I) when some assignment, direct
+or through an existing group the user is a member of, has not expired
+(`expires_at is None or expires_at > now`), has scope `*`, `R:*` or `R:I`, and names
+an existing role whose transitive permissions contain `R:A`, `R:*`, `*:A` or `*:*`.
+
+Which grant is reported when several match (deterministic):
+1. a direct assignment before any through a group;
+2. then the narrowest scope (`R:I`, then `R:*`, then `*`);
+3. then the smallest role id, then the smallest group id;
+4. the permission reported is the most specific the role holds, in the order
+   `R:A`, `R:*`, `*:A`, `*:*`; `path` is the shortest inheritance chain to a role
+   holding it directly (children visited in sorted order).
+`expired` is reported when nothing grants but an expired assignment would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pdp.engine.decision import (
+    EXPIRED,
+    NO_GRANT,
+    UNKNOWN_USER,
+    USER_DISABLED,
+    ActionsResult,
+    Decision,
+    ResourcesResult,
+)
+from pdp.engine.grants import Grant, Grants, candidates, iter_grants, scope_rank
+from pdp.engine.tenant import TenantState, UserRec
+
+ACTIVE = "active"
+_Hit = tuple[Grant, frozenset[str]]
+_Scopes = tuple[str, str, str]
+_Wanted = tuple[str, str, str, str]
+
+
+def _asked(rtype: str, rid: str, action: str) -> tuple[_Scopes, _Wanted]:
+    """The scopes an assignment may have and the permissions a role may hold to match."""
+    whole_type = rtype + ":*"
+    return (f"{rtype}:{rid}", whole_type, "*"), (
+        f"{rtype}:{action}",
+        whole_type,
+        "*:" + action,
+        "*:*",
+    )
+
+
+def _first(
+    grants: Grants,
+    scopes: _Scopes,
+    wanted: _Wanted,
+    closure: dict[str, frozenset[str]],
+    now: float,
+) -> _Hit | bool:
+    """The first unexpired matching grant in order, else whether an expired one matched."""
+    scan = candidates(grants, scopes[0], scopes[1]) if isinstance(grants, dict) else grants
+    expired = False
+    for grant in scan:
+        if grant[1] in scopes:
+            perms = closure.get(grant[0])
+            if perms is not None and not perms.isdisjoint(wanted):
+                expires = grant[2]
+                if expires is None or expires > now:
+                    return grant, perms
+                expired = True
+    return expired
+
+
+def check(  # noqa: PLR0917 -- mirrors Engine.check
+    state: TenantState, user: str, rtype: str, rid: str, action: str, now: float
+) -> Decision:
+    """Decide one request against an existing tenant's state; never raises on unknown ids."""
+    rec = state.users.get(user)
+    if rec is None or rec[0] is None:
+        return UNKNOWN_USER
+    if rec[0] != ACTIVE:
+        return USER_DISABLED
+    whole_type = rtype + ":*"
+    scopes = (f"{rtype}:{rid}", whole_type, "*")
+    wanted = (f"{rtype}:{action}", whole_type, "*:" + action, "*:*")
+    hit = _first(rec[1], scopes, wanted, state.roles.closure, now)
+    if isinstance(hit, tuple):
+        return _decision(state, hit, None, wanted)
+    if rec[2]:
+        return _via_groups(state, rec[2], scopes, wanted, now, hit)
+    return EXPIRED if hit else NO_GRANT
+
+
+def _via_groups(  # noqa: PLR0917 -- internal hot path, positional on purpose
+    state: TenantState,
+    groups: tuple[str, ...],
+    scopes: _Scopes,
+    wanted: _Wanted,
+    now: float,
+    expired: bool,
+) -> Decision:
+    """Best grant through the user's groups: narrowest scope, then role, then group id."""
+    live = state.live_groups
+    closure = state.roles.closure
+    best: tuple[int, str, str, _Hit] | None = None
+    for gid in groups:
+        grants = live.get(gid)
+        if grants is None:
+            continue
+        found = _first(grants, scopes, wanted, closure, now)
+        if isinstance(found, tuple):
+            key = (scope_rank(found[0][1]), found[0][0])
+            if best is None or key < best[:2]:
+                best = (*key, gid, found)
+        elif found:
+            expired = True
+    if best is not None:
+        return _decision(state, best[3], best[2], wanted)
+    return EXPIRED if expired else NO_GRANT
+
+
+def _decision(state: TenantState, hit: _Hit, group: str | None, wanted: _Wanted) -> Decision:
+    (role, scope, expires), perms = hit
+    for perm in wanted:
+        if perm in perms:
+            break
+    return state.granted(role, perm, group, scope, expires)
+
+
+def _live_grants(state: TenantState, rec: UserRec, now: float) -> Iterator[Grant]:
+    """Every unexpired grant a user holds, directly or through existing groups."""
+    for grant in iter_grants(rec[1]):
+        if grant[2] is None or grant[2] > now:
+            yield grant
+    for gid in rec[2]:
+        index = state.live_groups.get(gid)
+        if index is not None:
+            for grant in iter_grants(index):
+                if grant[2] is None or grant[2] > now:
+                    yield grant
+
+
+def _active(state: TenantState, user: str) -> UserRec | None:
+    rec = state.users.get(user)
+    return rec if rec is not None and rec[0] == ACTIVE else None
+
+
+def actions(state: TenantState, user: str, rtype: str, rid: str, now: float) -> ActionsResult:
+    """Actions the user may do on (rtype, rid): exactly those `check` allows.
+
+    Named actions come from `R:A` and `*:A` grants; `R:*` / `*:*` set `all_actions`.
+    """
+    rec = _active(state, user)
+    if rec is None:
+        return ActionsResult((), False)
+    scopes, _ = _asked(rtype, rid, "*")
+    prefix = rtype + ":"
+    named: set[str] = set()
+    every = False
+    for role, scope, _expires in _live_grants(state, rec, now):
+        perms = state.roles.closure.get(role)
+        if perms is None or scope not in scopes:
+            continue
+        for perm in perms:
+            if perm in (scopes[1], "*:*"):
+                every = True
+            elif perm.startswith(prefix):
+                named.add(perm[len(prefix) :])
+            elif perm.startswith("*:"):
+                named.add(perm[2:])
+    return ActionsResult(tuple(sorted(named)), every)
+
+
+def resources(
+    state: TenantState, user: str, rtype: str, action: str, now: float
+) -> ResourcesResult:
+    """Ids of type `rtype` the user may do `action` on: exactly those `check` allows.
+
+    Ids come from `rtype:id` scoped assignments; a `*` or `rtype:*` scoped one that
+    grants the action sets `all_resources` instead.
+    """
+    rec = _active(state, user)
+    if rec is None:
+        return ResourcesResult((), False)
+    scopes, wanted = _asked(rtype, "*", action)
+    prefix = rtype + ":"
+    ids: set[str] = set()
+    every = False
+    for role, scope, _expires in _live_grants(state, rec, now):
+        perms = state.roles.closure.get(role)
+        if perms is None or perms.isdisjoint(wanted):
+            continue
+        if scope in scopes:
+            every = True
+        elif scope.startswith(prefix):
+            ids.add(scope[len(prefix) :])
+    return ResourcesResult(tuple(sorted(ids)), every)
+
+
+def subjects(state: TenantState, rtype: str, rid: str, action: str, now: float) -> tuple[str, ...]:
+    """Active users who may do `action` on (rtype, rid): exactly those `check` allows.
+
+    Scans the tenant's users once (a reverse query, not the hot path).
+    """
+    scopes, wanted = _asked(rtype, rid, action)
+    closure = state.roles.closure
+
+    def grants_it(grants: Grants) -> bool:
+        return isinstance(_first(grants, scopes, wanted, closure, now), tuple)
+
+    groups = {gid for gid, grants in state.live_groups.items() if grants_it(grants)}
+    out = [
+        uid
+        for uid, (status, grants, member_of) in state.users.items()
+        if status == ACTIVE and (not groups.isdisjoint(member_of) or grants_it(grants))
+    ]
+    out.sort()
+    return tuple(out)
