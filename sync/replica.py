@@ -1,0 +1,90 @@
+"""The sidecar's replica: the engine plus what the sync worker knows about its freshness.
+
+The sync worker writes it (install a snapshot, apply a batch, mark it proven
+current); request handlers only read it. Every write is one synchronous call, so a
+reader on the same event loop sees the state before or after it, never half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+from pdp.engine import Engine, RowChange, Snapshot
+
+
+class Replica:
+    """Holds the current engine; tracks staleness and lets callers wait for a revision."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._engine: Engine | None = None
+        self._epoch: str | None = None
+        self._synced_at: float | None = None
+        self._advanced = asyncio.Event()
+        # Set by anyone who wants a catch-up now (the listener, a consistency wait);
+        # the sync worker waits on it.
+        self.wake = asyncio.Event()
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    @property
+    def ready(self) -> bool:
+        """A snapshot has been loaded (fresh or not)."""
+        return self._engine is not None
+
+    @property
+    def revision(self) -> Snapshot | None:
+        return None if self._engine is None else self._engine.revision
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    def staleness(self) -> float:
+        """Seconds since the data was last proven current; infinite before the first load."""
+        if self._synced_at is None:
+            return float("inf")
+        return max(0.0, self._clock() - self._synced_at)
+
+    def install(self, engine: Engine, epoch: str, synced_at: float) -> None:
+        """Swap in a freshly loaded engine (bootstrap or full reload). Never awaits."""
+        self._engine = engine
+        self._epoch = epoch
+        self.mark_synced(synced_at)
+
+    def apply(self, changes: Iterable[RowChange], revision: Snapshot, synced_at: float) -> int:
+        """Apply one catch-up batch atomically and move to `revision`. Never awaits."""
+        if self._engine is None:
+            raise RuntimeError("apply before install")
+        applied = self._engine.apply(changes, revision)
+        self.mark_synced(synced_at)
+        return applied
+
+    def mark_synced(self, synced_at: float) -> None:
+        """Record that the data was current as of monotonic time `synced_at`."""
+        if self._synced_at is None or synced_at > self._synced_at:
+            self._synced_at = synced_at
+        advanced, self._advanced = self._advanced, asyncio.Event()
+        advanced.set()
+
+    def has_revision(self, xid: int) -> bool:
+        """Whether transaction `xid` is visible in the replica's snapshot."""
+        revision = self.revision
+        return revision is not None and revision.visible(xid)
+
+    async def wait_for_revision(self, xid: int, timeout: float) -> bool:
+        """Wait until transaction `xid` is visible, at most `timeout` seconds."""
+        deadline = self._clock() + timeout
+        while not self.has_revision(xid):
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._advanced.wait(), remaining)
+            except TimeoutError:
+                return self.has_revision(xid)
+        return True

@@ -1,0 +1,73 @@
+"""A TCP proxy for fault tests: forward, cut every connection, or swallow traffic.
+
+Like asyncpg's test fuzzer: the sidecar connects through it, and the test breaks
+the network for real (RST/FIN on `cut`, silence without any error on `blackhole`,
+which is what a half-open link looks like to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.mode = "open"
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        """Close every connection now and refuse new ones until `restore`."""
+        self.mode = "cut"
+        for client, upstream in list(self._links):
+            client.close()
+            upstream.close()
+        self._links.clear()
+
+    def blackhole(self) -> None:
+        """Keep connections open but forward nothing (a half-open link)."""
+        self.mode = "blackhole"
+
+    def restore(self) -> None:
+        self.mode = "open"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "cut":
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            self._links.discard(link)
+            writer.close()
+            up_writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                if self.mode == "open":
+                    writer.write(data)
+                    await writer.drain()
+                elif self.mode == "cut":
+                    return
+        writer.close()
