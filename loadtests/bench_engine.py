@@ -167,6 +167,57 @@ def bench_apply(engine: Engine) -> dict[str, float]:
     return out
 
 
+def bench_reverse(engine: Engine, users: int, n: int, seed: int) -> dict[str, list[float]]:
+    """Milliseconds per call of the reverse queries and the digest, over random requests."""
+    rng = random.Random(seed + 2)
+    clock = time.perf_counter
+    out: dict[str, list[float]] = {"digest": [], "subjects": [], "actions": [], "resources": []}
+    calls = {
+        "digest": lambda: engine.digest(TENANT),
+        "subjects": lambda: engine.subjects(
+            TENANT, rng.choice(TYPES), str(rng.randrange(1000)), rng.choice(ACTIONS), NOW
+        ),
+        "actions": lambda: engine.actions(
+            TENANT, f"user-{rng.randrange(users):07d}", rng.choice(TYPES), "1", NOW
+        ),
+        "resources": lambda: engine.resources(
+            TENANT, f"user-{rng.randrange(users):07d}", rng.choice(TYPES), rng.choice(ACTIONS), NOW
+        ),
+    }
+    for name, call in calls.items():
+        for _ in range(n):
+            t0 = clock()
+            call()
+            out[name].append((clock() - t0) * 1000)
+    return out
+
+
+def bench_selective_subjects(engine: Engine, users: int, n: int) -> list[float]:
+    """Milliseconds per subject search with a small answer in a big tenant.
+
+    Adds a role granting `vault:open` assigned per vault (`vault:<i>` scopes, 1000 vaults),
+    the shape of "owner of this resource" assignments; each answer is one or two users.
+    """
+    batch = [
+        RowChange.upsert("roles", (TENANT, "vault-owner")),
+        RowChange.upsert("role_permissions", (TENANT, "vault-owner", "vault:open")),
+    ]
+    batch += [
+        RowChange.upsert(
+            "user_roles",
+            (TENANT, f"user-{(i * 7919) % users:07d}", "vault-owner", f"vault:{i}", None),
+        )
+        for i in range(1000)
+    ]
+    engine.apply(batch, Snapshot(3, 3, frozenset()))
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        engine.subjects(TENANT, "vault", str(i), "open", NOW)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000)
@@ -208,6 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"counts: {engine.counts()}")
     for name, us in bench_apply(engine).items():
         print(f"apply {name}: {us:.1f} us")
+    reverse = bench_reverse(engine, args.users, 20, args.seed)
+    reverse["subjects, small answer"] = bench_selective_subjects(engine, args.users, 20)
+    for name, ms in reverse.items():
+        print(
+            f"{name}: first {ms[0]:.3f} ms  median {statistics.median(ms):.3f} ms  "
+            f"max {max(ms):.3f} ms  (n={len(ms)})"
+        )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,82 @@ def _add_seed(sub: Any) -> None:
     p.set_defaults(handler=_cmd_seed)
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_migrate, _add_seed]
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.serve import serve  # noqa: PLC0415  (aiohttp only for the commands that serve)
+
+    settings = settings.replace(
+        host=args.host,
+        port=args.port,
+        default_tenant=args.default_tenant,
+        base_url=args.base_url,
+        max_staleness_seconds=args.max_staleness,
+        stale_mode=args.stale_mode,
+    )
+    return serve(settings)
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the sidecar: load the data, keep it in sync, answer checks",
+        description="Load the pdp tables into memory, follow every change through\n"
+        "LISTEN/NOTIFY and the change log, and answer the AuthZEN API\n"
+        "(POST /access/v1/evaluation ...), /healthz, /readyz and /metrics.\n"
+        "Flags override the PDP_* variables of the same name.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", help="address to bind (PDP_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (PDP_PORT, default 8282)")
+    p.add_argument("--default-tenant", help="tenant when a request names none")
+    p.add_argument("--base-url", help="advertised base URL in the AuthZEN metadata")
+    p.add_argument(
+        "--max-staleness",
+        type=float,
+        metavar="SECONDS",
+        help="data older than this is stale (PDP_MAX_STALENESS_SECONDS, default 5)",
+    )
+    p.add_argument(
+        "--stale-mode",
+        choices=("deny", "serve"),
+        help="when stale: deny with reason 'stale' (default) or keep answering",
+    )
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from sync import pg_retention  # noqa: PLC0415
+
+    retention = settings.change_retention_seconds
+    with database_url(settings) as url:
+        if args.once:
+            result = asyncio.run(pg_retention.prune_once(url, retention))
+            print(f"removed={result.removed} purge_horizon={result.horizon}")
+            return 0
+        asyncio.run(pg_retention.run_forever(url, retention, args.interval))
+    return 0
+
+
+def _add_prune(sub: Any) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="change-log retention worker (sync): prune old rows, record the horizon",
+        description="Delete change_log rows older than PDP_CHANGE_RETENTION (default 7d),\n"
+        "never those of a transaction newer than the oldest one still running,\n"
+        "and record the purge horizon (sidecars behind it reload).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--once", action="store_true", help="prune once and exit (for cron)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="seconds between runs when not --once (default 600)",
+    )
+    p.set_defaults(handler=_cmd_prune)
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_migrate, _add_seed, _add_serve, _add_prune]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configuration comes from PDP_* environment variables (see README); "
         "PDP_DATABASE_URL selects the database, else an embedded one is started.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     for add in COMMANDS:
         add(sub)
     return parser

@@ -64,15 +64,19 @@ async def prune(
             return PruneResult(removed, horizon)
 
 
+async def prune_once(url: str, retention_seconds: float) -> PruneResult:
+    conn = await asyncpg.connect(url, server_settings={"application_name": "pdp-retention"})
+    try:
+        return await prune(conn, retention_seconds)
+    finally:
+        await conn.close()
+
+
 async def run_forever(url: str, retention_seconds: float, interval: float) -> None:
     """Prune every `interval` seconds until cancelled; survives database outages."""
     while True:
         try:
-            conn = await asyncpg.connect(url, server_settings={"application_name": "pdp-retention"})
-            try:
-                result = await prune(conn, retention_seconds)
-            finally:
-                await conn.close()
+            result = await prune_once(url, retention_seconds)
             if result.removed:
                 log.info(
                     "pruned %d change-log rows; purge horizon %s", result.removed, result.horizon

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from sync.pg_listener import PgListener
 from sync.pg_sync import PgSync, SyncMetrics, SyncOptions
@@ -18,7 +19,7 @@ from sync.replica import Replica
 log = logging.getLogger(__name__)
 
 
-class ReconnectMetrics(SyncMetrics):
+class ReconnectMetrics(SyncMetrics, Protocol):
     def reconnect(self) -> None: ...
 
 

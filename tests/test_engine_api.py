@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -192,11 +193,14 @@ def test_replace_tenant() -> None:
         engine.replace_tenant("beta", data)
 
 
-REVERSE = tables(
+REVERSE_ROLES = [
     *role("viewer", "doc:read", "*:list"),
     *role("editor", "doc:write", "img:*"),
     *role("admin", "*:*"),
     edge("editor", "viewer"),
+]
+REVERSE = tables(
+    *REVERSE_ROLES,
     ur("alice", "viewer", "doc:1"),
     ur("alice", "editor", "doc:2"),
     ur("alice", "admin", "img:9", expires=NOW),
@@ -225,6 +229,41 @@ def test_actions(user: str, rtype: str, rid: str, expected: ActionsResult) -> No
     for action in expected.actions:
         assert engine.check(T, user, rtype, rid, action, NOW).allowed
     assert engine.check(T, user, rtype, rid, "anything", NOW).allowed is expected.all_actions
+
+
+def test_reverse_queries_on_the_scope_index_form() -> None:
+    many = [ur("alice", "viewer", f"doc:{i}") for i in range(20)]
+    many += [gr("eng", "editor", f"doc:{i}", NOW + (i % 2)) for i in range(20)]
+    data = tables(
+        *REVERSE_ROLES,
+        *many,
+        ur("alice", "admin", "img:*"),
+        ur("alice", "editor", "doc:5", NOW - 1),
+        *group("eng", "alice", "bob"),
+        ("users", (T, "bob", "active")),
+    )
+    engine = Engine.build(data, REV)
+    for user, rtype, rid in itertools.product(
+        ("alice", "bob"), ("doc", "img"), ("1", "2", "5", "99")
+    ):
+        result = engine.actions(T, user, rtype, rid, NOW)
+        for action in ("read", "list", "write", "delete", "zzz"):
+            ok = engine.check(T, user, rtype, rid, action, NOW).allowed
+            assert ok == (action in result.actions or result.all_actions), (
+                user,
+                rtype,
+                rid,
+                action,
+            )
+    assert engine.actions(T, "alice", "doc", "3", NOW) == ActionsResult(
+        ("list", "read", "write"), False
+    )
+    assert engine.actions(T, "bob", "doc", "2", NOW) == ActionsResult((), False)
+    assert engine.resources(T, "bob", "doc", "write", NOW).ids == tuple(
+        sorted(str(i) for i in range(1, 20, 2))
+    )
+    assert engine.subjects(T, "doc", "3", "write", NOW) == ("alice", "bob")
+    assert engine.subjects(T, "doc", "2", "read", NOW) == ("alice",)
 
 
 def test_resources_and_subjects() -> None:

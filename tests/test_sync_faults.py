@@ -198,7 +198,15 @@ async def test_purge_past_the_cursor_forces_a_reload(seeded: str, pg: asyncpg.Co
         assert service is not None
         # Stop the sync loop (the sidecar falls behind), write, then purge everything.
         await service.stop()
-        await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000005'", TENANT)
+        async with pg.transaction():
+            written = int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+            await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000005'", TENANT)
+        # Retention never removes what a running transaction (in any database of the
+        # cluster) might precede; wait until every transaction older than ours ended.
+        async with asyncio.timeout(30):
+            # Other sessions' transactions emit no event: poll the horizon.
+            while await pg.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint") <= written:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         result = await pg_retention.prune(pg, retention_seconds=0)
         assert result.removed >= 1
         assert result.horizon is not None

@@ -28,17 +28,26 @@ Definition (a SQL version computes the same value from the tables at one snapsho
    then the number of lines in decimal. A tenant with no rows is `0000000000000000:0`.
 
 Equal digests mean (up to MD5 collisions) the same multiset of rows.
+
+Because the sum is order-independent, a tenant keeps it running: each upsert or delete
+adds or subtracts the value of the one line it creates, replaces or removes (O(1) per
+row), so reading the digest is O(1). `recompute_digest` is the full pass over the held
+rows that the running value must always equal; a bulk load uses it once at its end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from hashlib import md5
+from typing import TYPE_CHECKING
 
 from pdp.engine.grants import Grant, iter_grants
-from pdp.engine.tenant import TenantState
 
-_MASK = (1 << 64) - 1
+if TYPE_CHECKING:  # the tenant imports this module's line functions
+    from pdp.engine.tenant import TenantState
+
+MASK = (1 << 64) - 1
+EMPTY = "0000000000000000:0"
 
 
 def render_expiry(expires: float | None) -> str:
@@ -48,20 +57,31 @@ def render_expiry(expires: float | None) -> str:
 
 def line_value(line: str) -> int:
     """One line's contribution: the first 64 bits of its MD5, unsigned."""
-    return int(md5(line.encode(), usedforsecurity=False).hexdigest()[:16], 16)
+    return int.from_bytes(md5(line.encode(), usedforsecurity=False).digest()[:8])
 
 
-def digest_lines(lines: Iterator[str]) -> str:
+def render(total: int, lines: int) -> str:
+    """The digest text of a sum of line values and a line count."""
+    return f"{total & MASK:016x}:{lines}"
+
+
+def digest_lines(lines: Iterable[str]) -> str:
     """Combine lines as the module docstring defines."""
     total = 0
     n = 0
     for line in lines:
         total += line_value(line)
         n += 1
-    return f"{total & _MASK:016x}:{n}"
+    return render(total, n)
 
 
-def _grant_line(entity: str, tenant: str, holder: str, grant: Grant) -> str:
+def row_line(entity: str, *fields: str) -> str:
+    """The line of a row whose fields are already rendered (NULL as the empty string)."""
+    return "|".join((entity, *fields))
+
+
+def grant_line(entity: str, tenant: str, holder: str, grant: Grant) -> str:
+    """The line of a user_roles or group_roles row."""
     role, scope, expires = grant
     return f"{entity}|{tenant}|{holder}|{role}|{scope}|{render_expiry(expires)}"
 
@@ -81,7 +101,7 @@ def _user_lines(state: TenantState) -> Iterator[str]:
         if status is not None:
             yield f"users|{t}|{uid}|{status}"
         for grant in iter_grants(grants):
-            yield _grant_line("user_roles", t, uid, grant)
+            yield grant_line("user_roles", t, uid, grant)
         for gid in groups:
             yield f"group_members|{t}|{gid}|{uid}"
 
@@ -92,7 +112,7 @@ def _group_lines(state: TenantState) -> Iterator[str]:
         yield f"groups|{t}|{gid}"
     for gid, index in state.group_grants.items():
         for grant in iter_grants(index):
-            yield _grant_line("group_roles", t, gid, grant)
+            yield grant_line("group_roles", t, gid, grant)
 
 
 def _role_lines(state: TenantState) -> Iterator[str]:
@@ -108,6 +128,15 @@ def _role_lines(state: TenantState) -> Iterator[str]:
             yield f"role_permissions|{t}|{role}|{perm}"
 
 
-def digest(state: TenantState | None) -> str:
-    """The digest of a tenant's rows (of no rows when `state` is None)."""
-    return digest_lines(tenant_lines(state) if state is not None else iter(()))
+def recompute_digest(state: TenantState | None) -> str:
+    """The digest by a pass over every held row (of no rows when `state` is None).
+
+    O(rows): the reference for the running digest a TenantState keeps, and how that
+    running sum starts after a bulk load. Serving uses `TenantState.digest()`.
+    """
+    return digest_lines(tenant_lines(state) if state is not None else ())
+
+
+def line_sum(state: TenantState) -> int:
+    """Sum (mod 2**64) of the values of every held row's line: an O(rows) pass."""
+    return sum(map(line_value, tenant_lines(state))) & MASK

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
-from pdp.engine.digest import digest
+from pdp.engine.digest import EMPTY
 from pdp.engine.rows import ENTITIES, Row, RowChange
 from pdp.engine.snapshot import Snapshot
 from pdp.engine.tenant import TenantState, upserter
@@ -42,11 +42,15 @@ def _load_rows(states: dict[str, TenantState], tables: Tables, only: str | None)
                 raise ValueError(f"{entity}: row {row!r} is not for tenant {only or 'a str id'}")
             state = states.get(tenant)
             if state is None:
-                state = states[tenant] = TenantState(tenant)
+                state = states[tenant] = TenantState(tenant, loading=True)
             put(state, row)
     for state in states.values():
         state.settle()
         state.compact()
+        # One pass summing every row's digest line, here rather than per row (no
+        # replaced lines to look up) and rather than at the first digest() call: a
+        # full load runs in a worker thread, the verifier's digest() on the event loop.
+        state.digest()
 
 
 class Engine:
@@ -108,7 +112,7 @@ class Engine:
 
         With no `tenants` row the tenant is gone. Other tenants are untouched.
         """
-        states = {tenant_id: TenantState(tenant_id)}
+        states = {tenant_id: TenantState(tenant_id, loading=True)}
         _load(states, tables, only=tenant_id)
         if states[tenant_id].exists:
             self._tenants[tenant_id] = states[tenant_id]
@@ -169,5 +173,9 @@ class Engine:
         return evaluate.resources(state, user, resource_type, action, now)
 
     def digest(self, tenant: str) -> str:
-        """The tenant's row digest as defined in `pdp.engine.digest` (runs off the hot path)."""
-        return digest(self._tenants.get(tenant))
+        """The digest (`pdp.engine.digest`) of the rows held for the tenant; O(1).
+
+        Kept running by every change, so it can be read right after each batch.
+        """
+        state = self._tenants.get(tenant)
+        return EMPTY if state is None else state.digest()

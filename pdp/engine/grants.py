@@ -32,57 +32,80 @@ def grant_order(grant: Grant) -> tuple[int, str, str]:
     return (scope_rank(grant[1]), grant[0], grant[1])
 
 
-def put(grants: Grants, grant: Grant) -> tuple[Grants, bool]:
+def put(grants: Grants, grant: Grant) -> tuple[Grants, Grant | None]:
     """`grants` with `grant` replacing any grant of the same (role, scope).
 
-    Returns the new holder value and whether the (role, scope) was new.
+    Returns the new holder value and the grant it replaced (None when the
+    (role, scope) was new).
     """
     if isinstance(grants, dict):
         return grants, index_put(grants, grant)
     role, scope = grant[0], grant[1]
-    kept = [g for g in grants if g[0] != role or g[1] != scope]
-    added = len(kept) == len(grants)
+    old = None
+    kept = []
+    for held in grants:
+        if held[0] == role and held[1] == scope:
+            old = held
+        else:
+            kept.append(held)
     kept.append(grant)
     if len(kept) > SMALL:
         index: ScopeIndex = {}
-        for g in kept:
-            index_put(index, g)
-        return index, added
+        for held in kept:
+            index_put(index, held)
+        return index, old
     kept.sort(key=grant_order)
-    return tuple(kept), added
+    return tuple(kept), old
 
 
-def drop(grants: Grants, role: str, scope: str) -> tuple[Grants, bool]:
-    """`grants` without the (role, scope) grant, and whether there was one."""
+def drop(grants: Grants, role: str, scope: str) -> tuple[Grants, Grant | None]:
+    """`grants` without the (role, scope) grant, and that grant (None if there was none)."""
     if isinstance(grants, dict):
         removed = index_drop(grants, role, scope)
         return (grants if grants else NO_GRANTS), removed
-    kept = tuple(g for g in grants if g[0] != role or g[1] != scope)
-    return kept, len(kept) != len(grants)
+    kept = []
+    removed = None
+    for held in grants:
+        if held[0] == role and held[1] == scope:
+            removed = held
+        else:
+            kept.append(held)
+    return (grants if removed is None else tuple(kept)), removed
 
 
-def index_put(index: ScopeIndex, grant: Grant) -> bool:
-    """Put `grant` into `index` in place; True when its (role, scope) was new."""
+def index_put(index: ScopeIndex, grant: Grant) -> Grant | None:
+    """Put `grant` into `index` in place; return the grant it replaced, if any."""
     role, scope = grant[0], grant[1]
-    current = index.get(scope, NO_GRANTS)
-    kept = [g for g in current if g[0] != role]
+    old = None
+    kept = []
+    for held in index.get(scope, NO_GRANTS):
+        if held[0] == role:
+            old = held
+        else:
+            kept.append(held)
     kept.append(grant)
     kept.sort(key=grant_order)
     index[scope] = tuple(kept)
-    return len(kept) > len(current)
+    return old
 
 
-def index_drop(index: ScopeIndex, role: str, scope: str) -> bool:
-    """Remove the (role, scope) grant from `index` in place; True when there was one."""
+def index_drop(index: ScopeIndex, role: str, scope: str) -> Grant | None:
+    """Remove the (role, scope) grant from `index` in place; return it, if there was one."""
     current = index.get(scope)
     if not current:
-        return False
-    kept = tuple(g for g in current if g[0] != role)
+        return None
+    removed = None
+    kept = []
+    for held in current:
+        if held[0] == role:
+            removed = held
+        else:
+            kept.append(held)
     if kept:
-        index[scope] = kept
+        index[scope] = tuple(kept)
     else:
         del index[scope]
-    return len(kept) != len(current)
+    return removed
 
 
 def candidates(grants: Grants, one: str, whole_type: str) -> tuple[Grant, ...] | list[Grant]:

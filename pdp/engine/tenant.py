@@ -1,14 +1,16 @@
 """One tenant's state: users, groups, memberships, assignments and the role graph.
 
 Memory per user is kept to one dict entry whose value is a shared-where-equal tuple
-(status, direct grants, group ids); ids repeated across users (roles, scopes, groups,
-status) are interned. User ids are not: the users dict holds one copy of each.
+(status, direct grants, group ids); ids (users, roles, scopes, groups, status) are
+interned, so the reverse indexes of the subject search (`pdp.engine.holders`: who holds
+a role at a scope, who is in a group) cost pointers, not copies.
 
 Every row is stored as given, whether or not its parent row exists (foreign keys
 hold eventually in the database); what a check may use is decided at check time or
 kept derived: `live_groups` holds the grant index of existing groups only, and the
 role graph keeps closures for existing roles only. Upserts and deletes are
-idempotent and cost in proportion to the row, never to the tenant.
+idempotent and cost in proportion to the row, never to the tenant; each also moves the
+running digest (`pdp.engine.digest`) by the one line it creates, replaces or removes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from sys import intern
 from typing import cast
 
 from pdp.engine import grants as g
+from pdp.engine import holders as h
 from pdp.engine.decision import Decision
+from pdp.engine.digest import MASK, grant_line, line_sum, line_value, render, row_line
 from pdp.engine.roles import RoleGraph
 from pdp.engine.rows import ENTITIES, Row
 
@@ -33,17 +37,22 @@ class TenantState:
 
     __slots__ = (
         "_decisions",
+        "_sum",
         "count",
         "exists",
         "group_grants",
+        "group_holders",
         "groups",
         "live_groups",
+        "members",
         "roles",
         "tenant_id",
+        "user_holders",
         "users",
     )
 
-    def __init__(self, tenant_id: str) -> None:
+    def __init__(self, tenant_id: str, *, loading: bool = False) -> None:
+        """An empty tenant; `loading` defers the running digest to the first `digest()`."""
         self.tenant_id = tenant_id
         self.exists = False
         self.users: dict[str, UserRec] = {}
@@ -52,7 +61,13 @@ class TenantState:
         self.live_groups: dict[str, g.Grants] = {}
         self.roles = RoleGraph()
         self.count: dict[str, int] = dict.fromkeys(ENTITIES, 0)
+        self.user_holders: h.Holders = {}
+        self.group_holders: h.Holders = {}
+        self.members: h.Ids = {}
         self._decisions: dict[tuple[str, str, str | None, str, float | None], Decision] = {}
+        # Sum mod 2**64 of the digest line values of the held rows; the line count is
+        # the sum of `count`. None while a bulk load runs (summed once at its end).
+        self._sum: int | None = None if loading else 0
 
     def upsert(self, entity: str, row: Row) -> None:
         """Make `row` current (idempotent)."""
@@ -61,6 +76,34 @@ class TenantState:
     def delete(self, entity: str, key: tuple[str, ...]) -> None:
         """Remove the row with this key if present (idempotent)."""
         _DELETE[entity](self, key)
+
+    def digest(self) -> str:
+        """The digest (`pdp.engine.digest`) of the rows held: O(1).
+
+        Except once after a `loading` start: the first call then sums every row.
+        """
+        if self._sum is None:
+            self._sum = line_sum(self)
+        return render(self._sum, sum(self.count.values()))
+
+    def _tally(self, sign: int, entity: str, *fields: str) -> None:
+        """Add (sign 1) or subtract (-1) the line of a row of this tenant to the digest."""
+        if self._sum is not None:
+            line = row_line(entity, self.tenant_id, *fields)
+            self._sum = (self._sum + sign * line_value(line)) & MASK
+
+    def _tally_grant(
+        self, entity: str, holder: str, old: g.Grant | None, new: g.Grant | None
+    ) -> None:
+        """Move the digest from assignment row `old` to `new` (None: no row)."""
+        if self._sum is None or old == new:
+            return
+        total = self._sum
+        if old is not None:
+            total -= line_value(grant_line(entity, self.tenant_id, holder, old))
+        if new is not None:
+            total += line_value(grant_line(entity, self.tenant_id, holder, new))
+        self._sum = total & MASK
 
     def settle(self) -> None:
         """Bring derived role closures up to date after a batch; call before checking."""
@@ -103,23 +146,34 @@ class TenantState:
 
     def _put_user(self, row: Row) -> None:
         _, uid, status = cast(tuple[str, str, str | None], row)
+        uid = intern(uid)
+        status = intern(status or "")
         rec = self.users.get(uid, NO_USER)
         if rec[0] is None:
             self.count["users"] += 1
-        self.users[uid] = (intern(status or ""), rec[1], rec[2])
+        elif rec[0] != status:
+            self._tally(-1, "users", uid, rec[0])
+        if rec[0] != status:
+            self._tally(1, "users", uid, status)
+        self.users[uid] = (status, rec[1], rec[2])
 
     def _del_user(self, key: tuple[str, ...]) -> None:
         rec = self.users.get(key[1])
         if rec is not None and rec[0] is not None:
             self.count["users"] -= 1
+            self._tally(-1, "users", key[1], rec[0])
             self._store_user(key[1], None, rec[1], rec[2])
 
     def _put_user_role(self, row: Row) -> None:
         _, uid, role, scope, expires = cast(tuple[str, str, str, str, float | None], row)
+        uid = intern(uid)
         grant = (intern(role), intern(scope), None if expires is None else float(expires))
         rec = self.users.get(uid, NO_USER)
-        grants, added = g.put(rec[1], grant)
-        self.count["user_roles"] += added
+        grants, old = g.put(rec[1], grant)
+        if old is None:
+            self.count["user_roles"] += 1
+            h.hold(self.user_holders, grant[0], grant[1], uid)
+        self._tally_grant("user_roles", uid, old, grant)
         self.users[uid] = (rec[0], grants, rec[2])
 
     def _del_user_role(self, key: tuple[str, ...]) -> None:
@@ -127,8 +181,11 @@ class TenantState:
         rec = self.users.get(uid)
         if rec is not None:
             grants, removed = g.drop(rec[1], role, scope)
-            self.count["user_roles"] -= removed
-            self._store_user(uid, rec[0], grants, rec[2])
+            if removed is not None:
+                self.count["user_roles"] -= 1
+                h.release(self.user_holders, role, scope, uid)
+                self._tally_grant("user_roles", uid, removed, None)
+                self._store_user(uid, rec[0], grants, rec[2])
 
     # -- groups, memberships and group assignments ------------------------------------
 
@@ -137,6 +194,7 @@ class TenantState:
         if gid not in self.groups:
             self.groups.add(gid)
             self.count["groups"] += 1
+            self._tally(1, "groups", gid)
             index = self.group_grants.get(gid)
             if index is not None:
                 self.live_groups[gid] = index
@@ -146,37 +204,50 @@ class TenantState:
         if gid in self.groups:
             self.groups.remove(gid)
             self.count["groups"] -= 1
+            self._tally(-1, "groups", gid)
             self.live_groups.pop(gid, None)
 
     def _put_member(self, row: Row) -> None:
-        # Memberships live only in the member's record: a check reads them from there,
-        # and nothing needs members by group (a group change never walks its members).
+        # A check reads memberships from the member's record; `members` (group -> users)
+        # serves the subject search only (a group change never walks its members).
         _, gid, uid = cast(tuple[str, str, str], row)
+        uid = intern(uid)
         status, grants, groups = self.users.get(uid, NO_USER)
         if gid not in groups:
+            gid = intern(gid)
             self.count["group_members"] += 1
-            self.users[uid] = (status, grants, tuple(sorted((*groups, intern(gid)))))
+            h.add(self.members, gid, uid)
+            self._tally(1, "group_members", gid, uid)
+            self.users[uid] = (status, grants, tuple(sorted((*groups, gid))))
 
     def _del_member(self, key: tuple[str, ...]) -> None:
         _, gid, uid = key
         rec = self.users.get(uid)
         if rec is not None and gid in rec[2]:
             self.count["group_members"] -= 1
+            h.remove(self.members, gid, uid)
+            self._tally(-1, "group_members", gid, uid)
             self._store_user(uid, rec[0], rec[1], tuple(x for x in rec[2] if x != gid))
 
     def _put_group_role(self, row: Row) -> None:
         _, gid, role, scope, expires = cast(tuple[str, str, str, str, float | None], row)
         gid = intern(gid)
         grant = (intern(role), intern(scope), None if expires is None else float(expires))
-        grants, added = g.put(self.group_grants.get(gid, g.NO_GRANTS), grant)
-        self.count["group_roles"] += added
+        grants, old = g.put(self.group_grants.get(gid, g.NO_GRANTS), grant)
+        if old is None:
+            self.count["group_roles"] += 1
+            h.hold(self.group_holders, grant[0], grant[1], gid)
+        self._tally_grant("group_roles", gid, old, grant)
         self._store_group_grants(gid, grants)
 
     def _del_group_role(self, key: tuple[str, ...]) -> None:
         _, gid, role, scope = key
         grants, removed = g.drop(self.group_grants.get(gid, g.NO_GRANTS), role, scope)
-        self.count["group_roles"] -= removed
-        self._store_group_grants(gid, grants)
+        if removed is not None:
+            self.count["group_roles"] -= 1
+            h.release(self.group_holders, role, scope, gid)
+            self._tally_grant("group_roles", gid, removed, None)
+            self._store_group_grants(gid, grants)
 
     def _store_group_grants(self, gid: str, grants: g.Grants) -> None:
         if not grants:
@@ -193,31 +264,44 @@ class TenantState:
         if not self.exists:
             self.exists = True
             self.count["tenants"] = 1
+            self._tally(1, "tenants")
 
     def _del_tenant(self, key: tuple[str, ...]) -> None:
         # The engine drops the whole TenantState on a tenant delete; this is for completeness.
-        self.exists = False
-        self.count["tenants"] = 0
+        if self.exists:
+            self.exists = False
+            self.count["tenants"] = 0
+            self._tally(-1, "tenants")
+
+    def _role_row(self, entity: str, changed: bool, sign: int, *fields: str) -> None:
+        if changed:
+            self.count[entity] += sign
+            self._tally(sign, entity, *fields)
 
     def _put_role(self, row: Row) -> None:
-        self.count["roles"] += self.roles.add_role(intern(cast(str, row[1])))
+        role = intern(cast(str, row[1]))
+        self._role_row("roles", self.roles.add_role(role), 1, role)
 
     def _del_role(self, key: tuple[str, ...]) -> None:
-        self.count["roles"] -= self.roles.remove_role(key[1])
+        self._role_row("roles", self.roles.remove_role(key[1]), -1, key[1])
 
     def _put_inherit(self, row: Row) -> None:
         _, role, inherits = cast(tuple[str, str, str], row)
-        self.count["role_inherits"] += self.roles.add_edge(intern(role), intern(inherits))
+        role, inherits = intern(role), intern(inherits)
+        self._role_row("role_inherits", self.roles.add_edge(role, inherits), 1, role, inherits)
 
     def _del_inherit(self, key: tuple[str, ...]) -> None:
-        self.count["role_inherits"] -= self.roles.remove_edge(key[1], key[2])
+        changed = self.roles.remove_edge(key[1], key[2])
+        self._role_row("role_inherits", changed, -1, key[1], key[2])
 
     def _put_perm(self, row: Row) -> None:
         _, role, perm = cast(tuple[str, str, str], row)
-        self.count["role_permissions"] += self.roles.add_perm(intern(role), intern(perm))
+        role, perm = intern(role), intern(perm)
+        self._role_row("role_permissions", self.roles.add_perm(role, perm), 1, role, perm)
 
     def _del_perm(self, key: tuple[str, ...]) -> None:
-        self.count["role_permissions"] -= self.roles.remove_perm(key[1], key[2])
+        changed = self.roles.remove_perm(key[1], key[2])
+        self._role_row("role_permissions", changed, -1, key[1], key[2])
 
 
 _UPSERT: dict[str, Callable[[TenantState, Row], None]] = {

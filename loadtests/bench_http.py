@@ -1,0 +1,281 @@
+"""HTTP benchmark: pdp's AuthZEN endpoint against a bare aiohttp handler, driven by wrk.
+
+    .venv/bin/python loadtests/bench_http.py [--users 100000] [--duration 15]
+        [--connections 64] [--batch 100] [--no-uvloop]
+
+Each server runs in its own process on 127.0.0.1 (random port), pinned to the last
+CPU when there are several, with wrk pinned to the others (1 thread). The two
+single-evaluation runs alternate for `--rounds` rounds and the medians are reported,
+so background load on the machine hits both alike. pdp is
+`pdp.web_app.build_app` over a Replica loaded from the synthetic dataset of
+`pdp.seed_data` (no database); the baseline is `loadtests/bare_app.py` (JSON parse
++ dict lookup). Bodies are drawn round-robin from a list of real users and resource
+ids, so decisions mix allow and deny. Prints req/s, p50 and p99 for both, the
+ratio, and decisions/s for batches of `--batch` on `/access/v1/evaluations`.
+
+The parent process only orchestrates (subprocesses and wrk); pdp is imported in the
+server process alone (`--serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+EVALUATION = "/access/v1/evaluation"
+EVALUATIONS = "/access/v1/evaluations"
+TENANT = "bench-1"  # seed_data names tenants <prefix>-1, <prefix>-2, ...
+
+LUA = """
+local bodies = {}
+for line in io.lines("%(bodies)s") do bodies[#bodies + 1] = line end
+local i = math.random(#bodies)
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", "%(path)s", headers, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%.1f %%.1f %%.1f %%d\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+# --- the pdp server process --------------------------------------------------------
+
+
+def _engine_rows(users: int) -> dict[str, list[tuple[Any, ...]]]:
+    """seed_data's synthetic tenant in the engine's row format (column prefix, epoch floats)."""
+    from pdp import seed_data  # noqa: PLC0415 -- server process only
+    from pdp.engine import COLUMNS  # noqa: PLC0415 -- server process only
+
+    spec = seed_data.SeedSpec(users=users, tenant_prefix=TENANT.rsplit("-", 1)[0])
+    assert spec.tenant_ids() == (TENANT,)
+    tables = seed_data.synthetic(spec).tables(TENANT)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    for table, it in tables.items():
+        width = len(COLUMNS[table])
+        rows[table] = [
+            tuple(v.timestamp() if isinstance(v, datetime) else v for v in row[:width])
+            for row in it
+        ]
+    return rows
+
+
+def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
+    """Single and batch request bodies over real user ids and resource ids."""
+    from pdp import seed_data  # noqa: PLC0415 -- server process only
+
+    rng = random.Random(7)
+    resources = max(100, users // 5)
+
+    def entry() -> dict[str, Any]:
+        return {
+            "subject": {"type": "user", "id": seed_data.user_id(rng.randint(1, users))},
+            "action": {"name": rng.choice(seed_data.ACTIONS)},
+            "resource": {
+                "type": rng.choice(seed_data.RESOURCE_TYPES),
+                "id": str(int(resources ** rng.random())),
+            },
+        }
+
+    singles = [json.dumps(entry()) for _ in range(count)]
+    batches = []
+    for _ in range(max(1, count // batch)):
+        subject = {"type": "user", "id": seed_data.user_id(rng.randint(1, users))}
+        items = [{k: v for k, v in entry().items() if k != "subject"} for _ in range(batch)]
+        batches.append(json.dumps({"subject": subject, "evaluations": items}))
+    return singles, batches
+
+
+async def _serve_pdp(users: int, workdir: Path, batch: int) -> None:
+    from aiohttp import web  # noqa: PLC0415 -- server process only
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415 -- server process only
+
+    from pdp.config import Settings  # noqa: PLC0415 -- server process only
+    from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- server process only
+    from pdp.web_app import build_app  # noqa: PLC0415 -- server process only
+    from sync.replica import Replica  # noqa: PLC0415 -- server process only
+
+    started = time.perf_counter()
+    engine = Engine.build(_engine_rows(users), Snapshot(1, 1))
+    replica = Replica(clock=time.monotonic)
+    # Bench runs far past max_staleness with no sync worker: serve, never "stale".
+    replica.install(engine, epoch="bench", synced_at=time.monotonic())
+    settings = Settings(default_tenant=TENANT, max_staleness_seconds=1e9, max_batch=batch)
+    app = build_app(settings, replica=replica, registry=CollectorRegistry())
+    singles, batches = _bodies(users, 2000, batch)
+    (workdir / "single.jsonl").write_text("\n".join(singles) + "\n")
+    (workdir / "batch.jsonl").write_text("\n".join(batches) + "\n")
+    allowed = sum(
+        engine.check(TENANT, b["subject"]["id"], b["resource"]["type"], b["resource"]["id"],
+                     b["action"]["name"], time.time()).allowed
+        for b in map(json.loads, singles)
+    )  # fmt: skip
+    gc.collect()
+    gc.freeze()  # as a service would after loading: keep the collector off the long-lived heap
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    load = time.perf_counter() - started
+    print(f"INFO load {load:.1f}s, {allowed / len(singles):.0%} of single bodies allowed",
+          flush=True)  # fmt: skip
+    print(f"PORT {runner.addresses[0][1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+# --- the orchestrating parent ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def _pin(cpus: set[int]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if shutil.which("taskset") else []
+
+
+def _cpus() -> tuple[set[int], set[int]]:
+    """(server CPUs, wrk CPUs): split when there are at least two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return set(cpus), set(cpus)
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def _start(argv: list[str], server_cpus: set[int]) -> tuple[subprocess.Popen[str], int, str]:
+    proc = subprocess.Popen(
+        [*_pin(server_cpus), *argv], stdout=subprocess.PIPE, text=True, cwd=HERE.parent
+    )
+    assert proc.stdout is not None
+    info = ""
+    for line in proc.stdout:
+        if line.startswith("INFO "):
+            info = line[5:].strip()
+        if line.startswith("PORT "):
+            return proc, int(line.split()[1]), info
+    proc.kill()
+    raise RuntimeError(f"{argv} exited before listening (code {proc.wait()})")
+
+
+def _wrk(port: int, path: str, bodies: Path, args: argparse.Namespace, seconds: float) -> Result:
+    script = bodies.with_suffix(f".{path.rsplit('/', 1)[-1]}.lua")
+    script.write_text(LUA % {"bodies": bodies, "path": path})
+    _, wrk_cpus = _cpus()
+    out = subprocess.run(
+        [*_pin(wrk_cpus), "wrk", "-t1", f"-c{args.connections}", f"-d{round(seconds)}s",
+         "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    requests, micros, p50, p99, _mean, errors = line.split()[1:]
+    return Result(int(requests), int(micros) / 1e6, float(p50) / 1000, float(p99) / 1000,
+                  int(errors))  # fmt: skip
+
+
+def _measure(port: int, path: str, bodies: Path, args: argparse.Namespace) -> Result:
+    _wrk(port, path, bodies, args, args.warmup)
+    return _wrk(port, path, bodies, args, args.duration)
+
+
+def _line(name: str, r: Result, per_request: int = 1) -> str:
+    rate = f"{r.rps:>9,.0f} req/s"
+    if per_request > 1:
+        rate += f" = {r.rps * per_request:>11,.0f} decisions/s"
+    errors = f"  errors {r.errors}" if r.errors else ""
+    return f"{name:<28}{rate}   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms{errors}"
+
+
+def _median(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.rps)[len(results) // 2]
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install -y wrk)")
+    server_cpus, wrk_cpus = _cpus()
+    loop_flag = ["--no-uvloop"] if args.no_uvloop else []
+    me = [sys.executable, str(Path(__file__).resolve())]
+    print(f"python {sys.version.split()[0]}  users={args.users}  connections={args.connections}"
+          f"  duration={args.duration}s x {args.rounds} rounds  uvloop={not args.no_uvloop}  "
+          f"server cpu {sorted(server_cpus)}, wrk cpu {sorted(wrk_cpus)}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp:
+        work = Path(tmp)
+        single_bodies, batch_bodies = work / "single.jsonl", work / "batch.jsonl"
+        pdp, pdp_port, info = _start(
+            [*me, "--serve", "--users", str(args.users), "--batch", str(args.batch),
+             "--workdir", tmp, *loop_flag], server_cpus,
+        )  # fmt: skip
+        bare, bare_port, _ = _start(
+            [sys.executable, str(HERE / "bare_app.py"), *loop_flag], server_cpus
+        )
+        print(f"pdp: {info}")
+        try:
+            # Interleaved rounds, medians reported: the ratio survives a noisy machine.
+            bares, singles = [], []
+            for _ in range(args.rounds):
+                bares.append(_measure(bare_port, EVALUATION, single_bodies, args))
+                singles.append(_measure(pdp_port, EVALUATION, single_bodies, args))
+            batch = _measure(pdp_port, EVALUATIONS, batch_bodies, args)
+        finally:
+            for proc in (pdp, bare):
+                proc.kill()
+                proc.wait()
+    baseline, single = _median(bares), _median(singles)
+    print(_line("bare aiohttp (baseline)", baseline))
+    print(_line("pdp /evaluation", single))
+    ratios = ", ".join(f"{s.rps / b.rps:.2f}" for b, s in zip(bares, singles, strict=True))
+    print(f"{'ratio pdp / bare':<28}{single.rps / baseline.rps:>9.2f}   (per round: {ratios})")
+    print(_line(f"pdp /evaluations x{args.batch}", batch, args.batch))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.serve:
+        orchestrate(args)
+        return
+    sys.path.insert(0, str(HERE))
+    from bare_app import run_loop  # noqa: PLC0415 -- found via sys.path set just above
+
+    run_loop(_serve_pdp(args.users, args.workdir, args.batch), uvloop=not args.no_uvloop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Prometheus metrics of pdp, on an injected `CollectorRegistry` (never the global one).
+
+Metric names are a contract with the dashboards and alerts (DESIGN.md section 6).
+This module imports no aiohttp: the sync workers call the `Metrics` methods too.
+
+The request hot path costs plain integer arithmetic only: decisions and HTTP
+requests are counted in dicts of ints and the decision-duration histogram is a list
+of bucket counts, all turned into metric families by a custom collector at scrape
+time. A prometheus_client `Counter.labels(...).inc()` takes a lock and a label
+lookup, several times the cost. The values that describe the replica (staleness,
+readiness, object counts, revision) are also read at scrape time, so they can never
+be stale themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from pdp.engine import Engine, Snapshot
+
+# A check answers in ~10 us from memory; a slow batch or a consistency wait can take 100 ms+.
+DECISION_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+)  # fmt: skip
+# Commit to applied: a NOTIFY round trip is milliseconds, the poll safety net ~1 s.
+PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ReplicaView(Protocol):
+    """What the scrape-time gauges read (satisfied by `sync.replica.Replica`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    @property
+    def revision(self) -> Snapshot | None: ...
+
+    def staleness(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether the sidecar may answer from memory; `/readyz` and `pdp_ready` agree on it."""
+
+    ready: bool
+    reason: str  # "ok", "not_loaded" or "stale"
+    staleness: float
+
+
+def readiness(replica: ReplicaView, max_staleness: float) -> Readiness:
+    """Loaded and proven current within `max_staleness` seconds."""
+    if not replica.ready:
+        return Readiness(False, "not_loaded", replica.staleness())
+    staleness = replica.staleness()
+    if staleness > max_staleness:
+        return Readiness(False, "stale", staleness)
+    return Readiness(True, "ok", staleness)
+
+
+class Metrics:
+    """Every pdp metric, registered on `registry`.
+
+    Hot path (web layer): `decided`, `decided_batch`, `http_request`: plain int
+    arithmetic, no locks. Sync layer: `observe_propagation`, `changes_applied`,
+    `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `set_consistent`,
+    `tenant_reloaded`, `decision_log_dropped`. Call `watch(replica, ...)` once so the
+    scrape-time gauges have a source.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._decisions: defaultdict[tuple[str, bool], int] = defaultdict(int)
+        self._requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._bucket_counts = [0] * (len(DECISION_BUCKETS) + 1)
+        self._duration_sum = 0.0
+        self._replica: ReplicaView | None = None
+        self._max_staleness = math.inf
+
+        self.propagation = Histogram(
+            "pdp_sync_propagation_seconds",
+            "Seconds from a change's commit (change_log.changed_at) to applied in memory",
+            buckets=PROPAGATION_BUCKETS,
+            registry=registry,
+        )
+        self.changes = Counter(
+            "pdp_sync_changes_applied", "Row changes applied to the replica", registry=registry
+        )
+        self.catchups = Counter(
+            "pdp_sync_catchups", "Catch-up transactions completed", registry=registry
+        )
+        self.full_reloads = Counter(
+            "pdp_sync_full_reloads",
+            "Full snapshot reloads, by cause",
+            ["reason"],
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "pdp_sync_reconnects", "Listener reconnections", registry=registry
+        )
+        self.snapshot_load = Gauge(
+            "pdp_snapshot_load_seconds", "Duration of the last snapshot load", registry=registry
+        )
+        self.consistent = Gauge(
+            "pdp_cache_consistent",
+            "1 when the tenant's cache digest matched PostgreSQL's at the last verification",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_reloads = Counter(
+            "pdp_cache_tenant_reloads",
+            "Tenants reloaded after a digest mismatch",
+            registry=registry,
+        )
+        self.log_dropped = Counter(
+            "pdp_decision_log_dropped",
+            "Decision log entries dropped (queue full)",
+            registry=registry,
+        )
+        registry.register(_ScrapeCollector(self))
+
+    # --- hot path (never awaits, never locks) ----------------------------------------
+
+    def decided(self, endpoint: str, allowed: bool, seconds: float) -> None:
+        """Count one decision and observe the request's decision time."""
+        self._decisions[endpoint, allowed] += 1
+        self._bucket_counts[bisect_left(DECISION_BUCKETS, seconds)] += 1
+        self._duration_sum += seconds
+
+    def decided_batch(self, endpoint: str, allowed: int, denied: int, seconds: float) -> None:
+        """Count a batch's decisions and observe the whole request's decision time once."""
+        self._decisions[endpoint, True] += allowed
+        self._decisions[endpoint, False] += denied
+        self._bucket_counts[bisect_left(DECISION_BUCKETS, seconds)] += 1
+        self._duration_sum += seconds
+
+    def http_request(self, route: str, status: int) -> None:
+        """Count one HTTP response; `route` is a route template, never a raw path."""
+        self._requests[route, status] += 1
+
+    # --- sync layer -----------------------------------------------------------------
+
+    def watch(self, replica: ReplicaView, max_staleness: float) -> None:
+        """Read staleness, readiness, revision and object counts from `replica` at scrape time."""
+        self._replica = replica
+        self._max_staleness = max_staleness
+
+    def observe_propagation(self, seconds: float) -> None:
+        self.propagation.observe(seconds)
+
+    def changes_applied(self, n: int) -> None:
+        self.changes.inc(n)
+
+    def catchup(self) -> None:
+        self.catchups.inc()
+
+    def full_reload(self, reason: str) -> None:
+        """`reason` from a closed set: epoch, purged, truncate, bulk_load, too_many_keys, ..."""
+        self.full_reloads.labels(reason).inc()
+
+    def reconnect(self) -> None:
+        self.reconnects.inc()
+
+    def snapshot_loaded(self, seconds: float) -> None:
+        self.snapshot_load.set(seconds)
+
+    def set_consistent(self, tenant: str, ok: bool) -> None:
+        self.consistent.labels(tenant).set(1 if ok else 0)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop a deleted tenant's `pdp_cache_consistent` series."""
+        with contextlib.suppress(KeyError):
+            self.consistent.remove(tenant)
+
+    def tenant_reloaded(self) -> None:
+        self.tenant_reloads.inc()
+
+    def decision_log_dropped(self, n: int = 1) -> None:
+        self.log_dropped.inc(n)
+
+    # --- scrape time ----------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """The hot-path counters and the replica gauges as metric families."""
+        decisions = CounterMetricFamily(
+            "pdp_decisions", "Decisions answered, by endpoint", labels=["endpoint", "decision"]
+        )
+        for (endpoint, allowed), n in sorted(self._decisions.items()):
+            decisions.add_metric([endpoint, "allow" if allowed else "deny"], n)
+        yield decisions
+        requests = CounterMetricFamily(
+            "pdp_http_requests", "HTTP responses, by route and status", labels=["route", "status"]
+        )
+        for (route, status), n in sorted(self._requests.items()):
+            requests.add_metric([route, str(status)], n)
+        yield requests
+        yield self._duration_family()
+        yield from self._replica_families()
+
+    def _duration_family(self) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*DECISION_BUCKETS, math.inf), self._bucket_counts, strict=True):
+            total += n
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), total))
+        return HistogramMetricFamily(
+            "pdp_decision_duration_seconds",
+            "Time to parse, decide and serialize one evaluation request (a batch counts once)",
+            buckets=buckets,
+            sum_value=self._duration_sum,
+        )
+
+    def _replica_families(self) -> Iterator[Metric]:
+        replica = self._replica
+        if replica is None:
+            return
+        state = readiness(replica, self._max_staleness)
+        yield GaugeMetricFamily(
+            "pdp_ready", "1 when a snapshot is loaded and fresh", value=1 if state.ready else 0
+        )
+        yield GaugeMetricFamily(
+            "pdp_sync_staleness_seconds",
+            "Seconds since the replica was last proven current (+Inf before the first load)",
+            value=state.staleness,
+        )
+        revision = replica.revision
+        if revision is not None:
+            yield GaugeMetricFamily(
+                "pdp_sync_revision_xmin", "xmin of the replica's snapshot", value=revision.xmin
+            )
+        engine = replica.engine
+        if engine is not None:
+            objects = GaugeMetricFamily(
+                "pdp_cache_objects", "Rows held in memory, by kind", labels=["kind"]
+            )
+            for kind, n in engine.counts().items():
+                objects.add_metric([kind], n)
+            yield objects
+
+
+class _ScrapeCollector:
+    """Adapts `Metrics.collect` to the registry (kept apart so `describe` is static)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.collect()
+
+    def describe(self) -> list[Metric]:
+        """Names only, so the registry detects a duplicate registration."""
+        return [
+            CounterMetricFamily("pdp_decisions", ""),
+            CounterMetricFamily("pdp_http_requests", ""),
+            HistogramMetricFamily("pdp_decision_duration_seconds", ""),
+            GaugeMetricFamily("pdp_ready", ""),
+            GaugeMetricFamily("pdp_sync_staleness_seconds", ""),
+            GaugeMetricFamily("pdp_sync_revision_xmin", ""),
+            GaugeMetricFamily("pdp_cache_objects", ""),
+        ]

@@ -1,0 +1,337 @@
+"""AuthZEN 1.0 HTTP handlers: evaluation, evaluations, the three searches, discovery.
+
+The hot path (`evaluation` with no `X-PDP-Min-Revision`) reads the body, parses it
+(`pdp.authzen`), asks the in-memory engine, serializes and counts: no database, no
+lock, no log line, no await other than reading the body. Parse errors are raised as
+`RequestError` and turned into 400 by the one middleware in `pdp.web_app`.
+
+Answers that memory cannot give are still decisions (deny, fail closed), each with
+its reason in `context`: `not_ready` before the first snapshot, `stale` past
+`max_staleness_seconds` in `deny` mode, `revision_unavailable` when a requested
+revision did not arrive in time and no SQL fallback exists. With a fallback the
+answer comes from PostgreSQL: reason `consistent_fallback`, revision `sql`.
+Searches answer the same cases with no results and the reason in `context`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from pdp import authzen
+from pdp.authzen import Batch, Fallback, JsonObject, Query, dumps
+from pdp.config import Settings
+from pdp.engine import Engine, Snapshot
+from pdp.errors import DependencyError, RequestError
+from pdp.metrics import Metrics
+from sync.replica import Replica
+
+log = logging.getLogger(__name__)
+
+MIN_REVISION = "X-PDP-Min-Revision"
+STALE = "X-PDP-Stale"
+JSON_TYPE = "application/json"
+_UNSUPPORTED = "unsupported_subject_type"
+
+
+class Consistency(enum.Enum):
+    """How a request's `X-PDP-Min-Revision` is met."""
+
+    MEMORY = "memory"  # no header, or the revision is visible in memory
+    FALLBACK = "fallback"  # not visible in time: ask PostgreSQL
+    UNAVAILABLE = "unavailable"  # not visible in time and no fallback: deny
+
+
+async def read_json(request: web.Request) -> JsonObject:
+    """The body as a JSON object; RequestError (400) for a non-JSON type or body.
+
+    A body over `client_max_size` raises aiohttp's 413 from `read()`.
+    """
+    ctype = request.headers.get("Content-Type")
+    if ctype != JSON_TYPE and (
+        ctype is None or ctype.partition(";")[0].strip().lower() != JSON_TYPE
+    ):
+        raise RequestError("Content-Type must be application/json", "Content-Type")
+    return authzen.loads(await request.read())
+
+
+def json_response(payload: Any, status: int = 200, stale: str | None = None) -> web.Response:
+    headers = {"Content-Type": JSON_TYPE}
+    if stale is not None:
+        headers[STALE] = stale
+    return web.Response(body=dumps(payload), status=status, headers=headers)
+
+
+class AuthzenApi:
+    """The AuthZEN endpoints over one replica; bound methods are the route handlers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        replica: Replica,
+        metrics: Metrics,
+        fallback: Fallback | None,
+    ) -> None:
+        self._replica = replica
+        self._metrics = metrics
+        self._fallback = fallback
+        self._default_tenant = settings.default_tenant
+        self._max_batch = settings.max_batch
+        self._max_staleness = settings.max_staleness_seconds
+        self._serve_stale = settings.stale_mode == "serve"
+        self._wait_seconds = settings.consistency_wait_ms / 1000
+        base = settings.base_url or f"http://{settings.host}:{settings.port}"
+        self._configuration = dumps(authzen.configuration(base))
+        self._revision_of: Snapshot | None = None
+        self._revision_text: str | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/access/v1/evaluation", self.evaluation),
+            web.post("/access/v1/evaluations", self.evaluations),
+            web.post("/access/v1/search/subject", self.search_subject),
+            web.post("/access/v1/search/resource", self.search_resource),
+            web.post("/access/v1/search/action", self.search_action),
+            web.get("/.well-known/authzen-configuration", self.configuration),
+        ]
+
+    # --- gates -----------------------------------------------------------------------
+
+    def _revision(self) -> str | None:
+        """The replica's snapshot as text, formatted once per revision."""
+        revision = self._replica.revision
+        if revision is not self._revision_of:
+            self._revision_of = revision
+            self._revision_text = None if revision is None else str(revision)
+        return self._revision_text
+
+    async def _consistency(self, raw: str) -> Consistency:
+        """Wait (bounded) until the transaction in `X-PDP-Min-Revision` is in memory."""
+        xid = authzen.parse_min_revision(raw)
+        replica = self._replica
+        if replica.has_revision(xid):
+            return Consistency.MEMORY
+        replica.wake.set()
+        if await replica.wait_for_revision(xid, self._wait_seconds):
+            return Consistency.MEMORY
+        return Consistency.UNAVAILABLE if self._fallback is None else Consistency.FALLBACK
+
+    def _gate(self) -> tuple[Engine | None, JsonObject | None, str | None]:
+        """(engine to ask, or None with the deny context saying why; X-PDP-Stale value)."""
+        replica = self._replica
+        engine = replica.engine
+        if engine is None:
+            return None, {"reason": "not_ready"}, None
+        staleness = replica.staleness()
+        if staleness <= self._max_staleness:
+            return engine, None, None
+        if self._serve_stale:
+            return engine, None, f"{staleness:.3f}"
+        blocked = {"reason": "stale", "staleness_seconds": round(staleness, 3)}
+        return None, blocked, None
+
+    # --- evaluation ------------------------------------------------------------------
+
+    async def evaluation(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        query = authzen.parse_evaluation(await read_json(request), self._default_tenant)
+        return await self._single(request, query, "evaluation", started)
+
+    async def _single(
+        self, request: web.Request, query: Query, endpoint: str, started: float
+    ) -> web.Response:
+        raw = request.headers.get(MIN_REVISION)
+        mode = Consistency.MEMORY if raw is None else await self._consistency(raw)
+        stale = None
+        if mode is Consistency.MEMORY:
+            engine, blocked, stale = self._gate()
+            allowed, context = _one(query, engine, blocked, time.time())
+        else:
+            allowed, context = await self._consistent(query, mode)
+        if "revision" not in context:
+            revision = self._revision()
+            if revision is not None:
+                context["revision"] = revision
+        self._metrics.decided(endpoint, allowed, time.perf_counter() - started)
+        return json_response({"decision": allowed, "context": context}, stale=stale)
+
+    async def _consistent(self, query: Query, mode: Consistency) -> tuple[bool, JsonObject]:
+        """Answer a query whose revision memory could not show in time (never from memory)."""
+        if query.subject_type != authzen.SUBJECT_TYPE:
+            return False, {"reason": _UNSUPPORTED}
+        if mode is Consistency.UNAVAILABLE or self._fallback is None:
+            return False, {"reason": "revision_unavailable"}
+        try:
+            allowed = await self._fallback(
+                query.tenant, query.user, query.resource_type, query.resource_id, query.action
+            )
+        except DependencyError:
+            log.warning("consistent fallback check failed; denying", exc_info=True)
+            return False, {"reason": "revision_unavailable", "error": "the SQL check failed"}
+        return bool(allowed), {"reason": "consistent_fallback", "revision": "sql"}
+
+    # --- evaluations -----------------------------------------------------------------
+
+    async def evaluations(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        body = await read_json(request)
+        parsed = authzen.parse_evaluations(body, self._default_tenant, self._max_batch)
+        if isinstance(parsed, Query):
+            return await self._single(request, parsed, "evaluations", started)
+        raw = request.headers.get(MIN_REVISION)
+        mode = Consistency.MEMORY if raw is None else await self._consistency(raw)
+        stale = None
+        top: JsonObject = {}
+        if mode is Consistency.MEMORY:
+            engine, blocked, stale = self._gate()
+            results = self._batch_from_memory(parsed, engine, blocked)
+            if blocked is not None:
+                top.update(blocked)
+        else:
+            results = await self._batch_consistent(parsed, mode)
+        revision = self._revision()
+        if revision is not None:
+            top["revision"] = revision
+        allowed = sum(1 for r in results if r["decision"])
+        self._metrics.decided_batch(
+            "evaluations", allowed, len(results) - allowed, time.perf_counter() - started
+        )
+        return json_response({"evaluations": results, "context": top}, stale=stale)
+
+    def _batch_from_memory(
+        self, batch: Batch, engine: Engine | None, blocked: JsonObject | None
+    ) -> list[JsonObject]:
+        now = time.time()
+        semantic = batch.semantic
+        reason_only = None if blocked is None else {"reason": blocked["reason"]}
+        results: list[JsonObject] = []
+        for entry in batch.entries:
+            if isinstance(entry, RequestError):
+                result = authzen.entry_error(entry)
+            elif entry.subject_type != authzen.SUBJECT_TYPE:
+                result = {"decision": False, "context": {"reason": _UNSUPPORTED}}
+            elif engine is None:
+                result = {"decision": False, "context": reason_only}
+            else:
+                decision = engine.check(
+                    entry.tenant, entry.user, entry.resource_type, entry.resource_id,
+                    entry.action, now,
+                )  # fmt: skip
+                result = {"decision": decision.allowed, "context": {"reason": decision.reason}}
+            results.append(result)
+            if semantic != "execute_all" and authzen.stops_after(semantic, result["decision"]):
+                break
+        return results
+
+    async def _batch_consistent(self, batch: Batch, mode: Consistency) -> list[JsonObject]:
+        results: list[JsonObject] = []
+        for entry in batch.entries:
+            if isinstance(entry, RequestError):
+                result = authzen.entry_error(entry)
+            else:
+                allowed, context = await self._consistent(entry, mode)
+                result = {"decision": allowed, "context": context}
+            results.append(result)
+            if authzen.stops_after(batch.semantic, result["decision"]):
+                break
+        return results
+
+    # --- search ----------------------------------------------------------------------
+
+    async def _search_engine(
+        self, request: web.Request
+    ) -> tuple[Engine | None, JsonObject, str | None]:
+        """The engine to search and the response context, or None and the context saying
+        why not (the search then answers no results: fail closed); and X-PDP-Stale."""
+        raw = request.headers.get(MIN_REVISION)
+        if raw is not None and await self._consistency(raw) is not Consistency.MEMORY:
+            # A search has no SQL counterpart to fall back on.
+            engine, context, stale = None, {"reason": "revision_unavailable"}, None
+        else:
+            engine, blocked, stale = self._gate()
+            context = {} if blocked is None else blocked
+        revision = self._revision()
+        if revision is not None:
+            context["revision"] = revision
+        return engine, context, stale
+
+    async def search_subject(self, request: web.Request) -> web.Response:
+        search = authzen.parse_subject_search(await read_json(request), self._default_tenant)
+        engine, context, stale = await self._search_engine(request)
+        ids: tuple[str, ...] = ()
+        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+            ids = engine.subjects(
+                search.tenant, search.resource_type, search.resource_id, search.action,
+                time.time(),
+            )  # fmt: skip
+        results, page = authzen.paged(ids, search.page, _render_user)
+        return json_response({"page": page, "context": context, "results": results}, stale=stale)
+
+    async def search_resource(self, request: web.Request) -> web.Response:
+        search = authzen.parse_resource_search(await read_json(request), self._default_tenant)
+        engine, context, stale = await self._search_engine(request)
+        ids: tuple[str, ...] = ()
+        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+            found = engine.resources(
+                search.tenant, search.user, search.resource_type, search.action, time.time()
+            )
+            ids = found.ids
+            if found.all_resources:
+                context["all_resources"] = True
+        render = _resource_renderer(search.resource_type)
+        results, page = authzen.paged(ids, search.page, render)
+        return json_response({"page": page, "context": context, "results": results}, stale=stale)
+
+    async def search_action(self, request: web.Request) -> web.Response:
+        search = authzen.parse_action_search(await read_json(request), self._default_tenant)
+        engine, context, stale = await self._search_engine(request)
+        names: tuple[str, ...] = ()
+        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+            found = engine.actions(
+                search.tenant, search.user, search.resource_type, search.resource_id,
+                time.time(),
+            )  # fmt: skip
+            names = found.actions
+            if found.all_actions:
+                context["all_actions"] = True
+        results, page = authzen.paged(names, search.page, _render_action)
+        return json_response({"page": page, "context": context, "results": results}, stale=stale)
+
+    # --- discovery -------------------------------------------------------------------
+
+    async def configuration(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._configuration, headers={"Content-Type": JSON_TYPE})
+
+
+def _one(
+    query: Query, engine: Engine | None, blocked: JsonObject | None, now: float
+) -> tuple[bool, JsonObject]:
+    """One query answered from memory (or denied with the gate's reason)."""
+    if query.subject_type != authzen.SUBJECT_TYPE:
+        return False, {"reason": _UNSUPPORTED}
+    if engine is None:
+        return False, dict(blocked or {"reason": "not_ready"})
+    decision = engine.check(
+        query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
+    )
+    return decision.allowed, decision.to_context()
+
+
+def _render_user(user_id: str) -> JsonObject:
+    return {"type": authzen.SUBJECT_TYPE, "id": user_id}
+
+
+def _render_action(name: str) -> JsonObject:
+    return {"name": name}
+
+
+def _resource_renderer(rtype: str) -> Callable[[str], JsonObject]:
+    def render(rid: str) -> JsonObject:
+        return {"type": rtype, "id": rid}
+
+    return render

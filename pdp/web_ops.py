@@ -1,0 +1,69 @@
+"""Operations endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`.
+
+`/healthz` depends on nothing (the process answers); `/readyz` is 503 until a
+snapshot is loaded and while it is staler than `max_staleness_seconds`, with a JSON
+body saying why, so an orchestrator stops routing to a sidecar whose data is dead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pdp.authzen import dumps
+from pdp.config import Settings
+from pdp.metrics import readiness
+from sync.replica import Replica
+
+_JSON = {"Content-Type": "application/json"}
+_HEALTHY = dumps({"status": "ok"})
+
+
+def openapi_document(max_batch: int) -> bytes:
+    """The OpenAPI 3.1 description shipped inside the package (`pdp/openapi.yaml`),
+    stating this server's batch limit."""
+    text = Path(__file__).with_name("openapi.yaml").read_text(encoding="utf-8")
+    text = text.replace("maxItems: 1000 # PDP_MAX_BATCH", f"maxItems: {max_batch}")
+    return text.encode()
+
+
+class OpsApi:
+    """Health, readiness, metrics and the API description; bound methods are handlers."""
+
+    def __init__(self, settings: Settings, replica: Replica, registry: CollectorRegistry) -> None:
+        self._replica = replica
+        self._registry = registry
+        self._max_staleness = settings.max_staleness_seconds
+        self._openapi = openapi_document(settings.max_batch)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+            web.get("/openapi.yaml", self.openapi),
+        ]
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(body=_HEALTHY, headers=_JSON)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        state = readiness(self._replica, self._max_staleness)
+        body: dict[str, object] = {"status": "ready" if state.ready else "not_ready"}
+        if not state.ready:
+            body["reason"] = state.reason
+        if state.reason != "not_loaded":
+            body["staleness_seconds"] = round(state.staleness, 3)
+            body["max_staleness_seconds"] = self._max_staleness
+            body["revision"] = str(self._replica.revision)
+        return web.Response(body=dumps(body), status=200 if state.ready else 503, headers=_JSON)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, headers={"Content-Type": "application/yaml"})

@@ -1,0 +1,89 @@
+"""Operations endpoints and the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from pdp.web_app import METRICS, REPLICA, SETTINGS
+from sync.replica import Replica
+from tests.test_web_support import Clock, loaded_replica, make_app, settings
+
+
+async def test_healthz_always_ok(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(make_app(Replica(clock=Clock())))
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+    assert response.headers["X-Request-ID"]
+
+
+async def test_readyz_not_loaded(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(make_app(Replica(clock=Clock())))
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert await response.json() == {"status": "not_ready", "reason": "not_loaded"}
+
+
+async def test_readyz_ready_then_stale_then_ready(aiohttp_client: Any) -> None:
+    clock = Clock()
+    replica = loaded_replica(clock)
+    client = await aiohttp_client(make_app(replica, settings(max_staleness_seconds=2.0)))
+    clock.advance(1.5)
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {
+        "status": "ready",
+        "staleness_seconds": 1.5,
+        "max_staleness_seconds": 2.0,
+        "revision": "100:105:102",
+    }
+    clock.advance(1.0)
+    response = await client.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert (body["reason"], body["staleness_seconds"]) == ("stale", 2.5)
+    replica.mark_synced(clock())
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_openapi_document_describes_every_route(aiohttp_client: Any) -> None:
+    app = make_app(loaded_replica(Clock()))
+    client = await aiohttp_client(app)
+    response = await client.get("/openapi.yaml")
+    assert response.status == 200
+    assert response.content_type == "application/yaml"
+    document = yaml.safe_load(await response.text())
+    assert document["openapi"].startswith("3.1")
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {(m, p) for p, ops in document["paths"].items() for m in ops}
+    assert served == documented
+
+
+async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: Any) -> None:
+    events: list[str] = []
+
+    async def worker(app: web.Application) -> AsyncIterator[None]:
+        events.append(f"start {app[SETTINGS].default_tenant} {app[REPLICA].ready}")
+        yield
+        events.append("stop")
+
+    replica = loaded_replica(Clock())
+    from prometheus_client import CollectorRegistry
+
+    from pdp.web_app import build_app
+
+    app = build_app(settings(), replica=replica, registry=CollectorRegistry(), workers=[worker])
+    assert app[REPLICA] is replica
+    assert app[METRICS].registry is not None
+    client = await aiohttp_client(app)
+    assert events == ["start acme True"]
+    await client.close()
+    assert events == ["start acme True", "stop"]
