@@ -1,7 +1,8 @@
 """The composition root: `build_app` wires settings, replica, metrics and routes.
 
-One middleware maps every error to a JSON answer and stamps each response with
-`X-Request-ID` (echoed, or a fresh uuid4 hex) and counts it by route and status:
+One guard around every route's handler maps every error to a JSON answer, stamps
+each response with `X-Request-ID` (echoed, or a fresh process-unique id) and counts
+it by route and status:
 
     RequestError      400 {"error": "bad_request", "message", "field"}
     PayloadTooLarge   413 {"error": "payload_too_large", ...} (also aiohttp's own 413)
@@ -15,12 +16,13 @@ Workers (the sync layer's async context managers) run inside `app.cleanup_ctx`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from pdp.authzen import Fallback, error_body
@@ -76,23 +78,36 @@ def build_app(
     if metrics is None:
         metrics = Metrics(registry)
     metrics.watch(replica, settings.max_staleness_seconds)
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[_error_middleware(metrics)]
-    )
+    # No middleware: each route's handler is wrapped by `_guard` instead, which maps
+    # errors, stamps X-Request-ID and counts the route. The same single mapping, but
+    # it spares every request aiohttp's middleware chain (measured in the README).
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[REPLICA] = replica
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[FALLBACK] = fallback
-    app.add_routes(AuthzenApi(settings, replica, metrics, fallback).routes())
-    app.add_routes(OpsApi(settings, replica, registry).routes())
+    routes = [
+        *AuthzenApi(settings, replica, metrics, fallback).routes(),
+        *OpsApi(settings, replica, registry).routes(),
+    ]
+    for route in routes:
+        assert isinstance(route, web.RouteDef)
+        handler = _guard(route.handler, route.path, metrics)
+        if route.method == "GET":  # with its HEAD, as web.get() would
+            app.router.add_get(route.path, handler, **route.kwargs)
+        else:
+            app.router.add_route(route.method, route.path, handler, **route.kwargs)
+    # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
+    app.router.add_route("*", "/{tail:.*}", _guard(_unmatched, UNMATCHED, metrics))
     app.cleanup_ctx.extend(workers)
     return app
 
 
-def _error_middleware(metrics: Metrics) -> Middleware:
-    @web.middleware
-    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
+    """`handler` with errors mapped to JSON, X-Request-ID stamped and the route counted."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             response = await handler(request)
         except RequestError as exc:
@@ -108,18 +123,38 @@ def _error_middleware(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = _error(500, "internal", "internal error")
-        response.headers[REQUEST_ID] = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        resource = request.match_info.route.resource
-        metrics.http_request(UNMATCHED if resource is None else resource.canonical, response.status)
+        response.headers[REQUEST_ID] = request.headers.get(REQUEST_ID) or _new_request_id()
+        metrics.http_request(route, response.status)
         return response
 
-    return errors
+    return guarded
+
+
+# Generated ids: a random per-process prefix and a counter. Unique like uuid4 for
+# correlating logs, at a fraction of the cost (no urandom call per request).
+_ID_PREFIX = uuid.uuid4().hex[:20]
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def _error(status: int, error: str, message: str, field: str | None = None) -> web.Response:
     return web.Response(
         body=error_body(error, message, field), status=status, headers={"Content-Type": JSON_TYPE}
     )
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None and methods and "*" not in methods:
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+    raise web.HTTPNotFound
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
