@@ -160,6 +160,47 @@ class Query:
     action: str
 
 
+def _id(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
+
+
+def _fast_query(
+    subject: JsonObject, action: JsonObject, resource: JsonObject, default_tenant: str | None
+) -> Query | None:
+    """The Query of a well-formed request, or None to let `_query` find and name the fault.
+
+    The hot path: plain type checks, no error paths built (they cost f-strings).
+    """
+    stype, user = subject.get("type"), subject.get("id")
+    name = action.get("name")
+    rtype, rid = resource.get("type"), resource.get("id")
+    # _id() inlined: this runs once per decision of every batch.
+    m = MAX_ID_LENGTH
+    if not (
+        type(stype) is str and 0 < len(stype) <= m
+        and type(user) is str and 0 < len(user) <= m
+        and type(name) is str and 0 < len(name) <= m
+        and type(rtype) is str and 0 < len(rtype) <= m
+        and type(rid) is str and 0 < len(rid) <= m
+    ):  # fmt: skip
+        return None
+    tenant = default_tenant
+    if "properties" in subject:
+        props = subject["properties"]
+        if type(props) is not dict:
+            return None
+        if "tenant" in props:
+            tenant = props["tenant"]
+            if not _id(tenant):
+                return None
+    if tenant is None:
+        return None
+    for obj in (action, resource):
+        if "properties" in obj and type(obj["properties"]) is not dict:
+            return None
+    return Query(tenant, stype, user, rtype, rid, name)
+
+
 def _query(
     subject: JsonObject,
     action: JsonObject,
@@ -167,6 +208,9 @@ def _query(
     default_tenant: str | None,
     prefix: str = "",
 ) -> Query:
+    fast = _fast_query(subject, action, resource, default_tenant)
+    if fast is not None:
+        return fast
     sp, ap, rp = f"{prefix}subject", f"{prefix}action", f"{prefix}resource"
     stype = _string(subject, "type", f"{sp}.type")
     user = _string(subject, "id", f"{sp}.id")
@@ -217,8 +261,23 @@ def parse_evaluations(
             "evaluations",
         )
     defaults = {key: _optional_object(body, key, key) for key in (*ENTITIES, "context")}
+    d_subject, d_action, d_resource = (defaults[key] for key in ENTITIES)
     entries: list[Query | RequestError] = []
     for index, entry in enumerate(evaluations):
+        if type(entry) is dict:  # fast path: a well-formed entry, nothing to name
+            subject = entry.get("subject", d_subject)
+            action = entry.get("action", d_action)
+            resource = entry.get("resource", d_resource)
+            if (
+                type(subject) is dict
+                and type(action) is dict
+                and type(resource) is dict
+                and ("context" not in entry or type(entry["context"]) is dict)
+            ):
+                query = _fast_query(subject, action, resource, default_tenant)
+                if query is not None:
+                    entries.append(query)
+                    continue
         path = f"evaluations[{index}]"
         if type(entry) is not dict:
             raise RequestError(f"{path} must be an object, not {_kind(entry)}", path)

@@ -60,6 +60,19 @@ async def read_json(request: web.Request) -> JsonObject:
     return authzen.loads(await request.read())
 
 
+# Batch entries answered from memory carry only the decision and its reason: a
+# handful of distinct objects, shared instead of built per entry (read-only: they
+# are only serialized).
+_BATCH_RESULT: dict[tuple[bool, str], JsonObject] = {
+    (allowed, reason): {"decision": allowed, "context": {"reason": reason}}
+    for allowed, reasons in (
+        (True, ("granted",)),
+        (False, ("unknown_tenant", "unknown_user", "user_disabled", "no_grant", "expired")),
+    )
+    for reason in reasons
+}
+
+
 def json_response(payload: Any, status: int = 200, stale: str | None = None) -> web.Response:
     headers = {"Content-Type": JSON_TYPE}
     if stale is not None:
@@ -222,7 +235,9 @@ class AuthzenApi:
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
                     entry.action, now,
                 )  # fmt: skip
-                result = {"decision": decision.allowed, "context": {"reason": decision.reason}}
+                result = _BATCH_RESULT.get((decision.allowed, decision.reason)) or {
+                    "decision": decision.allowed, "context": {"reason": decision.reason}
+                }
             results.append(result)
             if semantic != "execute_all" and authzen.stops_after(semantic, result["decision"]):
                 break
