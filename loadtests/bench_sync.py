@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -61,8 +61,8 @@ def _pdp(*args: str, env: dict[str, str]) -> None:
     )
 
 
-@contextlib.contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str) -> AsyncIterator[str]:
     name = f"pdp_bench_sync_{uuid.uuid4().hex[:8]}"
 
     async def admin(sql: str) -> None:
@@ -72,11 +72,11 @@ def scratch_database(server_url: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    await admin(f'CREATE DATABASE "{name}"')
     try:
         yield _with_database(server_url, name)
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +120,13 @@ async def prepare(url: str, users: int) -> None:
             ROLE,
             ":".join(PERMISSION),
         )
+        # Users whose only grant is the one the writers flip (seeded users may be
+        # disabled or hold a superuser role, and then a flip changes no decision).
+        await conn.execute(
+            "INSERT INTO pdp.users (tenant_id, id) "
+            "SELECT $1, 'flip-' || lpad(g::text, 4, '0') FROM generate_series(0, 999) g",
+            TENANT,
+        )
     finally:
         await conn.close()
 
@@ -157,7 +164,7 @@ async def writer(
     async with aiohttp.ClientSession() as http:
         next_at = time.monotonic()
         while time.monotonic() < until:
-            user = f"user-{(index * 997 + n * 8) % 1000:06d}"
+            user = f"flip-{(index * 997 + n * 8) % 1000:04d}"
             n += 1
             grant = user not in granted
             async with conn.transaction():
@@ -223,7 +230,7 @@ def wrk(base: str, seconds: int, users: int) -> float:
     """Requests/s of wrk against the evaluation endpoint."""
     script = Path(tempfile.mkdtemp()) / "post.lua"
     bodies = ",".join(
-        "'" + _body(f"user-{(i * 7919) % users:06d}").decode() + "'" for i in range(200)
+        "'" + _body(f"user-{1 + (i * 7919) % users:06d}").decode() + "'" for i in range(200)
     )
     script.write_text(
         f"local bodies = {{{bodies}}}\nlocal i = 0\n"
@@ -260,7 +267,7 @@ def _pct(values: list[float], p: float) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     server = os.environ.get("PDP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    with scratch_database(server) as url:
+    async with scratch_database(server) as url:
         print(f"seeding {args.users} users ...", flush=True)
         await prepare(url, args.users)
         async with sidecar(url, _free_port()) as base:

@@ -34,6 +34,7 @@ DECISION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
 # Commit to applied: a NOTIFY round trip is milliseconds, the poll safety net ~1 s.
+CATCHUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30)
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -102,6 +103,12 @@ class Metrics:
         self.catchups = Counter(
             "pdp_sync_catchups", "Catch-up transactions completed", registry=registry
         )
+        self.catchup_duration = Histogram(
+            "pdp_sync_catchup_seconds",
+            "Duration of a catch-up: its snapshot read, the changed rows re-read and applied",
+            buckets=CATCHUP_BUCKETS,
+            registry=registry,
+        )
         self.full_reloads = Counter(
             "pdp_sync_full_reloads",
             "Full snapshot reloads, by cause",
@@ -164,8 +171,10 @@ class Metrics:
     def changes_applied(self, n: int) -> None:
         self.changes.inc(n)
 
-    def catchup(self) -> None:
+    def catchup(self, seconds: float) -> None:
+        """One catch-up done: read in its snapshot and applied, in `seconds`."""
         self.catchups.inc()
+        self.catchup_duration.observe(seconds)
 
     def full_reload(self, reason: str) -> None:
         """`reason` from a closed set: epoch, purged, truncate, bulk_load, too_many_keys, ..."""

@@ -82,3 +82,36 @@ TENANT_DIGEST = (
     + " UNION ALL ".join(_digest(entity) for entity in COLUMNS)
     + ") lines"
 )
+
+
+def _json_columns(entity: str) -> str:
+    return ", ".join(
+        f"extract(epoch FROM t.{col})::float8" if col == "expires_at" else f"t.{col}"
+        for col in COLUMNS[entity]
+    )
+
+
+def _json_rows(entity: str) -> str:
+    key_cols = COLUMNS[entity][: KEY_WIDTH[entity]]
+    match = " AND ".join(f"t.{c} = k.key->>'{c}'" for c in key_cols)
+    return (
+        f"(SELECT json_agg(json_build_array({_json_columns(entity)})) FROM pdp.{entity} t "
+        f"JOIN (SELECT DISTINCT key FROM ch WHERE entity = '{entity}') k ON {match})::text"
+    )
+
+
+# The whole common-case catch-up in ONE statement (one snapshot, one round trip): the
+# meta row, the change rows after $1 (at most $2), and the current rows of their keys
+# per entity as JSON arrays in the engine's column order. The caller falls back to
+# the transactional path for reload markers, oversized batches and reload reasons.
+FAST_CATCHUP = (
+    "WITH ch AS MATERIALIZED ("
+    "SELECT txid::text::bigint AS txid, tenant_id, entity, op, key, "
+    "extract(epoch FROM changed_at)::float8 AS at FROM pdp.change_log "
+    "WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot) "
+    "AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) ORDER BY id LIMIT $2) "
+    "SELECT m.epoch::text, m.purged_max_xid::text::bigint, pg_current_snapshot()::text, "
+    "(SELECT json_agg(json_build_array(txid, tenant_id, entity, op, key, at)) FROM ch)::text"
+    + "".join(f", {_json_rows(entity)}" for entity in COLUMNS)
+    + " FROM pdp.sync_meta m"
+)

@@ -114,7 +114,7 @@ def test_sync_layer_methods() -> None:
     metrics = Metrics(registry)
     metrics.observe_propagation(0.02)
     metrics.changes_applied(7)
-    metrics.catchup()
+    metrics.catchup(0.002)
     metrics.full_reload("epoch")
     metrics.full_reload("epoch")
     metrics.reconnect()
@@ -127,6 +127,8 @@ def test_sync_layer_methods() -> None:
     assert got["pdp_sync_propagation_seconds_count", ()] == 1
     assert got["pdp_sync_changes_applied_total", ()] == 7
     assert got["pdp_sync_catchups_total", ()] == 1
+    assert got["pdp_sync_catchup_seconds_count", ()] == 1
+    assert got["pdp_sync_catchup_seconds_sum", ()] == 0.002
     assert got["pdp_sync_full_reloads_total", (("reason", "epoch"),)] == 2
     assert got["pdp_sync_reconnects_total", ()] == 1
     assert got["pdp_snapshot_load_seconds", ()] == 1.25

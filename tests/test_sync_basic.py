@@ -65,6 +65,9 @@ async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.C
     assert await replica.wait_for_revision(xid, 5)
     assert not _allowed(service, "alice", "read")
     assert _allowed(service, "alice", "write")
+    # Plain changes take the one-statement path; only the first load was transactional.
+    assert service.sync.fast_catchups >= 2
+    assert service.sync.fast_catchups < service.sync.catchups
 
 
 async def test_bulk_load_marker_reloads_the_tenant(service: SyncService, pg: asyncpg.Connection) -> None:
