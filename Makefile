@@ -31,3 +31,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 check: lint test
+
+## Load test: make loadtest PROFILE=smoke|standard|seed-target|soak (results in loadtests/results/).
+PROFILE ?= smoke
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtests.run --profile $(PROFILE) $(LOADTEST_ARGS)

@@ -1,0 +1,295 @@
+"""Load-test profiles, their gates, and the pure statistics the gates are judged on.
+
+No I/O: percentiles from Locust's response-time histograms and from Prometheus
+histogram buckets, and the gate verdicts, are plain functions tested by tables
+(`tests/test_loadtest.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Locust request names (type POST) of single evaluations: the gated population.
+EVALUATION_PREFIX = "evaluation "
+# The writer's measurements: request type and names (see locustfile.Writer).
+PROPAGATION_TYPE = "commit-to-visible"
+POLL = "poll"
+MIN_REVISION = "min-revision"
+
+
+@dataclass(frozen=True, slots=True)
+class Gates:
+    """Limits a run must meet; None means not gated (still reported)."""
+
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_failure_ratio: float = 0.0
+    propagation_p99_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """What the Locust users do. Rates are totals per second across all users of a kind.
+
+    `eval_rate` None means no pacing: each evaluation user waits `think_time`
+    (uniform between the two bounds, seconds) or, when that is None too, not at all.
+    """
+
+    eval_users: int
+    eval_rate: float | None = None
+    think_time: tuple[float, float] | None = None
+    allow_share: float = 0.75
+    scoped_share: float = 0.6
+    batch_users: int = 0
+    batch_rate: float = 0.0
+    batch_size: int = 20
+    search_users: int = 0
+    search_rate: float = 0.0
+    writer_rate: float = 0.0  # committed permission changes per second (one writer user)
+
+    def user_classes(self) -> dict[str, int]:
+        """Locust user class name -> number of users, for the classes that run."""
+        counts = {
+            "Evaluator": self.eval_users,
+            "BatchEvaluator": self.batch_users,
+            "Searcher": self.search_users,
+            "Writer": 1 if self.writer_rate > 0 else 0,
+        }
+        return {name: n for name, n in counts.items() if n > 0}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """One named load test: dataset size, the mix, how long, and its gates."""
+
+    name: str
+    description: str
+    users: int  # dataset users per tenant
+    duration_s: int
+    mix: Mix
+    gates: Gates
+    tenants: int = 1
+    spawn_rate: float = 100.0
+    processes: int = 1  # Locust processes (>1: one master and that many workers)
+    unpaced_s: int = 0  # a following unpaced phase measuring the highest rate reached
+    unpaced_users: int = 32
+    restart_at: float | None = None  # fraction of the duration: restart the sidecar then
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def database(self) -> str:
+        """The database this profile's dataset lives in (shared by equal sizes)."""
+        return f"pdp_load_u{self.users}_t{self.tenants}"
+
+    def unpaced_mix(self) -> Mix:
+        return Mix(eval_users=self.unpaced_users, allow_share=self.mix.allow_share)
+
+
+_PACED_GATES = Gates(p95_ms=10.0, p99_ms=25.0, max_failure_ratio=0.0, propagation_p99_ms=100.0)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="smoke",
+            description="CI: 2,000 evaluations/s paced, writes, batch and search; 10,000 users",
+            users=10_000,
+            duration_s=30,
+            mix=Mix(
+                eval_users=40,
+                eval_rate=2000.0,
+                batch_users=1,
+                batch_rate=5.0,
+                search_users=1,
+                search_rate=5.0,
+                writer_rate=4.0,
+            ),
+            gates=_PACED_GATES,
+            spawn_rate=100.0,
+            unpaced_s=10,
+        ),
+        Profile(
+            name="standard",
+            description="1,000 Locust users at 2,000 evaluations/s paced; 100,000 users",
+            users=100_000,
+            duration_s=120,
+            mix=Mix(
+                eval_users=1000,
+                eval_rate=2000.0,
+                batch_users=2,
+                batch_rate=10.0,
+                search_users=2,
+                search_rate=10.0,
+                writer_rate=4.0,
+            ),
+            gates=_PACED_GATES,
+            spawn_rate=250.0,
+            unpaced_s=20,
+        ),
+        Profile(
+            name="seed-target",
+            description="10,000 concurrent users with 5-15 s think time (~1,000 checks/s)",
+            users=100_000,
+            duration_s=150,
+            mix=Mix(eval_users=10_000, think_time=(5.0, 15.0), writer_rate=2.0),
+            gates=Gates(p95_ms=100.0, max_failure_ratio=0.0),
+            spawn_rate=500.0,
+            processes=2,
+        ),
+        Profile(
+            name="soak",
+            description="30 min at 1,000 evaluations/s with writes; sidecar restart at half time",
+            users=100_000,
+            duration_s=1800,
+            mix=Mix(
+                eval_users=200,
+                eval_rate=1000.0,
+                batch_users=1,
+                batch_rate=5.0,
+                search_users=1,
+                search_rate=5.0,
+                writer_rate=2.0,
+            ),
+            # The restart refuses connections for the seconds a snapshot load takes.
+            gates=Gates(p95_ms=10.0, p99_ms=50.0, max_failure_ratio=0.01, propagation_p99_ms=250.0),
+            spawn_rate=100.0,
+            restart_at=0.5,
+        ),
+    )
+}
+
+
+# --- statistics ----------------------------------------------------------------------
+
+
+def locust_percentile(histogram: Mapping[float, int], q: float) -> float | None:
+    """The q-quantile (0..1) of a Locust response-time histogram {ms bucket: count}.
+
+    Locust's own rule (`calculate_response_time_percentile`), so the figure matches
+    its CSV: the largest bucket with at most floor(q * n) requests below it. None
+    when empty.
+    """
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    allowed_below = int(total * q)
+    seen = 0
+    for bucket in sorted(histogram, reverse=True):
+        seen += histogram[bucket]
+        if total - seen <= allowed_below:
+            return float(bucket)
+    return float(min(histogram))
+
+
+def merge_histograms(histograms: Iterable[Mapping[Any, int]]) -> dict[float, int]:
+    """Sum Locust histograms (JSON keys are strings)."""
+    merged: dict[float, int] = {}
+    for histogram in histograms:
+        for bucket, count in histogram.items():
+            key = float(bucket)
+            merged[key] = merged.get(key, 0) + count
+    return merged
+
+
+def sample_percentile(samples: Sequence[float], q: float) -> float | None:
+    """Nearest-rank q-quantile of raw samples; None when there are none."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def bucket_percentile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram, as `histogram_quantile` computes it.
+
+    `buckets` are (upper bound, cumulative count) sorted by bound, ending at +Inf.
+    Linear interpolation inside the bucket the rank falls in; the first bucket's
+    lower bound is 0; a rank in +Inf answers the largest finite bound. None when empty.
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, cumulative in buckets:
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 0.0)
+        lower, below = bound, cumulative
+    return lower
+
+
+def parse_histogram(text: str, name: str) -> list[tuple[float, float]]:
+    """(le, cumulative count) of the unlabelled histogram `name` in Prometheus text."""
+    prefix = f'{name}_bucket{{le="'
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            bound, _, value = line[len(prefix) :].partition('"} ')
+            buckets.append((float(bound), float(value)))
+    return sorted(buckets)
+
+
+def histogram_delta(
+    before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """What `after` counted since `before` (bucket by bucket; `before` may be empty)."""
+    earlier = dict(before)
+    return [(bound, count - earlier.get(bound, 0.0)) for bound, count in after]
+
+
+# --- gates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One gate: what was measured against what was allowed."""
+
+    name: str
+    limit: float
+    measured: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.measured is not None and self.measured <= self.limit
+
+    def line(self) -> str:
+        shown = "n/a" if self.measured is None else f"{self.measured:g}"
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {shown} (limit {self.limit:g})"
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the gates read from one run."""
+
+    eval_p95_ms: float | None
+    eval_p99_ms: float | None
+    requests: int
+    failures: int
+    propagation_p99_ms: float | None
+
+    @property
+    def failure_ratio(self) -> float | None:
+        return self.failures / self.requests if self.requests else None
+
+
+def evaluate_gates(gates: Gates, measured: Measured) -> list[Verdict]:
+    """One verdict per configured gate. No requests at all fails the failure-ratio gate."""
+    verdicts = []
+    if gates.p95_ms is not None:
+        verdicts.append(Verdict("evaluation p95 ms", gates.p95_ms, measured.eval_p95_ms))
+    if gates.p99_ms is not None:
+        verdicts.append(Verdict("evaluation p99 ms", gates.p99_ms, measured.eval_p99_ms))
+    verdicts.append(Verdict("failure ratio", gates.max_failure_ratio, measured.failure_ratio))
+    if gates.propagation_p99_ms is not None:
+        verdicts.append(
+            Verdict("propagation p99 ms", gates.propagation_p99_ms, measured.propagation_p99_ms)
+        )
+    return verdicts

@@ -1,0 +1,355 @@
+"""Run one load-test profile end to end: `python -m loadtests.run --profile smoke`.
+
+1. The database: PDP_DATABASE_URL's server (or the embedded one when unset) gets a
+   database `pdp_load_u<users>_t<tenants>`, migrated, seeded with the profile's
+   synthetic dataset unless `pdp_loadtest_dataset` records the same spec already.
+2. A manifest (JSON) of labelled probes, Zipf-weighted subjects, scoped resources
+   and writer targets, read by `locustfile.py` (which imports nothing from pdp).
+3. The sidecar, `pdp serve` on a free port, awaited on /readyz with a deadline.
+4. Locust headless with the profile's mix (--processes for multi-process), then an
+   optional unpaced phase; /metrics scraped around each phase.
+5. `loadtests/results/<profile>-<timestamp>/`: Locust's CSVs, HTML and JSON, the
+   timeline and propagation samples, plots, `summary.json`; a table on stdout.
+
+Exits 1 when a gate fails, 2 on a setup error; everything started is stopped, also
+on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from loadtests import report
+from loadtests.pg_dataset import build_manifest, ensure_dataset, server_url
+from loadtests.profiles import PROFILES, Profile
+
+HERE = Path(__file__).resolve().parent
+LOCUSTFILE = HERE / "locustfile.py"
+RESULTS = HERE / "results"
+READY_DEADLINE_S = 300.0
+
+
+class SetupError(Exception):
+    """Something the run needs could not be brought up (exit 2)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the sidecar -----------------------------------------------------------------------
+
+
+class Sidecar:
+    """`pdp serve` as a subprocess on `port`; its log goes to `log_path`."""
+
+    def __init__(self, url: str, port: int, log_path: Path, default_tenant: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self._env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PDP_")},
+            "PDP_DATABASE_URL": url,
+            "PDP_PORT": str(port),
+            "PDP_DEFAULT_TENANT": default_tenant,
+            "PDP_LOG_LEVEL": "WARNING",
+        }
+        self._log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, deadline_s: float = READY_DEADLINE_S) -> float:
+        """Start and wait until /readyz answers 200; seconds it took."""
+        started = time.monotonic()
+        with self._log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pdp", "serve"], env=self._env, stdout=log, stderr=log
+            )
+        while not self._ready():
+            if self.proc.poll() is not None:
+                raise SetupError(
+                    f"pdp serve exited with {self.proc.returncode}; see {self._log_path}"
+                )
+            if time.monotonic() - started > deadline_s:
+                raise SetupError(
+                    f"pdp serve not ready after {deadline_s:.0f} s; see {self._log_path}"
+                )
+            time.sleep(0.1)  # polling /readyz with a deadline: the sidecar offers no event
+        return time.monotonic() - started
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:  # noqa: S310
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.base}/metrics", timeout=10) as response:  # noqa: S310
+            return str(response.read().decode())
+
+    def cpu_seconds(self) -> float:
+        import psutil  # noqa: PLC0415  (a Locust dependency)
+
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- Locust ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One Locust run: `main` (the profile's mix) or `unpaced`."""
+
+    name: str
+    duration_s: int
+    users: int
+    spawn_rate: float
+    processes: int
+    classes: tuple[str, ...]
+
+
+def locust_command(phase: Phase, host: str, out: Path) -> list[str]:
+    prefix = str(out / phase.name)
+    processes = ["--processes", str(phase.processes)] if phase.processes > 1 else []
+    return [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--host", host, "-u", str(phase.users), "-r", f"{phase.spawn_rate:g}",
+        "-t", f"{phase.duration_s}s", "--stop-timeout", "5",
+        "--csv", prefix, "--csv-full-history", "--html", f"{prefix}.html",
+        "--json-file", prefix, "--only-summary", "--loglevel", "WARNING",
+        "--exit-code-on-error", "0", *processes, *phase.classes,
+    ]  # fmt: skip
+
+
+def run_locust(
+    phase: Phase,
+    out: Path,
+    env: dict[str, str],
+    sidecar: Sidecar,
+    *,
+    restart_at: float | None = None,
+) -> float:
+    """Run one phase to its end (restarting the sidecar `restart_at` s in, if given);
+    Locust's CPU seconds, itself and its worker processes (sampled while it runs:
+    the forked workers are not reaped in a way rusage would count)."""
+    with (out / f"locust-{phase.name}.log").open("wb") as log:
+        proc = subprocess.Popen(
+            locust_command(phase, sidecar.base, out), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    started = time.monotonic()
+    cpu: dict[int, float] = {}
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - started
+            if elapsed > phase.duration_s + 120:
+                raise SetupError(f"locust still running {elapsed:.0f} s after its start")
+            if restart_at is not None and elapsed >= restart_at:
+                restart_at = None
+                sidecar.stop()
+                took = sidecar.start()
+                print(f"  sidecar restarted at {elapsed:.0f} s, ready again in {took:.1f} s")
+            cpu.update(_cpu_of_tree(proc.pid))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    if proc.returncode != 0:
+        raise SetupError(
+            f"locust exited with {proc.returncode}; see {out / f'locust-{phase.name}.log'}"
+        )
+    return sum(cpu.values())
+
+
+def _cpu_of_tree(pid: int) -> dict[int, float]:
+    """CPU seconds so far of process `pid` and its descendants, by pid."""
+    import psutil  # noqa: PLC0415  (a Locust dependency)
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    seconds = {}
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            seconds[p.pid] = times.user + times.system
+    return seconds
+
+
+# --- one run ---------------------------------------------------------------------------
+
+
+def result_dir(profile: str, root: Path = RESULTS, now: datetime | None = None) -> Path:
+    """`root/<profile>-<UTC timestamp>/`, created (a suffix keeps concurrent runs apart)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        path = root / (f"{profile}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return path
+    raise SetupError(f"cannot create a result directory under {root}")
+
+
+def write_manifest(out: Path, dataset: dict[str, Any], phase: str, mix: dict[str, Any]) -> Path:
+    path = out / f"manifest-{phase}.json"
+    path.write_text(json.dumps({**dataset, "phase": phase, "mix": mix, "samples_dir": str(out)}))
+    return path
+
+
+def phases(profile: Profile) -> list[tuple[Phase, dict[str, Any]]]:
+    mix = profile.mix
+    classes = mix.user_classes()
+    main = Phase("main", profile.duration_s, sum(classes.values()), profile.spawn_rate,
+                 profile.processes, tuple(classes))  # fmt: skip
+    result = [(main, mix.to_json())]
+    if profile.unpaced_s:
+        unpaced = profile.unpaced_mix()
+        result.append((
+            Phase("unpaced", profile.unpaced_s, unpaced.eval_users, 1000.0, 1, ("Evaluator",)),
+            unpaced.to_json(),
+        ))  # fmt: skip
+    return result
+
+
+def run(profile: Profile, out: Path, *, drop_db: bool = False) -> dict[str, Any]:
+    """Everything of one run; returns the summary (also written to `summary.json`)."""
+    loadavg = [round(x, 2) for x in os.getloadavg()]
+    with server_url() as admin_url:
+        started = time.monotonic()
+        url, seeded = asyncio.run(ensure_dataset(admin_url, profile))
+        print(f"  dataset {profile.database}: {'seeded' if seeded else 'reused'}"
+              f" in {time.monotonic() - started:.1f} s")  # fmt: skip
+        try:
+            dataset = asyncio.run(build_manifest(url, profile))
+            sidecar = Sidecar(url, free_port(), out / "sidecar.log", dataset["tenants"][0])
+            try:
+                ready_s = sidecar.start()
+                print(f"  sidecar ready in {ready_s:.1f} s on {sidecar.base}")
+                measured = _measure(profile, out, url, dataset, sidecar)
+            finally:
+                sidecar.stop()
+        finally:
+            if drop_db:
+                asyncio.run(_drop(admin_url, profile.database))
+    summary = report.summarize(profile, out, measured, ready_s=ready_s, seeded=seeded)
+    summary["machine"]["loadavg_at_start"] = loadavg
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report.plot(out)
+    return summary
+
+
+def _measure(
+    profile: Profile, out: Path, url: str, dataset: dict[str, Any], sidecar: Sidecar
+) -> dict[str, Any]:
+    measured: dict[str, Any] = {"dataset": {k: len(dataset[k]) for k in ("subjects", "writer")}}
+    for phase, mix in phases(profile):
+        env = {
+            **os.environ,
+            "PDP_LOADTEST_MANIFEST": str(write_manifest(out, dataset, phase.name, mix)),
+            "PDP_LOADTEST_DATABASE_URL": url,
+        }
+        restart = (
+            profile.duration_s * profile.restart_at
+            if profile.restart_at and phase.name == "main"
+            else None
+        )
+        print(f"  locust {phase.name}: {phase.users} users, {phase.duration_s} s,"
+              f" {phase.processes} process(es)")  # fmt: skip
+        before, cpu_before = sidecar.metrics(), sidecar.cpu_seconds()
+        locust_cpu = run_locust(phase, out, env, sidecar, restart_at=restart)
+        measured[phase.name] = {
+            "metrics_before": before,
+            "metrics_after": sidecar.metrics(),
+            "sidecar_cpu_s": sidecar.cpu_seconds() - cpu_before,
+            "locust_cpu_s": locust_cpu,
+            "command": " ".join(locust_command(phase, sidecar.base, out)),
+        }
+    return measured
+
+
+async def _drop(admin_url: str, name: str) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
+    parser.add_argument("--duration", type=int, metavar="S", help="override the run time")
+    parser.add_argument("--processes", type=int, metavar="N", help="override Locust processes")
+    parser.add_argument("--no-unpaced", action="store_true", help="skip the unpaced phase")
+    parser.add_argument("--drop-db", action="store_true", help="drop the dataset database after")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results root")
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    profile = replace(
+        profile,
+        duration_s=args.duration or profile.duration_s,
+        processes=args.processes or profile.processes,
+        unpaced_s=0 if args.no_unpaced else profile.unpaced_s,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    out = result_dir(profile.name, args.out)
+    print(f"pdp load test '{profile.name}': {profile.description}\n  results in {out}")
+    try:
+        summary = run(profile, out, drop_db=args.drop_db)
+    except SetupError as exc:
+        print(f"loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loadtest: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    print(report.table(summary))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
