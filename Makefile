@@ -21,6 +21,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pdp migrate
 	$(BIN)/pdp seed --demo --replace
+	$(BIN)/pdp serve
 
 ## The whole test suite, against a real PostgreSQL (and Redis where a test needs it).
 test: $(STAMP)

@@ -52,6 +52,8 @@ def configure_logging(settings: Settings) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    # The embedded server's library narrates every pg_ctl call at INFO.
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -105,6 +105,7 @@ class Settings:
     data_dir: Path = Path(".pdp-data")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    backlog: int = 1024
     base_url: str | None = None
     default_tenant: str | None = None
     max_body_bytes: int = 1024 * 1024
@@ -127,6 +128,7 @@ class Settings:
             data_dir=_read(env, "PDP_DATA_DIR", Path, default_data_dir(env)),
             host=_read(env, "PDP_HOST", str, "127.0.0.1"),
             port=_read(env, "PDP_PORT", _port, DEFAULT_PORT),
+            backlog=_read(env, "PDP_BACKLOG", _positive_int, 1024),
             base_url=env.get("PDP_BASE_URL") or None,
             default_tenant=env.get("PDP_DEFAULT_TENANT") or None,
             max_body_bytes=_read(env, "PDP_MAX_BODY_BYTES", _positive_int, 1024 * 1024),

@@ -67,6 +67,8 @@ def serve(settings: Settings) -> int:
             app,
             host=settings.host,
             port=settings.port,
+            # Gateways open many connections at once; aiohttp's default queue is 128.
+            backlog=settings.backlog,
             access_log=None,
             print=None,
             shutdown_timeout=5,

@@ -26,7 +26,7 @@ from aiohttp import web
 from pdp import authzen
 from pdp.authzen import Batch, Fallback, JsonObject, Query, dumps
 from pdp.config import Settings
-from pdp.engine import Engine, Snapshot
+from pdp.engine import Decision, Engine, Snapshot
 from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
 from sync.replica import Replica
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MIN_REVISION = "X-PDP-Min-Revision"
 STALE = "X-PDP-Stale"
 JSON_TYPE = "application/json"
+_JSON_HEADERS = {"Content-Type": JSON_TYPE}
+_BODY_CACHE_LIMIT = 4096
 _UNSUPPORTED = "unsupported_subject_type"
 
 
@@ -102,6 +104,8 @@ class AuthzenApi:
         self._configuration = dumps(authzen.configuration(base))
         self._revision_of: Snapshot | None = None
         self._revision_text: str | None = None
+        self._bodies: dict[int, tuple[Decision, bytes]] = {}
+        self._bodies_revision: Snapshot | None = None
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -153,7 +157,37 @@ class AuthzenApi:
     async def evaluation(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         query = authzen.parse_evaluation(await read_json(request), self._default_tenant)
+        if MIN_REVISION not in request.headers and query.subject_type == authzen.SUBJECT_TYPE:
+            engine, _, stale = self._gate()
+            if engine is not None:  # the hot path: fresh (or served stale) memory
+                decision = engine.check(
+                    query.tenant, query.user, query.resource_type, query.resource_id,
+                    query.action, time.time(),
+                )  # fmt: skip
+                body = self._body_of(decision, engine.revision)
+                self._metrics.decided("evaluation", decision.allowed, time.perf_counter() - started)
+                headers = _JSON_HEADERS if stale is None else {**_JSON_HEADERS, STALE: stale}
+                return web.Response(body=body, headers=headers)
         return await self._single(request, query, "evaluation", started)
+
+    def _body_of(self, decision: Decision, revision: Snapshot) -> bytes:
+        """The response body of `decision` at `revision`, serialized once per pair.
+
+        Decisions are few distinct objects (the engine shares them), so most requests
+        reuse a body. Keyed by identity; the cache holds the decision, so its id stays
+        unique, and it is dropped whole when the revision moves or it grows too big.
+        """
+        if revision is not self._bodies_revision or len(self._bodies) > _BODY_CACHE_LIMIT:
+            self._bodies.clear()
+            self._bodies_revision = revision
+        cached = self._bodies.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        context = decision.to_context()
+        context["revision"] = self._revision() or str(revision)
+        body = dumps({"decision": decision.allowed, "context": context})
+        self._bodies[id(decision)] = (decision, body)
+        return body
 
     async def _single(
         self, request: web.Request, query: Query, endpoint: str, started: float
@@ -236,7 +270,8 @@ class AuthzenApi:
                     entry.action, now,
                 )  # fmt: skip
                 result = _BATCH_RESULT.get((decision.allowed, decision.reason)) or {
-                    "decision": decision.allowed, "context": {"reason": decision.reason}
+                    "decision": decision.allowed,
+                    "context": {"reason": decision.reason},
                 }
             results.append(result)
             if semantic != "execute_all" and authzen.stops_after(semantic, result["decision"]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import random
@@ -350,6 +351,11 @@ class PgSync:
             # swap below is still a single synchronous step.
             engine = await asyncio.to_thread(Engine.build, loaded, batch.snapshot)
             self._replica.install(engine, batch.epoch, batch.started)
+            # Millions of long-lived engine objects: keep the cyclic collector from
+            # walking them on every full collection (a p99 spike each time). The old
+            # engine is acyclic and still freed by reference counting.
+            gc.collect()
+            gc.freeze()
             seconds = self._clock() - batch.started
             self._metrics.full_reload(batch.reload_reason)
             self._metrics.snapshot_loaded(seconds)

@@ -174,7 +174,7 @@ async def test_bulk_transaction_of_200k_rows(seeded: str, pg: asyncpg.Connection
             "INSERT INTO pdp.users (tenant_id, id) SELECT $1, 'bulk-' || g FROM generate_series(1, 200000) g",
             TENANT,
         )
-        await assert_equal(pg, sidecar.replica, checks=2000)
+        await assert_equal(pg, sidecar.replica)
         engine = sidecar.replica.engine
         assert engine is not None
         assert engine.counts()["users"] == 200_300
@@ -184,10 +184,10 @@ async def test_truncate_and_epoch_change_reload(seeded: str, pg: asyncpg.Connect
     async with running(seeded) as sidecar:
         await settle(pg, sidecar.replica)
         await pg.execute("TRUNCATE pdp.group_members")
-        await assert_equal(pg, sidecar.replica, checks=2000)
+        await assert_equal(pg, sidecar.replica)
         epoch = sidecar.replica.epoch
         await pg.execute("UPDATE pdp.sync_meta SET epoch = gen_random_uuid()")
-        await assert_equal(pg, sidecar.replica, checks=2000)
+        await assert_equal(pg, sidecar.replica)
         assert sidecar.replica.epoch != epoch
 
 
@@ -214,7 +214,7 @@ async def test_purge_past_the_cursor_forces_a_reload(seeded: str, pg: asyncpg.Co
         assert revision is not None
         assert result.horizon >= revision.xmin
         await service.start()
-        await assert_equal(pg, sidecar.replica, checks=2000)
+        await assert_equal(pg, sidecar.replica)
         assert not await _status(pg, sidecar.replica, "user-000005")
 
 
@@ -245,7 +245,7 @@ async def test_postgres_restart_under_the_running_sidecar(tmp_path: object) -> N
             sidecar.monitoring = True
             pg = await asyncpg.connect(url)
             await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000006'", TENANT)
-            await assert_equal(pg, sidecar.replica, checks=2000)
+            await assert_equal(pg, sidecar.replica)
             assert not await _status(pg, sidecar.replica, "user-000006")
             await pg.close()
     finally:
@@ -282,6 +282,6 @@ async def test_half_open_listener_is_detected_by_the_heartbeat(
             assert listener.connections > before
             sidecar.monitoring = True
             await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000007'", TENANT)
-            await assert_equal(pg, sidecar.replica, checks=2000)
+            await assert_equal(pg, sidecar.replica)
     finally:
         await proxy.stop()
