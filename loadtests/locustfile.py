@@ -27,6 +27,7 @@ import os
 import random
 import time
 from bisect import bisect
+from collections.abc import Callable
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from locust import (
     between,
     constant,
     constant_pacing,
-    constant_throughput,
     events,
     task,
 )  # fmt: skip
@@ -143,12 +143,33 @@ def _subject() -> tuple[str, str]:
 
 
 def _rate(total: float, users: int) -> Any:
-    return constant_throughput(total / users) if total > 0 and users > 0 else constant(1)
+    return _poisson(total / users) if total > 0 and users > 0 else constant(1)
+
+
+def _poisson(rate: float) -> Callable[[Any], float]:
+    """Pacing at `rate` tasks/s per user, arrivals on a Poisson schedule.
+
+    Locust's `constant_throughput` keeps each user on a fixed period: users held up
+    together by one slow moment (spawning, a GC pause) come back in step and then
+    fire in bursts of hundreds, every period, for the rest of the run. Measured with
+    a minimal locustfile against the same sidecar, 1,000 users at 2,000 requests/s:
+    p50 73 ms with `constant_throughput`, 1 ms with these exponential gaps (same mean
+    rate). Arrivals are scheduled, not slept after a response, so the rate holds
+    whatever the response time; at most one second of backlog is ever made up.
+    """
+
+    def wait(user: Any) -> float:
+        now = time.monotonic()
+        due = getattr(user, "_next_arrival", now) + random.expovariate(rate)
+        user._next_arrival = max(due, now - 1.0)
+        return max(0.0, user._next_arrival - now)
+
+    return wait
 
 
 def _stagger(total: float, users: int) -> None:
     """Start a paced user at a random phase of its period. Users spawned together and
-    paced by `constant_throughput` otherwise stay in step and fire in bursts of
+    paced on a fixed period otherwise stay in step and fire in bursts of
     hundreds, which measures the burst's queue, not the sidecar."""
     if total > 0 and users > 0:
         gevent.sleep(random.random() * users / total)

@@ -144,6 +144,8 @@ def locust_command(phase: Phase, host: str, out: Path) -> list[str]:
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "--host", host, "-u", str(phase.users), "-r", f"{phase.spawn_rate:g}",
         "-t", f"{phase.duration_s}s", "--stop-timeout", "5",
+        # Measure the steady state: statistics restart once every user is spawned.
+        "--reset-stats",
         "--csv", prefix, "--csv-full-history", "--html", f"{prefix}.html",
         "--json-file", prefix, "--only-summary", "--loglevel", "WARNING",
         "--exit-code-on-error", "0", *processes, *phase.classes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -485,14 +485,22 @@ def _offset(token: str, fingerprint: str) -> int:
 
 
 def paged(
-    items: tuple[Any, ...], page: Page, render: Callable[[Any], JsonObject]
+    items: Sequence[Any],
+    page: Page,
+    render: Callable[[Any], JsonObject],
+    total: int | None = None,
 ) -> tuple[list[JsonObject], JsonObject]:
-    """One page of `items` rendered, and the response `page` object (`next_token` "" at the end)."""
+    """One page of `items` rendered, and the response `page` object (`next_token` "" at the end).
+
+    `items` may hold only the answer's first `offset + limit` items when `total` gives
+    the whole answer's size.
+    """
+    size = len(items) if total is None else total
     end = page.offset + page.limit
     results = [render(item) for item in items[page.offset : end]]
-    more = end < len(items)
+    more = end < size
     next_token = page_token(end, page.fingerprint) if more else ""
-    return results, {"next_token": next_token, "count": len(results), "total": len(items)}
+    return results, {"next_token": next_token, "count": len(results), "total": size}
 
 
 def configuration(base_url: str) -> JsonObject:

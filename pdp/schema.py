@@ -71,8 +71,7 @@ def _now() -> Column[object]:
 
 def _id_check(*columns: str) -> list[CheckConstraint]:
     return [
-        CheckConstraint(f"{c} <> '' AND length({c}) <= {MAX_ID_LENGTH}", name=c)
-        for c in columns
+        CheckConstraint(f"{c} <> '' AND length({c}) <= {MAX_ID_LENGTH}", name=c) for c in columns
     ]
 
 
@@ -98,9 +97,7 @@ users = Table(
     Column("status", Text, nullable=False, server_default="active"),
     Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     _now(),
-    Column(
-        "updated_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")
-    ),
+    Column("updated_at", TIMESTAMP(timezone=True), nullable=False, server_default=text("now()")),
     PrimaryKeyConstraint("tenant_id", "id"),
     _tenant_fk("users"),
     CheckConstraint("status IN ('active', 'disabled')", name="status"),
@@ -225,9 +222,7 @@ change_log = Table(
         nullable=False,
         server_default=text("clock_timestamp()"),
     ),
-    CheckConstraint(
-        "op IN ('insert', 'update', 'delete', 'truncate', 'bulk_load')", name="op"
-    ),
+    CheckConstraint("op IN ('insert', 'update', 'delete', 'truncate', 'bulk_load')", name="op"),
     Index("change_log_txid_idx", "txid"),
     Index("change_log_changed_at_idx", "changed_at"),
 )

@@ -15,7 +15,9 @@ Searches answer the same cases with no results and the reason in `context`.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +40,7 @@ STALE = "X-PDP-Stale"
 JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
 _BODY_CACHE_LIMIT = 4096
+_SEARCH_ATTEMPTS = 3
 _UNSUPPORTED = "unsupported_subject_type"
 
 
@@ -314,13 +317,36 @@ class AuthzenApi:
         search = authzen.parse_subject_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
+        total = 0
         if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
-            ids = engine.subjects(
-                search.tenant, search.resource_type, search.resource_id, search.action,
-                time.time(),
-            )  # fmt: skip
-        results, page = authzen.paged(ids, search.page, _render_user)
+            found = await self._subjects(engine, search)
+            total, end = len(found), search.page.offset + search.page.limit
+            # Order only what this page needs: a first page of a huge answer is a
+            # partial selection, not a sort of tens of thousands of ids.
+            ids = tuple(heapq.nsmallest(end, found) if end * 4 < total else sorted(found))
+        results, page = authzen.paged(ids, search.page, _render_user, total)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
+
+    async def _subjects(self, engine: Engine, search: authzen.SubjectSearch) -> list[str]:
+        """Who may: computed in pieces with a turn for other requests between them.
+
+        A tenant-wide grant can make the answer most of a large tenant (tens of ms to
+        compute); checks waiting behind it would see that as latency. If the engine
+        changes between pieces the walk restarts; after a few tries the last one runs
+        in one go, so an answer always comes and is always of one state.
+        """
+        args = (search.tenant, search.resource_type, search.resource_id, search.action)
+        now = time.time()
+        for _ in range(_SEARCH_ATTEMPTS):
+            version, found = engine.version, []
+            for piece in engine.subject_chunks(*args, now):
+                found.extend(piece)
+                await asyncio.sleep(0)
+                if engine.version != version:
+                    break
+            else:
+                return found  # unsorted
+        return list(engine.subjects(*args, now))
 
     async def search_resource(self, request: web.Request) -> web.Response:
         search = authzen.parse_resource_search(await read_json(request), self._default_tenant)

@@ -8,7 +8,7 @@ before or after a batch, never part of one.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
@@ -56,11 +56,17 @@ def _load_rows(states: dict[str, TenantState], tables: Tables, only: str | None)
 class Engine:
     """In-memory replica of the RBAC tables with a decision procedure over it."""
 
-    __slots__ = ("_revision", "_tenants")
+    __slots__ = ("_revision", "_tenants", "_version")
 
     def __init__(self, tenants: dict[str, TenantState], revision: Snapshot) -> None:
         self._tenants = tenants
         self._revision = revision
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Counts the changes to the held rows (not revision moves that changed nothing)."""
+        return self._version
 
     @classmethod
     def build(cls, tables: Tables, revision: Snapshot) -> Engine:
@@ -104,6 +110,8 @@ class Engine:
             touched[id(state)] = state
         for state in touched.values():
             state.settle()
+        if batch:
+            self._version += 1
         self._revision = revision
         return len(batch)
 
@@ -114,6 +122,7 @@ class Engine:
         """
         states = {tenant_id: TenantState(tenant_id, loading=True)}
         _load(states, tables, only=tenant_id)
+        self._version += 1
         if states[tenant_id].exists:
             self._tenants[tenant_id] = states[tenant_id]
         else:
@@ -162,6 +171,18 @@ class Engine:
         if state is None:
             return ()
         return evaluate.subjects(state, resource_type, resource_id, action, now)
+
+    def subject_chunks(
+        self, tenant: str, resource_type: str, resource_id: str, action: str, now: float
+    ) -> Iterator[list[str]]:
+        """`subjects` in unsorted pieces, so a caller can yield between them.
+
+        Only valid while `version` stays the same: stop iterating once it moves.
+        """
+        state = self._live(tenant)
+        if state is None:
+            return iter(())
+        return evaluate.subject_chunks(state, resource_type, resource_id, action, now)
 
     def resources(
         self, tenant: str, user: str, resource_type: str, action: str, now: float

@@ -18,6 +18,7 @@ Which grant is reported when several match (deterministic):
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from pdp.engine import holders
 from pdp.engine.decision import (
@@ -216,11 +217,24 @@ def subjects(state: TenantState, rtype: str, rid: str, action: str, now: float) 
     then decided as `check` decides it (status, expiry, existing group). When the
     candidates are a third of the users or more, the users are scanned instead.
     """
+    out = [uid for chunk in subject_chunks(state, rtype, rid, action, now) for uid in chunk]
+    out.sort()
+    return tuple(out)
+
+
+def subject_chunks(
+    state: TenantState, rtype: str, rid: str, action: str, now: float, *, size: int = 1000
+) -> Iterator[list[str]]:
+    """`subjects` in unsorted pieces of at most `size` candidates examined each.
+
+    Lets a caller give other work a turn between pieces. The generator reads the
+    tenant's live dicts: it must not be resumed after any change to the engine.
+    """
     scopes, wanted = _asked(rtype, rid, action)
     closure = state.roles.closure
     roles = [role for role, perms in closure.items() if not perms.isdisjoint(wanted)]
     if not roles:
-        return ()
+        return
 
     def grants_it(grants: Grants) -> bool:
         return isinstance(_first(grants, scopes, wanted, closure, now), tuple)
@@ -241,10 +255,10 @@ def subjects(state: TenantState, rtype: str, rid: str, action: str, now: float) 
     else:
         candidates = holders.union(found)
         chosen = zip(candidates, map(users.__getitem__, candidates), strict=True)
-    out = [
-        uid
-        for uid, (status, grants, member_of) in chosen
-        if status == ACTIVE and (not groups.isdisjoint(member_of) or grants_it(grants))
-    ]
-    out.sort()
-    return tuple(out)
+    iterator = iter(chosen)
+    while piece := list(islice(iterator, size)):
+        yield [
+            uid
+            for uid, (status, grants, member_of) in piece
+            if status == ACTIVE and (not groups.isdisjoint(member_of) or grants_it(grants))
+        ]
