@@ -87,34 +87,48 @@ async def test_listener_and_query_connection_killed_under_concurrent_writers(
     seeded: str, pg: asyncpg.Connection
 ) -> None:
     async with running(seeded) as sidecar:
+        assert sidecar.service is not None
+        sync = sidecar.service.sync
         stop = asyncio.Event()
         writers = [asyncio.create_task(writer(seeded, i, stop)) for i in range(8)]
         killer = await asyncpg.connect(seeded)
-        kills = {"pdp-listen": 0, "pdp-sync": 0}
+        inside = await asyncpg.connect(seeded)
+        kills = {"pdp-listen": 0, "pdp-sync": 0, "listener mid-catch-up": 0}
+        terminate = (
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()"
+        )
+        read_fast = sync._read_fast
+
+        async def read_fast_killing_the_listener() -> object:
+            # Every 10th catch-up kills the listener while it runs, deterministically.
+            if sync.catchups % 10 == 0:
+                kills["listener mid-catch-up"] += await inside.fetchval(terminate, "pdp-listen")
+            return await read_fast()
+
+        sync._read_fast = read_fast_killing_the_listener  # type: ignore[method-assign]
         rng = random.Random(1)
         try:
             deadline = time.monotonic() + 6
             while time.monotonic() < deadline:
-                # Kill the listener, and the query connection preferably mid-catch-up.
+                # Kill the listener or the query connection (the latter in any state,
+                # or only while it runs a statement: mid-catch-up when it hits).
                 name = "pdp-listen" if rng.random() < 0.5 else "pdp-sync"
-                state = "AND state <> 'idle'" if name == "pdp-sync" else ""
-                killed = await killer.fetchval(
-                    f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    f"WHERE application_name = $1 AND datname = current_database() {state}",
-                    name,
-                )
-                kills[name] += killed
+                busy = " AND state <> 'idle'" if rng.random() < 0.5 else ""
+                kills[name] += await killer.fetchval(terminate + busy, name)
                 await asyncio.sleep(rng.uniform(0.05, 0.4))
         finally:
             stop.set()
             commits = await asyncio.gather(*writers)
+            sync._read_fast = read_fast  # type: ignore[method-assign]
             await killer.close()
+            await inside.close()
         assert sum(commits) > 20
         assert kills["pdp-listen"] >= 3
         assert kills["pdp-sync"] >= 1
+        assert kills["listener mid-catch-up"] >= 1
         await assert_equal(pg, sidecar.replica)
         assert sidecar.max_staleness < MAX_STALENESS
-        assert sidecar.service is not None
         assert sidecar.service.listener.connections > kills["pdp-listen"] // 2
 
 
