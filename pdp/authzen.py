@@ -382,18 +382,38 @@ class ActionSearch:
     page: Page
 
 
-def parse_subject_search(body: JsonObject, default_tenant: str | None) -> SubjectSearch:
-    """Subject search: `subject.type` is searched (id ignored); resource and action are inputs."""
+def _subject_input(
+    body: JsonObject, default_tenant: str | None, *, with_id: bool
+) -> tuple[str, str, str]:
+    """(type, id or "" when not an input, tenant) of a search request's subject."""
     subject = _object(body, "subject", "subject")
     stype = _string(subject, "type", "subject.type")
-    tenant = _tenant(subject, "subject", default_tenant)
+    user = _string(subject, "id", "subject.id") if with_id else ""
+    return stype, user, _tenant(subject, "subject", default_tenant)
+
+
+def _action_input(body: JsonObject) -> str:
+    """The action name of a search request (an input of subject and resource search)."""
     action = _object(body, "action", "action")
     name = _string(action, "name", "action.name")
     _check_properties(action, "action")
+    return name
+
+
+def _resource_input(body: JsonObject, *, with_id: bool) -> tuple[str, str]:
+    """(type, id or "" when not an input) of a search request's resource."""
     resource = _object(body, "resource", "resource")
     rtype = _string(resource, "type", "resource.type")
-    rid = _string(resource, "id", "resource.id")
+    rid = _string(resource, "id", "resource.id") if with_id else ""
     _check_properties(resource, "resource")
+    return rtype, rid
+
+
+def parse_subject_search(body: JsonObject, default_tenant: str | None) -> SubjectSearch:
+    """Subject search: `subject.type` is searched (id ignored); resource and action are inputs."""
+    stype, _, tenant = _subject_input(body, default_tenant, with_id=False)
+    name = _action_input(body)
+    rtype, rid = _resource_input(body, with_id=True)
     _optional_object(body, "context", "context")
     page = _page(body, "subject", ("subject", "id"))
     return SubjectSearch(tenant, stype, rtype, rid, name, page)
@@ -401,16 +421,9 @@ def parse_subject_search(body: JsonObject, default_tenant: str | None) -> Subjec
 
 def parse_resource_search(body: JsonObject, default_tenant: str | None) -> ResourceSearch:
     """Resource search: subject and action are inputs; `resource.type` is searched."""
-    subject = _object(body, "subject", "subject")
-    stype = _string(subject, "type", "subject.type")
-    user = _string(subject, "id", "subject.id")
-    tenant = _tenant(subject, "subject", default_tenant)
-    action = _object(body, "action", "action")
-    name = _string(action, "name", "action.name")
-    _check_properties(action, "action")
-    resource = _object(body, "resource", "resource")
-    rtype = _string(resource, "type", "resource.type")
-    _check_properties(resource, "resource")
+    stype, user, tenant = _subject_input(body, default_tenant, with_id=True)
+    name = _action_input(body)
+    rtype, _ = _resource_input(body, with_id=False)
     _optional_object(body, "context", "context")
     page = _page(body, "resource", ("resource", "id"))
     return ResourceSearch(tenant, stype, user, rtype, name, page)
@@ -418,14 +431,8 @@ def parse_resource_search(body: JsonObject, default_tenant: str | None) -> Resou
 
 def parse_action_search(body: JsonObject, default_tenant: str | None) -> ActionSearch:
     """Action search: subject and resource are inputs; any `action` member is ignored."""
-    subject = _object(body, "subject", "subject")
-    stype = _string(subject, "type", "subject.type")
-    user = _string(subject, "id", "subject.id")
-    tenant = _tenant(subject, "subject", default_tenant)
-    resource = _object(body, "resource", "resource")
-    rtype = _string(resource, "type", "resource.type")
-    rid = _string(resource, "id", "resource.id")
-    _check_properties(resource, "resource")
+    stype, user, tenant = _subject_input(body, default_tenant, with_id=True)
+    rtype, rid = _resource_input(body, with_id=True)
     _optional_object(body, "context", "context")
     page = _page(body, "action", ("action", None))
     return ActionSearch(tenant, stype, user, rtype, rid, page)
