@@ -123,3 +123,30 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
     assert await verifier.verify_once() == {"t": True}
     assert not _allowed(service, "alice", "read")
     assert "mallory" not in engine.subjects("t", "doc", "d1", "read", time.time())
+
+
+async def test_self_test_fails_loudly_when_notifications_do_not_arrive(
+    db_url: str, make_db: object
+) -> None:
+    """A listener that cannot hear the sender (as behind a transaction-mode pooler; here:
+    notifications are per database, and the sender is in another one) is refused."""
+    import asyncio
+
+    from pdp.errors import DependencyError
+    from sync.pg_listener import PgListener
+
+    other = await asyncpg.connect(await make_db.create(migrated=False))  # type: ignore[attr-defined]
+    listener = PgListener(db_url, asyncio.Event())
+    await listener.connect()
+    try:
+        with pytest.raises(DependencyError, match="does not receive notifications"):
+            await listener.self_test(other, timeout=0.5)
+        # And the same listener passes when the sender shares its database.
+        same = await asyncpg.connect(db_url)
+        try:
+            await listener.self_test(same, timeout=5)
+        finally:
+            await same.close()
+    finally:
+        await listener.close()
+        await other.close()
