@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,9 +101,8 @@ class Batch:
     committed_at: list[float] = field(default_factory=list)  # one wall time per transaction
 
 
-def decode_key(entity: str, key_json: str) -> tuple[str, ...]:
-    """A change_log key (jsonb of the primary key) as the engine's key tuple."""
-    key = json.loads(key_json)
+def key_tuple(entity: str, key: dict[str, Any]) -> tuple[str, ...]:
+    """A change_log key (the primary key as a JSON object) as the engine's key tuple."""
     return tuple(str(key[col]) for col in COLUMNS[entity][: KEY_WIDTH[entity]])
 
 
@@ -268,11 +267,11 @@ class PgSync:
         for txid, _tenant, entity, _op, key, at in changes:
             last_change[txid] = max(last_change.get(txid, 0.0), at)
             if entity in COLUMNS:
-                width = KEY_WIDTH[entity]
-                keys[entity].add(tuple(str(key[c]) for c in COLUMNS[entity][:width]))
+                keys[entity].add(key_tuple(entity, key))
         for index, entity in enumerate(COLUMNS, start=4):
             if entity in keys:
-                batch.changes.extend(_changes_for(entity, keys[entity], row[index]))
+                rows = json.loads(row[index]) if row[index] else ()
+                batch.changes.extend(_current(entity, keys[entity], rows))
         batch.committed_at = list(last_change.values())
         return batch
 
@@ -332,7 +331,7 @@ class PgSync:
             if op == "bulk_load":
                 batch.tenants[row["tenant_id"]] = {}
             elif entity in COLUMNS:
-                keys[entity].add(decode_key(entity, row["key"]))
+                keys[entity].add(key_tuple(entity, json.loads(row["key"])))
         for tenant in self._reload_tenants:
             batch.tenants[tenant] = {}
         self._reload_tenants = set()
@@ -386,12 +385,12 @@ class PgSync:
             )
 
 
-def _changes_for(entity: str, keys: set[tuple[str, ...]], rows_json: str | None) -> list[RowChange]:
-    """Each key's current row (from the JSON array of rows), or a delete when it is gone."""
+def _current(
+    entity: str, keys: Iterable[tuple[str, ...]], rows: Iterable[Sequence[Any]]
+) -> list[RowChange]:
+    """Each key's current state: its row among `rows`, or a delete when it is gone."""
     width = KEY_WIDTH[entity]
-    found = {}
-    for row in json.loads(rows_json) if rows_json else ():
-        found[tuple(str(f) for f in row[:width])] = tuple(row)
+    found = {tuple(str(f) for f in row[:width]): tuple(row) for row in rows}
     return [
         RowChange(entity, key, found[key]) if key in found else RowChange.delete(entity, key)
         for key in keys
@@ -409,16 +408,8 @@ async def _read_tenant(conn: asyncpg.Connection, tenant: str) -> dict[str, list[
 async def _read_keys(
     conn: asyncpg.Connection, entity: str, keys: Sequence[tuple[str, ...]]
 ) -> list[RowChange]:
-    """The current state of each key: its row, or a delete when it is gone."""
+    """The current state of each key, read at the transaction's snapshot."""
     if not keys:
         return []
     columns: list[list[str]] = [list(col) for col in zip(*keys, strict=True)]
-    found: dict[tuple[str, ...], Any] = {}
-    width = KEY_WIDTH[entity]
-    for record in await conn.fetch(q.ROWS_BY_KEYS[entity], *columns):
-        row = tuple(record)
-        found[tuple(str(f) for f in row[:width])] = row
-    return [
-        RowChange(entity, key, found[key]) if key in found else RowChange.delete(entity, key)
-        for key in keys
-    ]
+    return _current(entity, keys, await conn.fetch(q.ROWS_BY_KEYS[entity], *columns))

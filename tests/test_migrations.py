@@ -90,3 +90,15 @@ def test_offline_sql_mentions_every_table(capsys: object) -> None:
 async def test_migrate_is_idempotent(db_url: str) -> None:
     await asyncio.wait_for(pg_migrate.upgrade(db_url), 60)
     assert (await _objects(db_url))["tables"] == len(metadata.tables)
+
+
+def test_engine_row_format_follows_the_schema() -> None:
+    """The pure engine keeps its own copy of the key columns (it may not import the
+    schema); it must name each table's primary key, in order, and real columns."""
+    from pdp.engine import COLUMNS, KEY_WIDTH
+    from pdp.schema import DATA_TABLES, primary_key
+
+    assert set(COLUMNS) == {t.name for t in DATA_TABLES}
+    for table in DATA_TABLES:
+        assert COLUMNS[table.name][: KEY_WIDTH[table.name]] == primary_key(table), table.name
+        assert set(COLUMNS[table.name]) <= set(table.columns.keys()), table.name
