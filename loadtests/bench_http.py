@@ -111,8 +111,8 @@ async def _serve_pdp(users: int, workdir: Path, batch: int) -> None:
 
     from pdp.config import Settings  # noqa: PLC0415 -- server process only
     from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- server process only
-    from pdp.web_app import build_app  # noqa: PLC0415 -- server process only
-    from sync.replica import Replica  # noqa: PLC0415 -- server process only
+    from pdp.replica import Replica  # noqa: PLC0415 -- server process only
+    from pdp.web.app import build_app  # noqa: PLC0415 -- server process only
 
     started = time.perf_counter()
     engine = Engine.build(_engine_rows(users), Snapshot(1, 1))

@@ -30,10 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from loadtests.profiles import Profile
-from pdp import pg_migrate, pg_seed
 from pdp.config import Settings
-from pdp.pg_embedded import database_url
-from pdp.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
+from pdp.pg import migrate
+from pdp.pg import seed as pg_seed
+from pdp.pg.embedded import database_url
+from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
 
 AS_OF = date(2026, 1, 1)  # fixed: the same spec on any day, so a seeded database is reused
 ZIPF_S = 1.0
@@ -94,7 +95,7 @@ async def ensure_dataset(admin_url: str, profile: Profile) -> tuple[str, bool]:
     finally:
         await admin.close()
     url = with_database(admin_url, name)
-    await pg_migrate.upgrade(url)
+    await migrate.upgrade(url)
     spec = seed_spec(profile)
     if await _recorded_spec(url, spec):
         return url, False

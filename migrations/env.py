@@ -14,8 +14,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pdp.pg_migrate import include_name
-from pdp.schema import SCHEMA, metadata
+from pdp.pg.migrate import include_name
+from pdp.pg.schema import SCHEMA, metadata
 
 config = context.config
 

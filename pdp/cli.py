@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
-from pdp import pg_migrate, pg_seed, seed_data
 from pdp.config import Settings, from_environment
 from pdp.errors import DependencyError, PdpError, UserError
-from pdp.pg_embedded import database_url
-from pdp.pg_errors import describe_database_error, is_database_error
+from pdp.pg import migrate, seed, seed_data
+from pdp.pg.embedded import database_url
+from pdp.pg.errors import describe_database_error, is_database_error
 
 log = logging.getLogger("pdp")
 
@@ -59,10 +59,10 @@ def configure_logging(settings: Settings) -> None:
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if args.sql:
         # Offline mode needs only the dialect, never a server.
-        pg_migrate.upgrade_sql(settings.database_url or "postgresql://", args.revision)
+        migrate.upgrade_sql(settings.database_url or "postgresql://", args.revision)
         return 0
     with database_url(settings) as url:
-        asyncio.run(pg_migrate.upgrade(url, args.revision))
+        asyncio.run(migrate.upgrade(url, args.revision))
     log.info("database at revision %s", args.revision)
     return 0
 
@@ -89,7 +89,7 @@ def _cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
         given.setdefault("as_of", datetime.now(UTC).date())
         dataset = seed_data.synthetic(seed_data.SeedSpec(**given))
     with database_url(settings) as url:
-        summaries = asyncio.run(pg_seed.load(url, dataset, replace=args.replace))
+        summaries = asyncio.run(seed.load(url, dataset, replace=args.replace))
     for summary in summaries:
         print(summary.line())
     return 0
@@ -134,7 +134,7 @@ def _add_seed(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from pdp.serve import serve  # noqa: PLC0415  (aiohttp only for the commands that serve)
+    from pdp.sidecar import serve  # noqa: PLC0415  (aiohttp only for the commands that serve)
 
     settings = settings.replace(
         host=args.host,

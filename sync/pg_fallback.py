@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from pdp.errors import DependencyError
-from pdp.pg_errors import DRIVER_ERRORS
+from pdp.pg.errors import DRIVER_ERRORS
 
 CHECK = "SELECT pdp.check($1, $2, $3, $4, $5)"
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import asyncpg
 
 from pdp.errors import DependencyError
-from pdp.pg_errors import DRIVER_ERRORS
+from pdp.pg.errors import DRIVER_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from pdp.pg_errors import DRIVER_ERRORS
+from pdp.pg.errors import DRIVER_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import asyncpg
 
 from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Row, RowChange, Snapshot
-from pdp.pg_errors import DRIVER_ERRORS
+from pdp.pg.errors import DRIVER_ERRORS
+from pdp.replica import Replica
 from sync import pg_queries as q
-from sync.replica import Replica
 
 log = logging.getLogger(__name__)
 

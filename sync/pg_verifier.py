@@ -19,7 +19,7 @@ from typing import Protocol
 
 import asyncpg
 
-from pdp.pg_errors import DRIVER_ERRORS
+from pdp.pg.errors import DRIVER_ERRORS
 from sync import pg_queries as q
 from sync.pg_sync import PgSync
 

@@ -12,9 +12,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from pdp.replica import Replica
 from sync.pg_listener import PgListener
 from sync.pg_sync import PgSync, SyncMetrics, SyncOptions
-from sync.replica import Replica
 
 log = logging.getLogger(__name__)
 

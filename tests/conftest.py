@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from hypothesis import settings
 
-from pdp import pg_migrate
+from pdp.pg import migrate
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RUN_ID = uuid.uuid4().hex[:8]
@@ -75,7 +75,7 @@ def _create_template() -> str:
 
     async def make() -> None:
         await _admin(f'CREATE DATABASE "{name}"')
-        await pg_migrate.upgrade(database_url(name))
+        await migrate.upgrade(database_url(name))
 
     try:
         asyncio.run(make())

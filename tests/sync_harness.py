@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from pdp import pg_seed
-from pdp.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
+from pdp.pg import seed as pg_seed
+from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
+from pdp.replica import Replica
 from sync import pg_queries as q
 from sync.pg_sync import SyncOptions
-from sync.replica import Replica
 from sync.service import SyncService
 
 TENANT = "tenant-1"

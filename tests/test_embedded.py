@@ -9,9 +9,9 @@ from pathlib import Path
 
 import asyncpg
 
-from pdp import pg_migrate
 from pdp.config import Settings
-from pdp.pg_embedded import database_url
+from pdp.pg import migrate
+from pdp.pg.embedded import database_url
 
 
 def _pdp(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ async def test_migrate_on_the_embedded_default_then_reuse_it(tmp_path: Path) -> 
             allowed = await conn.fetchval("SELECT pdp.check('t', 'u', 'doc', '1', 'read')")
         finally:
             await conn.close()
-    assert (version,) == pg_migrate.heads(pg_migrate.alembic_config(url))
+    assert (version,) == migrate.heads(migrate.alembic_config(url))
     assert allowed is False
 
     again = _pdp("migrate", data_dir=data_dir)

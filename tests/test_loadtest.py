@@ -26,8 +26,8 @@ from loadtests.profiles import (
     sample_percentile,
 )
 from loadtests.run import locust_command, phases, result_dir
-from pdp import pg_seed
-from pdp.seed_data import SeedSpec, synthetic
+from pdp.pg import seed
+from pdp.pg.seed_data import SeedSpec, synthetic
 
 GATES = Gates(p95_ms=10, p99_ms=25, max_failure_ratio=0.0, propagation_p99_ms=100)
 
@@ -194,7 +194,7 @@ def test_wrk_parsing_and_ceiling() -> None:
 
 
 async def test_manifest_from_a_seeded_database(db_url: str) -> None:
-    await pg_seed.load(db_url, synthetic(SeedSpec(users=300)))
+    await seed.load(db_url, synthetic(SeedSpec(users=300)))
     profile = Profile("tiny", "", users=300, duration_s=1, mix=Mix(eval_users=1), gates=Gates())
     manifest = await build_manifest(db_url, profile, probes=200, subjects=50, writer_targets=5)
     assert manifest["tenants"] == ["tenant-1"]

@@ -17,8 +17,8 @@ from loadtests import report
 from loadtests.pg_dataset import build_manifest
 from loadtests.profiles import PROFILES, Mix
 from loadtests.run import Phase, Sidecar, free_port, locust_command, write_manifest
-from pdp import pg_seed
-from pdp.seed_data import SeedSpec, synthetic
+from pdp.pg import seed
+from pdp.pg.seed_data import SeedSpec, synthetic
 
 SECONDS = 6
 MIX = Mix(
@@ -30,7 +30,7 @@ MIX = Mix(
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_locustfile_against_a_real_sidecar(db_url: str, tmp_path: Path) -> None:
-    await pg_seed.load(db_url, synthetic(SeedSpec(users=500)))
+    await seed.load(db_url, synthetic(SeedSpec(users=500)))
     profile = replace(PROFILES["smoke"], users=500, mix=MIX, duration_s=SECONDS)
     dataset = await build_manifest(db_url, profile, probes=300, writer_targets=5)
     phase = Phase("main", SECONDS, 7, 100.0, 1, tuple(MIX.user_classes()))

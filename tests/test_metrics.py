@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdp.metrics import DECISION_BUCKETS, Metrics
-from sync.replica import Replica
+from pdp.replica import Replica
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app
 
 

@@ -10,12 +10,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pdp import pg_migrate
-from pdp.schema import SCHEMA, metadata
+from pdp.pg import migrate
+from pdp.pg.schema import SCHEMA, metadata
 
 
 def test_single_head() -> None:
-    assert len(pg_migrate.heads(pg_migrate.alembic_config("postgresql://"))) == 1
+    assert len(migrate.heads(migrate.alembic_config("postgresql://"))) == 1
 
 
 async def _objects(url: str) -> dict[str, int]:
@@ -42,21 +42,21 @@ async def _objects(url: str) -> dict[str, int]:
 
 
 async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
-    await pg_migrate.upgrade(empty_db_url)
+    await migrate.upgrade(empty_db_url)
     first = await _objects(empty_db_url)
     assert first["tables"] == len(metadata.tables)
     # 9 captured tables x 4 capture triggers + 2 cycle-guard triggers.
     assert first["triggers"] == 9 * 4 + 2
-    await pg_migrate.downgrade(empty_db_url, "base")
+    await migrate.downgrade(empty_db_url, "base")
     assert await _objects(empty_db_url) == {"tables": 0, "functions": 0, "triggers": 0}
-    await pg_migrate.upgrade(empty_db_url)
+    await migrate.upgrade(empty_db_url)
     assert await _objects(empty_db_url) == first
 
 
 def _diff(connection: Connection) -> list[object]:
     context = MigrationContext.configure(
         connection,
-        opts={"include_schemas": True, "include_name": pg_migrate.include_name},
+        opts={"include_schemas": True, "include_name": migrate.include_name},
     )
     return list(compare_metadata(context, metadata))
 
@@ -80,7 +80,7 @@ async def test_sync_meta_has_one_row_with_an_epoch(pg: asyncpg.Connection) -> No
 
 
 def test_offline_sql_mentions_every_table(capsys: object) -> None:
-    pg_migrate.upgrade_sql("postgresql://")
+    migrate.upgrade_sql("postgresql://")
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     for table in metadata.tables.values():
         assert f"CREATE TABLE {SCHEMA}.{table.name}" in out
@@ -88,7 +88,7 @@ def test_offline_sql_mentions_every_table(capsys: object) -> None:
 
 
 async def test_migrate_is_idempotent(db_url: str) -> None:
-    await asyncio.wait_for(pg_migrate.upgrade(db_url), 60)
+    await asyncio.wait_for(migrate.upgrade(db_url), 60)
     assert (await _objects(db_url))["tables"] == len(metadata.tables)
 
 
@@ -96,7 +96,7 @@ def test_engine_row_format_follows_the_schema() -> None:
     """The pure engine keeps its own copy of the key columns (it may not import the
     schema); it must name each table's primary key, in order, and real columns."""
     from pdp.engine import COLUMNS, KEY_WIDTH
-    from pdp.schema import DATA_TABLES, primary_key
+    from pdp.pg.schema import DATA_TABLES, primary_key
 
     assert set(COLUMNS) == {t.name for t in DATA_TABLES}
     for table in DATA_TABLES:

@@ -11,10 +11,10 @@ from datetime import UTC, date, datetime
 import asyncpg
 import pytest
 
-from pdp import pg_seed, seed_data
 from pdp.cli import main
 from pdp.errors import UserError
-from pdp.seed_data import COLUMNS, TABLES, Row, SeedSpec
+from pdp.pg import seed, seed_data
+from pdp.pg.seed_data import COLUMNS, TABLES, Row, SeedSpec
 
 from .conftest import DatabaseFactory
 
@@ -107,14 +107,14 @@ async def test_load_is_deterministic(make_db: DatabaseFactory) -> None:
     spec = SeedSpec(tenants=2, users=400, seed=3)
     urls = [await make_db.create(), await make_db.create()]
     for url in urls:
-        await pg_seed.load(url, seed_data.synthetic(spec))
+        await seed.load(url, seed_data.synthetic(spec))
     first, second = [await digest(url) for url in urls]
     assert first == second
 
 
 async def test_counts_and_shares(db_url: str, pg: asyncpg.Connection) -> None:
     spec = SeedSpec(tenants=2, users=2000, roles=40, as_of=date(2026, 6, 1))
-    summaries = await pg_seed.load(db_url, seed_data.synthetic(spec))
+    summaries = await seed.load(db_url, seed_data.synthetic(spec))
 
     loaded = await counts(pg)
     assert [s.tenant_id for s in summaries] == ["tenant-1", "tenant-2"]
@@ -162,7 +162,7 @@ async def test_counts_and_shares(db_url: str, pg: asyncpg.Connection) -> None:
 async def test_inheritance_is_acyclic_and_at_most_four_deep(
     db_url: str, pg: asyncpg.Connection
 ) -> None:
-    await pg_seed.load(db_url, seed_data.synthetic(SeedSpec(tenants=3, users=50, roles=60)))
+    await seed.load(db_url, seed_data.synthetic(SeedSpec(tenants=3, users=50, roles=60)))
     walk = """
         WITH RECURSIVE walk(tenant_id, node, depth, path, cyclic) AS (
             SELECT tenant_id, id, 0, ARRAY[id], false FROM pdp.roles
@@ -189,7 +189,7 @@ async def test_load_writes_one_bulk_load_marker_per_tenant_and_notifies(
     notified = asyncio.Event()
     try:
         await listener.add_listener("pdp_changes", lambda *_: notified.set())
-        await pg_seed.load(db_url, seed_data.synthetic(SeedSpec(tenants=2, users=100)))
+        await seed.load(db_url, seed_data.synthetic(SeedSpec(tenants=2, users=100)))
         await asyncio.wait_for(notified.wait(), 5)
     finally:
         await listener.close()
@@ -208,11 +208,11 @@ async def test_existing_tenant_needs_replace(db_url: str, pg: asyncpg.Connection
     dataset = seed_data.synthetic(SeedSpec(tenants=3, users=30))
 
     with pytest.raises(UserError, match=r"tenant already exists: tenant-2 \(use --replace"):
-        await pg_seed.load(db_url, dataset)
+        await seed.load(db_url, dataset)
     assert await counts(pg) == {t: int(t == "tenants") for t in TABLES}
     assert await pg.fetchval("SELECT max(id) FROM pdp.change_log") == last
 
-    await pg_seed.load(db_url, dataset, replace=True)
+    await seed.load(db_url, dataset, replace=True)
     assert await pg.fetchval("SELECT name FROM pdp.tenants WHERE id = 'tenant-2'") != "mine"
     assert (await counts(pg))["users"] == 3 * 30
     new = await pg.fetch(
@@ -229,7 +229,7 @@ async def test_existing_tenant_needs_replace(db_url: str, pg: asyncpg.Connection
 
 async def test_missing_schema_is_a_user_error(empty_db_url: str) -> None:
     with pytest.raises(UserError, match=r"^pdp schema not found: run `pdp migrate` first$"):
-        await pg_seed.load(empty_db_url, seed_data.demo())
+        await seed.load(empty_db_url, seed_data.demo())
 
 
 # --- the demo tenant -----------------------------------------------------------------
@@ -251,7 +251,7 @@ DEMO_DECISIONS = [
 
 
 async def test_demo_tenant(db_url: str, pg: asyncpg.Connection) -> None:
-    (summary,) = await pg_seed.load(db_url, seed_data.demo())
+    (summary,) = await seed.load(db_url, seed_data.demo())
     assert summary.line() == (
         "demo: users=5 groups=1 group_members=1 roles=3 role_inherits=2 role_permissions=7"
         " user_roles=4 group_roles=1"

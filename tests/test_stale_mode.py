@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pdp.config import Settings
-from pdp.serve import sidecar_app
+from pdp.sidecar import sidecar_app
 from tests.tcp_proxy import TcpProxy
 
 MAX_STALENESS = 1.0

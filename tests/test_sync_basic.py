@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from pdp.replica import Replica
 from sync.pg_sync import SyncOptions
-from sync.replica import Replica
 from sync.service import SyncService
 
 BASE = """

@@ -241,12 +241,12 @@ async def test_postgres_restart_under_the_running_sidecar(tmp_path: object) -> N
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
         from pgserver.postgres_server import get_server
 
-    from pdp import pg_migrate
+    from pdp.pg import migrate
 
     server = get_server(tmp_path / "pg", cleanup_mode="delete")  # type: ignore[operator]
     try:
         url = server.get_uri()
-        await pg_migrate.upgrade(url)
+        await migrate.upgrade(url)
         await seed(url)
         pg = await asyncpg.connect(url)
         async with running(url) as sidecar:

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pdp.engine import Snapshot
-from sync.replica import Replica
+from pdp.replica import Replica
 from tests.test_web_support import (
     PAGER_DOCS,
     READERS,

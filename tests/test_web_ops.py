@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from pdp.web_app import METRICS, REPLICA, SETTINGS
-from sync.replica import Replica
+from pdp.replica import Replica
+from pdp.web.app import METRICS, REPLICA, SETTINGS
 from tests.test_web_support import Clock, loaded_replica, make_app, settings
 
 
@@ -78,7 +78,7 @@ async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: A
     replica = loaded_replica(Clock())
     from prometheus_client import CollectorRegistry
 
-    from pdp.web_app import build_app
+    from pdp.web.app import build_app
 
     app = build_app(settings(), replica=replica, registry=CollectorRegistry(), workers=[worker])
     assert app[REPLICA] is replica

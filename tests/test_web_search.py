@@ -11,8 +11,8 @@ from pdp.authzen import Page, SubjectSearch
 from pdp.config import Settings
 from pdp.engine import Engine, RowChange, Snapshot
 from pdp.metrics import Metrics
-from pdp.web_authzen import AuthzenApi
-from sync.replica import Replica
+from pdp.replica import Replica
+from pdp.web.authzen import AuthzenApi
 
 USERS = 2_500  # more than two pieces of 1,000
 

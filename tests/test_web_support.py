@@ -18,8 +18,8 @@ from pdp.authzen import Fallback
 from pdp.config import Settings
 from pdp.engine import Engine, Snapshot
 from pdp.metrics import Metrics
-from pdp.web_app import build_app
-from sync.replica import Replica
+from pdp.replica import Replica
+from pdp.web.app import build_app
 
 TENANT = "acme"
 REVISION = Snapshot(100, 105, frozenset({102}))

@@ -31,7 +31,7 @@ from pdp.config import Settings
 from pdp.engine import Decision, Engine, Snapshot
 from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
-from sync.replica import Replica
+from pdp.replica import Replica
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pdp.authzen import Fallback, error_body
 from pdp.config import Settings
 from pdp.errors import DependencyError, NotReady, PayloadTooLarge, RequestError
 from pdp.metrics import Metrics
-from pdp.web_authzen import JSON_TYPE, AuthzenApi
-from pdp.web_ops import OpsApi
-from sync.replica import Replica
+from pdp.replica import Replica
+from pdp.web.authzen import JSON_TYPE, AuthzenApi
+from pdp.web.ops import OpsApi
 
 __all__ = [
     "FALLBACK",

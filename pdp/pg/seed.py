@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from pdp.errors import UserError
-from pdp.schema import SCHEMA
-from pdp.seed_data import COLUMNS, TABLES, Dataset, Row
+from pdp.pg.schema import SCHEMA
+from pdp.pg.seed_data import COLUMNS, TABLES, Dataset, Row
 
 log = logging.getLogger(__name__)
 

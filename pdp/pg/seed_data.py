@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import accumulate
 
 from pdp.errors import UserError
-from pdp.schema import MAX_ID_LENGTH
+from pdp.pg.schema import MAX_ID_LENGTH
 
 Value = str | datetime | None
 Row = tuple[Value, ...]

@@ -15,14 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pdp.authzen import dumps
 from pdp.config import Settings
 from pdp.metrics import readiness
-from sync.replica import Replica
+from pdp.replica import Replica
 
 _JSON = {"Content-Type": "application/json"}
 _HEALTHY = dumps({"status": "ok"})
 
 
 def openapi_document(max_batch: int) -> bytes:
-    """The OpenAPI 3.1 description shipped inside the package (`pdp/openapi.yaml`),
+    """The OpenAPI 3.1 description shipped inside the package (`pdp/web/openapi.yaml`),
     stating this server's batch limit."""
     text = Path(__file__).with_name("openapi.yaml").read_text(encoding="utf-8")
     text = text.replace("maxItems: 1000 # PDP_MAX_BATCH", f"maxItems: {max_batch}")

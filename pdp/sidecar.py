@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
 from pdp.metrics import Metrics
-from pdp.pg_embedded import database_url
-from pdp.web_app import build_app
+from pdp.pg.embedded import database_url
+from pdp.replica import Replica
+from pdp.web.app import build_app
 from sync.pg_fallback import PgFallback
 from sync.pg_sync import SyncOptions
 from sync.pg_verifier import PgVerifier
-from sync.replica import Replica
 from sync.service import SyncService
 
 log = logging.getLogger(__name__)

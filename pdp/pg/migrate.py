@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from pdp.schema import SCHEMA
+from pdp.pg.schema import SCHEMA
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:

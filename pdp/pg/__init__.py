@@ -1,0 +1,1 @@
+"""PostgreSQL edges of pdp: schema, migrations, seeding, the embedded server, driver errors."""

@@ -1,0 +1,1 @@
+"""The aiohttp application: check API handlers, operations endpoints and the OpenAPI document."""
