@@ -1,8 +1,12 @@
-"""The sidecar's replica: the engine plus what the sync worker knows about its freshness.
+"""The seam between sync and web: the replica sync writes and web reads, and the fallback port.
 
-The sync worker writes it (install a snapshot, apply a batch, mark it proven
-current); request handlers only read it. Every write is one synchronous call, so a
-reader on the same event loop sees the state before or after it, never half.
+`Replica` is the engine plus what the sync worker knows about its freshness. The
+sync worker writes it (install a snapshot, apply a batch, mark it proven current);
+request handlers only read it. Every write is one synchronous call, so a reader on
+the same event loop sees the state before or after it, never half. No I/O here.
+
+`Fallback` is the other direction: a fully consistent check the web layer may ask
+for, implemented by the sync layer (`sync.pg_fallback`) and wired by the sidecar.
 """
 
 from __future__ import annotations
@@ -10,8 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from pdp.engine import Engine, RowChange, Snapshot
+
+
+class Fallback(Protocol):
+    """A fully consistent check answered by PostgreSQL (`pdp.check`)."""
+
+    async def __call__(self, tenant: str, user: str, rtype: str, rid: str, action: str) -> bool: ...
 
 
 class Replica:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp import authzen
-from pdp.authzen import Batch, Page, Query
+from pdp import protocol
 from pdp.errors import RequestError
+from pdp.protocol import Batch, Page, Query
 
 
 def _evaluation(**extra: Any) -> dict[str, Any]:
@@ -27,8 +27,8 @@ def _evaluation(**extra: Any) -> dict[str, Any]:
 def test_parse_evaluation() -> None:
     body = _evaluation()
     body["subject"]["properties"] = {"tenant": "t9", "role": "admin"}
-    assert authzen.parse_evaluation(body, None) == Query("t9", "user", "u1", "doc", "d1", "read")
-    assert authzen.parse_evaluation(_evaluation(), "dflt").tenant == "dflt"
+    assert protocol.parse_evaluation(body, None) == Query("t9", "user", "u1", "doc", "d1", "read")
+    assert protocol.parse_evaluation(_evaluation(), "dflt").tenant == "dflt"
 
 
 def test_batch_entries_replace_defaults_whole() -> None:
@@ -40,7 +40,7 @@ def test_batch_entries_replace_defaults_whole() -> None:
         ],
         options={"evaluations_semantic": "deny_on_first_deny"},
     )
-    parsed = authzen.parse_evaluations(body, "t", max_batch=10)
+    parsed = protocol.parse_evaluations(body, "t", max_batch=10)
     assert isinstance(parsed, Batch)
     assert parsed.semantic == "deny_on_first_deny"
     first, second, third = parsed.entries
@@ -51,8 +51,8 @@ def test_batch_entries_replace_defaults_whole() -> None:
 
 
 def test_empty_batch_is_one_query() -> None:
-    assert isinstance(authzen.parse_evaluations(_evaluation(evaluations=[]), "t", 5), Query)
-    assert isinstance(authzen.parse_evaluations(_evaluation(), "t", 5), Query)
+    assert isinstance(protocol.parse_evaluations(_evaluation(evaluations=[]), "t", 5), Query)
+    assert isinstance(protocol.parse_evaluations(_evaluation(), "t", 5), Query)
 
 
 @pytest.mark.parametrize(
@@ -67,37 +67,37 @@ def test_empty_batch_is_one_query() -> None:
     ],
 )
 def test_stops_after(semantic: str, allowed: bool, stops: bool) -> None:
-    assert authzen.stops_after(semantic, allowed) is stops
+    assert protocol.stops_after(semantic, allowed) is stops
 
 
 def test_page_token_round_trip_and_binding() -> None:
     body = {"subject": {"type": "user", "id": "u"}, "action": {"name": "r"},
             "resource": {"type": "doc"}}  # fmt: skip
-    first = authzen.parse_resource_search(body, "t").page
-    assert first == Page(0, authzen.DEFAULT_PAGE_LIMIT, first.fingerprint)
-    token = authzen.page_token(40, first.fingerprint)
+    first = protocol.parse_resource_search(body, "t").page
+    assert first == Page(0, protocol.DEFAULT_PAGE_LIMIT, first.fingerprint)
+    token = protocol.page_token(40, first.fingerprint)
     assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-    again = authzen.parse_resource_search({**body, "page": {"token": token, "limit": 7}}, "t")
+    again = protocol.parse_resource_search({**body, "page": {"token": token, "limit": 7}}, "t")
     assert (again.page.offset, again.page.limit) == (40, 7)
     # The searched-for id is ignored by the search, so it may change between pages.
     moved = {**body, "resource": {"type": "doc", "id": "x"}, "page": {"token": token}}
-    assert authzen.parse_resource_search(moved, "t").page.offset == 40
+    assert protocol.parse_resource_search(moved, "t").page.offset == 40
     with pytest.raises(RequestError) as caught:
-        authzen.parse_resource_search({**body, "context": {"a": 1}, "page": {"token": token}}, "t")
+        protocol.parse_resource_search({**body, "context": {"a": 1}, "page": {"token": token}}, "t")
     assert caught.value.field == "page.token"
-    forged = authzen.page_token(-5, first.fingerprint)
+    forged = protocol.page_token(-5, first.fingerprint)
     with pytest.raises(RequestError):
-        authzen.parse_resource_search({**body, "page": {"token": forged}}, "t")
+        protocol.parse_resource_search({**body, "page": {"token": forged}}, "t")
 
 
 def test_paged() -> None:
     page = Page(offset=3, limit=2, fingerprint="f")
-    results, meta = authzen.paged(tuple("abcdef"), page, lambda x: {"id": x})
+    results, meta = protocol.paged(tuple("abcdef"), page, lambda x: {"id": x})
     assert results == [{"id": "d"}, {"id": "e"}]
     assert meta["count"] == 2
     assert meta["total"] == 6
-    assert meta["next_token"] == authzen.page_token(5, "f")
-    results, meta = authzen.paged(tuple("abcdef"), Page(5, 2, "f"), lambda x: {"id": x})
+    assert meta["next_token"] == protocol.page_token(5, "f")
+    results, meta = protocol.paged(tuple("abcdef"), Page(5, 2, "f"), lambda x: {"id": x})
     assert (results, meta["next_token"]) == ([{"id": "f"}], "")
 
 
@@ -124,11 +124,11 @@ shaped = st.recursive(
 def test_parsers_raise_only_request_error(body: dict[str, Any]) -> None:
     """Whatever the JSON, a parser returns a value or raises RequestError (a 400), never else."""
     parsers = [
-        lambda: authzen.parse_evaluation(body, "t"),
-        lambda: authzen.parse_evaluations(body, "t", 5),
-        lambda: authzen.parse_subject_search(body, None),
-        lambda: authzen.parse_resource_search(body, "t"),
-        lambda: authzen.parse_action_search(body, "t"),
+        lambda: protocol.parse_evaluation(body, "t"),
+        lambda: protocol.parse_evaluations(body, "t", 5),
+        lambda: protocol.parse_subject_search(body, None),
+        lambda: protocol.parse_resource_search(body, "t"),
+        lambda: protocol.parse_action_search(body, "t"),
     ]
     for parse in parsers:
         try:
@@ -141,7 +141,7 @@ def test_parsers_raise_only_request_error(body: dict[str, Any]) -> None:
         assert error.message
 
 
-@pytest.mark.parametrize("module", ["pdp.authzen", "pdp.metrics"])
+@pytest.mark.parametrize("module", ["pdp.protocol", "pdp.metrics"])
 def test_no_aiohttp_import(module: str) -> None:
     """The sync workers import these: they must not drag in the web framework."""
     code = f"import sys, {module}; print('aiohttp' in sys.modules)"

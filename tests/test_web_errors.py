@@ -249,12 +249,12 @@ async def test_handler_bug_is_500_json(
     client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Our own bug still answers JSON (and is logged), never a bare traceback page."""
-    from pdp import authzen
+    from pdp import protocol
 
     def broken(*_: object) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(authzen, "parse_evaluation", broken)
+    monkeypatch.setattr(protocol, "parse_evaluation", broken)
     response = await client.post(EVALUATION, json=evaluation(), headers={"X-Request-ID": "b"})
     assert response.status == 500
     assert await response.json() == {"error": "internal", "message": "internal error"}

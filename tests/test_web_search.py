@@ -7,10 +7,10 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from pdp.authzen import Page, SubjectSearch
 from pdp.config import Settings
 from pdp.engine import Engine, RowChange, Snapshot
 from pdp.metrics import Metrics
+from pdp.protocol import Page, SubjectSearch
 from pdp.replica import Replica
 from pdp.web.authzen import AuthzenApi
 

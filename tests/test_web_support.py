@@ -14,11 +14,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from pdp.authzen import Fallback
 from pdp.config import Settings
 from pdp.engine import Engine, Snapshot
 from pdp.metrics import Metrics
-from pdp.replica import Replica
+from pdp.replica import Fallback, Replica
 from pdp.web.app import build_app
 
 TENANT = "acme"

@@ -25,11 +25,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
-from pdp.authzen import Fallback, error_body
 from pdp.config import Settings
 from pdp.errors import DependencyError, NotReady, PayloadTooLarge, RequestError
 from pdp.metrics import Metrics
-from pdp.replica import Replica
+from pdp.protocol import error_body
+from pdp.replica import Fallback, Replica
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
 from pdp.web.ops import OpsApi
 
@@ -39,7 +39,6 @@ __all__ = [
     "REGISTRY",
     "REPLICA",
     "SETTINGS",
-    "Fallback",
     "Worker",
     "build_app",
 ]

@@ -1,7 +1,7 @@
 """AuthZEN 1.0 HTTP handlers: evaluation, evaluations, the three searches, discovery.
 
 The hot path (`evaluation` with no `X-PDP-Min-Revision`) reads the body, parses it
-(`pdp.authzen`), asks the in-memory engine, serializes and counts: no database, no
+(`pdp.protocol`), asks the in-memory engine, serializes and counts: no database, no
 lock, no log line, no await other than reading the body. Parse errors are raised as
 `RequestError` and turned into 400 by the one middleware in `pdp.web_app`.
 
@@ -25,17 +25,16 @@ from typing import Any
 
 from aiohttp import web
 
-from pdp import authzen
-from pdp.authzen import Batch, Fallback, JsonObject, Query, dumps
+from pdp import protocol
 from pdp.config import Settings
 from pdp.engine import Decision, Engine, Snapshot
 from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
-from pdp.replica import Replica
+from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
+from pdp.replica import Fallback, Replica
 
 log = logging.getLogger(__name__)
 
-MIN_REVISION = "X-PDP-Min-Revision"
 STALE = "X-PDP-Stale"
 JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
@@ -62,7 +61,7 @@ async def read_json(request: web.Request) -> JsonObject:
         ctype is None or ctype.partition(";")[0].strip().lower() != JSON_TYPE
     ):
         raise RequestError("Content-Type must be application/json", "Content-Type")
-    return authzen.loads(await request.read())
+    return protocol.loads(await request.read())
 
 
 # Batch entries answered from memory carry only the decision and its reason: a
@@ -104,7 +103,7 @@ class AuthzenApi:
         self._serve_stale = settings.stale_mode == "serve"
         self._wait_seconds = settings.consistency_wait_ms / 1000
         base = settings.base_url or f"http://{settings.host}:{settings.port}"
-        self._configuration = dumps(authzen.configuration(base))
+        self._configuration = dumps(protocol.configuration(base))
         self._revision_of: Snapshot | None = None
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
@@ -132,7 +131,7 @@ class AuthzenApi:
 
     async def _consistency(self, raw: str) -> Consistency:
         """Wait (bounded) until the transaction in `X-PDP-Min-Revision` is in memory."""
-        xid = authzen.parse_min_revision(raw)
+        xid = protocol.parse_min_revision(raw)
         replica = self._replica
         if replica.has_revision(xid):
             return Consistency.MEMORY
@@ -159,8 +158,8 @@ class AuthzenApi:
 
     async def evaluation(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        query = authzen.parse_evaluation(await read_json(request), self._default_tenant)
-        if MIN_REVISION not in request.headers and query.subject_type == authzen.SUBJECT_TYPE:
+        query = protocol.parse_evaluation(await read_json(request), self._default_tenant)
+        if MIN_REVISION not in request.headers and query.subject_type == protocol.SUBJECT_TYPE:
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
@@ -212,7 +211,7 @@ class AuthzenApi:
 
     async def _consistent(self, query: Query, mode: Consistency) -> tuple[bool, JsonObject]:
         """Answer a query whose revision memory could not show in time (never from memory)."""
-        if query.subject_type != authzen.SUBJECT_TYPE:
+        if query.subject_type != protocol.SUBJECT_TYPE:
             return False, {"reason": _UNSUPPORTED}
         if mode is Consistency.UNAVAILABLE or self._fallback is None:
             return False, {"reason": "revision_unavailable"}
@@ -230,7 +229,7 @@ class AuthzenApi:
     async def evaluations(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         body = await read_json(request)
-        parsed = authzen.parse_evaluations(body, self._default_tenant, self._max_batch)
+        parsed = protocol.parse_evaluations(body, self._default_tenant, self._max_batch)
         if isinstance(parsed, Query):
             return await self._single(request, parsed, "evaluations", started)
         raw = request.headers.get(MIN_REVISION)
@@ -262,8 +261,8 @@ class AuthzenApi:
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
-                result = authzen.entry_error(entry)
-            elif entry.subject_type != authzen.SUBJECT_TYPE:
+                result = protocol.entry_error(entry)
+            elif entry.subject_type != protocol.SUBJECT_TYPE:
                 result = {"decision": False, "context": {"reason": _UNSUPPORTED}}
             elif engine is None:
                 result = {"decision": False, "context": reason_only}
@@ -277,7 +276,7 @@ class AuthzenApi:
                     "context": {"reason": decision.reason},
                 }
             results.append(result)
-            if semantic != "execute_all" and authzen.stops_after(semantic, result["decision"]):
+            if semantic != "execute_all" and protocol.stops_after(semantic, result["decision"]):
                 break
         return results
 
@@ -285,12 +284,12 @@ class AuthzenApi:
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
-                result = authzen.entry_error(entry)
+                result = protocol.entry_error(entry)
             else:
                 allowed, context = await self._consistent(entry, mode)
                 result = {"decision": allowed, "context": context}
             results.append(result)
-            if authzen.stops_after(batch.semantic, result["decision"]):
+            if protocol.stops_after(batch.semantic, result["decision"]):
                 break
         return results
 
@@ -314,20 +313,20 @@ class AuthzenApi:
         return engine, context, stale
 
     async def search_subject(self, request: web.Request) -> web.Response:
-        search = authzen.parse_subject_search(await read_json(request), self._default_tenant)
+        search = protocol.parse_subject_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
         total = 0
-        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
             found = await self._subjects(engine, search)
             total, end = len(found), search.page.offset + search.page.limit
             # Order only what this page needs: a first page of a huge answer is a
             # partial selection, not a sort of tens of thousands of ids.
             ids = tuple(heapq.nsmallest(end, found) if end * 4 < total else sorted(found))
-        results, page = authzen.paged(ids, search.page, _render_user, total)
+        results, page = protocol.paged(ids, search.page, _render_user, total)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
-    async def _subjects(self, engine: Engine, search: authzen.SubjectSearch) -> list[str]:
+    async def _subjects(self, engine: Engine, search: protocol.SubjectSearch) -> list[str]:
         """Who may: computed in pieces with a turn for other requests between them.
 
         A tenant-wide grant can make the answer most of a large tenant (tens of ms to
@@ -349,10 +348,10 @@ class AuthzenApi:
         return list(engine.subjects(*args, now))
 
     async def search_resource(self, request: web.Request) -> web.Response:
-        search = authzen.parse_resource_search(await read_json(request), self._default_tenant)
+        search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
-        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
             found = engine.resources(
                 search.tenant, search.user, search.resource_type, search.action, time.time()
             )
@@ -360,14 +359,14 @@ class AuthzenApi:
             if found.all_resources:
                 context["all_resources"] = True
         render = _resource_renderer(search.resource_type)
-        results, page = authzen.paged(ids, search.page, render)
+        results, page = protocol.paged(ids, search.page, render)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
     async def search_action(self, request: web.Request) -> web.Response:
-        search = authzen.parse_action_search(await read_json(request), self._default_tenant)
+        search = protocol.parse_action_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         names: tuple[str, ...] = ()
-        if engine is not None and search.subject_type == authzen.SUBJECT_TYPE:
+        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
             found = engine.actions(
                 search.tenant, search.user, search.resource_type, search.resource_id,
                 time.time(),
@@ -375,7 +374,7 @@ class AuthzenApi:
             names = found.actions
             if found.all_actions:
                 context["all_actions"] = True
-        results, page = authzen.paged(names, search.page, _render_action)
+        results, page = protocol.paged(names, search.page, _render_action)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
     # --- discovery -------------------------------------------------------------------
@@ -388,7 +387,7 @@ def _one(
     query: Query, engine: Engine | None, blocked: JsonObject | None, now: float
 ) -> tuple[bool, JsonObject]:
     """One query answered from memory (or denied with the gate's reason)."""
-    if query.subject_type != authzen.SUBJECT_TYPE:
+    if query.subject_type != protocol.SUBJECT_TYPE:
         return False, {"reason": _UNSUPPORTED}
     if engine is None:
         return False, dict(blocked or {"reason": "not_ready"})
@@ -399,7 +398,7 @@ def _one(
 
 
 def _render_user(user_id: str) -> JsonObject:
-    return {"type": authzen.SUBJECT_TYPE, "id": user_id}
+    return {"type": protocol.SUBJECT_TYPE, "id": user_id}
 
 
 def _render_action(name: str) -> JsonObject:

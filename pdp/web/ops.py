@@ -12,9 +12,9 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from pdp.authzen import dumps
 from pdp.config import Settings
 from pdp.metrics import readiness
+from pdp.protocol import dumps
 from pdp.replica import Replica
 
 _JSON = {"Content-Type": "application/json"}
