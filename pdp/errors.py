@@ -4,11 +4,10 @@
     ├── UserError            the caller's fault: bad input or configuration (HTTP 400, CLI exit 2)
     │   ├── ConfigError      a PDP_* variable or flag is invalid; names the variable
     │   └── RequestError     an API request is malformed; names the field (HTTP 400)
-    │       └── PayloadTooLarge                                         (HTTP 413)
-    ├── NotReady             no data loaded yet, or the data is stale (HTTP 503, or a deny)
     └── DependencyError      PostgreSQL or Redis trouble, raised `from` the driver error
 
-Anything else escaping is our bug. A deny is a decision, never an exception.
+Anything else escaping is our bug. A deny is a decision, never an exception: data
+not loaded yet or stale is answered as a deny with its reason, not raised.
 """
 
 from __future__ import annotations
@@ -35,14 +34,6 @@ class RequestError(UserError):
         super().__init__(message)
         self.message = message
         self.field = field
-
-
-class PayloadTooLarge(RequestError):
-    status = 413
-
-
-class NotReady(PdpError):
-    """The sidecar cannot answer from memory yet (not loaded, or stale)."""
 
 
 class DependencyError(PdpError):

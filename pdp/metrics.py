@@ -9,7 +9,7 @@ of bucket counts, all turned into metric families by a custom collector at scrap
 time. A prometheus_client `Counter.labels(...).inc()` takes a lock and a label
 lookup, several times the cost. The values that describe the replica (staleness,
 readiness, object counts, revision) are also read at scrape time, so they can never
-be stale themselves.
+be stale themselves. Readiness is `pdp.readiness.Health`'s, the same `/readyz` says.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import math
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from pdp.engine import Engine, Snapshot
+from pdp.readiness import Health
 
 # A check answers in ~10 us from memory; a slow batch or a consistency wait can take 100 ms+.
 DECISION_BUCKETS = (
@@ -38,48 +36,15 @@ CATCHUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class ReplicaView(Protocol):
-    """What the scrape-time gauges read (satisfied by `sync.replica.Replica`)."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    @property
-    def engine(self) -> Engine | None: ...
-
-    @property
-    def revision(self) -> Snapshot | None: ...
-
-    def staleness(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Readiness:
-    """Whether the sidecar may answer from memory; `/readyz` and `pdp_ready` agree on it."""
-
-    ready: bool
-    reason: str  # "ok", "not_loaded" or "stale"
-    staleness: float
-
-
-def readiness(replica: ReplicaView, max_staleness: float) -> Readiness:
-    """Loaded and proven current within `max_staleness` seconds."""
-    if not replica.ready:
-        return Readiness(False, "not_loaded", replica.staleness())
-    staleness = replica.staleness()
-    if staleness > max_staleness:
-        return Readiness(False, "stale", staleness)
-    return Readiness(True, "ok", staleness)
-
-
 class Metrics:
     """Every pdp metric, registered on `registry`.
 
     Hot path (web layer): `decided`, `decided_batch`, `http_request`: plain int
     arithmetic, no locks. Sync layer: `observe_propagation`, `changes_applied`,
     `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `set_consistent`,
-    `tenant_reloaded`, `decision_log_dropped`. Call `watch(replica, ...)` once so the
-    scrape-time gauges have a source.
+    `forget_tenant`, `tenant_reloaded`, `decision_log_dropped`. Supervisor:
+    `worker_restarted`, `worker_up`. Call `watch(health)` once so the scrape-time
+    gauges have a source.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -88,8 +53,7 @@ class Metrics:
         self._requests: defaultdict[tuple[str, int], int] = defaultdict(int)
         self._bucket_counts = [0] * (len(DECISION_BUCKETS) + 1)
         self._duration_sum = 0.0
-        self._replica: ReplicaView | None = None
-        self._max_staleness = math.inf
+        self._health: Health | None = None
 
         self.propagation = Histogram(
             "pdp_sync_propagation_seconds",
@@ -137,6 +101,18 @@ class Metrics:
             "Decision log entries dropped (queue full)",
             registry=registry,
         )
+        self.worker_restarts = Counter(
+            "pdp_worker_restarts",
+            "Background workers restarted by the supervisor after a crash",
+            ["worker"],
+            registry=registry,
+        )
+        self.workers_up = Gauge(
+            "pdp_worker_up",
+            "1 while a supervised background worker runs, 0 while it waits to restart",
+            ["worker"],
+            registry=registry,
+        )
         registry.register(_ScrapeCollector(self))
 
     # --- hot path (never awaits, never locks) ----------------------------------------
@@ -160,10 +136,9 @@ class Metrics:
 
     # --- sync layer -----------------------------------------------------------------
 
-    def watch(self, replica: ReplicaView, max_staleness: float) -> None:
-        """Read staleness, readiness, revision and object counts from `replica` at scrape time."""
-        self._replica = replica
-        self._max_staleness = max_staleness
+    def watch(self, health: Health) -> None:
+        """Read readiness, staleness, revision and object counts from `health` at scrape time."""
+        self._health = health
 
     def observe_propagation(self, seconds: float) -> None:
         self.propagation.observe(seconds)
@@ -200,6 +175,12 @@ class Metrics:
     def decision_log_dropped(self, n: int = 1) -> None:
         self.log_dropped.inc(n)
 
+    def worker_restarted(self, worker: str) -> None:
+        self.worker_restarts.labels(worker).inc()
+
+    def worker_up(self, worker: str, up: bool) -> None:
+        self.workers_up.labels(worker).set(1 if up else 0)
+
     # --- scrape time ----------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
@@ -233,10 +214,10 @@ class Metrics:
         )
 
     def _replica_families(self) -> Iterator[Metric]:
-        replica = self._replica
-        if replica is None:
+        if self._health is None:
             return
-        state = readiness(replica, self._max_staleness)
+        replica = self._health.replica
+        state = self._health.readiness()
         yield GaugeMetricFamily(
             "pdp_ready", "1 when a snapshot is loaded and fresh", value=1 if state.ready else 0
         )

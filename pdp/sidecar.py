@@ -1,13 +1,18 @@
-"""`pdp serve`: the sidecar process. Builds the replica, the sync workers and the app.
+"""The composition root: the one place that wires sync, the replica, workers and the web app.
 
-This is the entry point that owns the event loop and the signals; everything it
-starts stops inside the app's cleanup contexts, in reverse order.
+`sidecar_app` builds the whole sidecar for one database; `serve` runs it as the
+`pdp serve` process, the only code that owns the event loop and the signals.
+Besides the CLI this is the only pdp module that imports `sync` (import-linter
+holds it). Workers run under one `Supervisor` inside the app's cleanup context:
+they start before the first request is served and stop, in reverse order, after
+the last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -15,38 +20,61 @@ from prometheus_client import CollectorRegistry
 from pdp.config import Settings
 from pdp.metrics import Metrics
 from pdp.pg.embedded import database_url
+from pdp.readiness import Health
 from pdp.replica import Replica
-from pdp.web.app import build_app
+from pdp.supervisor import Supervisor
+from pdp.web.app import CleanupContext, build_app
+from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
-from sync.pg_sync import SyncOptions
 from sync.pg_verifier import PgVerifier
 from sync.service import SyncService
 
 log = logging.getLogger(__name__)
 
+SYNC_WORKER = "sync"
+VERIFIER_WORKER = "verifier"
 
-def sidecar_app(settings: Settings, url: str) -> web.Application:
-    """The whole sidecar for the database at `url`: sync, verifier, fallback, API."""
+
+def sync_options(settings: Settings) -> SyncOptions:
+    return SyncOptions(
+        poll_interval=settings.poll_interval_seconds, heartbeat=settings.heartbeat_seconds
+    )
+
+
+def sidecar_app(
+    settings: Settings, url: str, *, supervisor: Supervisor | None = None
+) -> web.Application:
+    """The whole sidecar for the database at `url`: sync, verifier, fallback, API.
+
+    `supervisor` lets a caller (a test) choose the restart pacing; its workers are
+    added here.
+    """
     replica = Replica()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    service = SyncService(
-        url,
-        replica,
-        metrics,
-        SyncOptions(poll_interval=settings.poll_interval_seconds),
-        heartbeat=settings.heartbeat_seconds,
-    )
+    supervisor = supervisor or Supervisor(metrics)
+    service = SyncService(url, replica, metrics, sync_options(settings))
+    supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
     verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
+    supervisor.add(VERIFIER_WORKER, verifier.lifespan)
     fallback = PgFallback(url)
     return build_app(
         settings,
         replica=replica,
         registry=registry,
         metrics=metrics,
+        health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
         fallback=fallback,
-        workers=[service.lifespan, fallback.lifespan, verifier.lifespan],
+        cleanup=[_workers(fallback, supervisor)],
     )
+
+
+def _workers(fallback: PgFallback, supervisor: Supervisor) -> CleanupContext:
+    async def cleanup(_app: web.Application) -> AsyncIterator[None]:
+        async with fallback.running(), supervisor.running():
+            yield
+
+    return cleanup
 
 
 def _event_loop_policy() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -50,9 +51,11 @@ class PgFallback:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    async def lifespan(self, _app: object) -> AsyncIterator[None]:
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[PgFallback]:
+        """The pool open for the duration of the block."""
         await self.start()
         try:
-            yield
+            yield self
         finally:
             await self.stop()

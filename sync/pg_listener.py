@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections.abc import Callable
 
 import asyncpg
 
+from pdp.backoff import Backoff
 from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 
@@ -40,7 +40,7 @@ class PgListener:
         self._url = url
         self._wake = wake
         self._heartbeat = heartbeat
-        self._backoff = (backoff_initial, backoff_max)
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._on_reconnect = on_reconnect
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
@@ -104,21 +104,22 @@ class PgListener:
             await self._conn.remove_listener(channel, ping)
 
     async def run(self) -> None:
-        """Heartbeat the connection; on loss or timeout reconnect with jittered backoff."""
-        delay = self._backoff[0]
+        """Heartbeat the connection; on loss or timeout reconnect with jittered backoff.
+
+        Runs until cancelled; only a failure that is not PostgreSQL's escapes.
+        """
         while True:
             if self._conn is None:
                 try:
                     await self.connect()
-                    log.info("listener reconnected")
-                    if self._on_reconnect is not None:
-                        self._on_reconnect()
-                    delay = self._backoff[0]
                 except DRIVER_ERRORS as exc:
-                    log.warning("listener cannot connect (%s); retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                    delay = min(delay * 2, self._backoff[1])
+                    log.warning("listener cannot connect (%s); retrying", exc)
+                    await self._backoff.wait()
                     continue
+                log.info("listener reconnected")
+                self._backoff.reset()
+                if self._on_reconnect is not None:
+                    self._on_reconnect()
             if not await self._alive():
                 log.warning("listener connection lost")
                 self._discard()

@@ -6,7 +6,10 @@ transaction (`SET TRANSACTION SNAPSHOT`) before that catch-up commits, and the
 worker reports the engine's digests right after applying that very snapshot.
 The SQL digest then runs on the verifier's connection without holding up sync.
 A tenant that differs is counted, flagged in `pdp_cache_consistent{tenant}` and
-reloaded whole.
+reloaded whole; a tenant that is gone from both sides loses its series.
+
+`PgVerifier.lifespan` is a supervised worker: PostgreSQL trouble skips a round,
+anything else crashes the worker (the supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -15,21 +18,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Protocol
 
 import asyncpg
 
 from pdp.pg.errors import DRIVER_ERRORS
+from pdp.supervisor import Body
 from sync import pg_queries as q
+from sync.metrics import NullMetrics, VerifierMetrics
 from sync.pg_sync import PgSync
 
 log = logging.getLogger(__name__)
 
 _EMPTY = "0000000000000000:0"
-
-
-class VerifierMetrics(Protocol):
-    def set_consistent(self, tenant: str, ok: bool) -> None: ...
 
 
 def _render(total: int, lines: int) -> str:
@@ -44,9 +44,9 @@ class PgVerifier:
     ) -> None:
         self._url = url
         self._sync = sync
-        self._metrics = metrics
+        self._metrics = metrics or NullMetrics()
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._reported: set[str] = set()
         self.runs = 0
 
     async def verify_once(self) -> dict[str, bool]:
@@ -75,14 +75,17 @@ class PgVerifier:
 
     def _report(self, result: dict[str, bool]) -> None:
         self.runs += 1
+        for tenant in self._reported - result.keys():
+            self._metrics.forget_tenant(tenant)
+        self._reported = set(result)
         for tenant, ok in result.items():
-            if self._metrics is not None:
-                self._metrics.set_consistent(tenant, ok)
+            self._metrics.set_consistent(tenant, ok)
             if not ok:
                 log.error("replica of tenant %s differs from the database; reloading it", tenant)
                 self._sync.reload_tenant(tenant)
 
     async def run(self) -> None:
+        """Verify every `interval` seconds until cancelled."""
         while True:
             await asyncio.sleep(self._interval)
             try:
@@ -90,11 +93,6 @@ class PgVerifier:
             except DRIVER_ERRORS as exc:
                 log.warning("verification failed (%s: %s)", type(exc).__name__, exc)
 
-    async def lifespan(self, _app: object) -> AsyncIterator[None]:
-        self._task = asyncio.create_task(self.run(), name="pdp-verify")
-        try:
-            yield
-        finally:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[Body]:
+        yield self.run

@@ -1,82 +1,61 @@
-"""The sync worker as one unit: listener + catch-up loop, started and stopped together.
+"""The sync worker as one supervised unit: the listener and the catch-up loop together.
 
-`SyncService.lifespan` has the shape of an aiohttp cleanup context (an async
-generator taking the app) without importing aiohttp.
+`SyncService.lifespan` is a worker for `pdp.supervisor.Supervisor`: entering it
+connects the listener and proves notifications arrive (failing loudly, e.g. behind
+a transaction-mode pooler); its body runs the listener's heartbeat and the catch-up
+loop until cancelled. If either fails in a way that is not PostgreSQL's, both stop
+and the supervisor restarts the whole worker from the replica's cursor. The first
+snapshot loads in the body: readiness says when it is in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
-from typing import Protocol
 
 from pdp.replica import Replica
+from pdp.supervisor import Body
+from sync.metrics import NullMetrics, SyncMetrics
+from sync.options import SyncOptions
 from sync.pg_listener import PgListener
-from sync.pg_sync import PgSync, SyncMetrics, SyncOptions
-
-log = logging.getLogger(__name__)
-
-
-class ReconnectMetrics(SyncMetrics, Protocol):
-    def reconnect(self) -> None: ...
+from sync.pg_sync import PgSync
 
 
 class SyncService:
-    """Keeps `replica` in step with the database at `url` until stopped."""
+    """Keeps `replica` in step with the database at `url` while its lifespan runs."""
 
     def __init__(
         self,
         url: str,
         replica: Replica,
-        metrics: ReconnectMetrics | None = None,
+        metrics: SyncMetrics | None = None,
         options: SyncOptions | None = None,
-        *,
-        heartbeat: float = 5.0,
     ) -> None:
         self.options = options or SyncOptions()
+        metrics = metrics or NullMetrics()
         self.sync = PgSync(url, replica, metrics, self.options)
         self.listener = PgListener(
             url,
             replica.wake,
-            heartbeat=heartbeat,
+            heartbeat=self.options.heartbeat,
             backoff_initial=self.options.backoff_initial,
             backoff_max=self.options.backoff_max,
-            on_reconnect=metrics.reconnect if metrics is not None else None,
+            on_reconnect=metrics.reconnect,
         )
-        self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Connect and prove notifications arrive (fails loudly), then run in the background.
-
-        The first snapshot loads in the background: readiness says when it is in.
-        """
-        await self.listener.connect()
-        await self.listener.self_test(await self.sync._connection())
-        for name, coro in (("pdp-listener", self.listener.run()), ("pdp-sync", self.sync.run())):
-            task = asyncio.create_task(coro, name=name)
-            task.add_done_callback(_report_crash)
-            self._tasks.append(task)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        await self.listener.close()
-        await self.sync.close()
-
-    async def lifespan(self, _app: object) -> AsyncIterator[None]:
-        await self.start()
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[Body]:
+        """Connect and self-test (raises on failure), yield the body, then disconnect."""
         try:
-            yield
+            await self.listener.connect()
+            await self.listener.self_test(await self.sync.connection())
+            yield self._run
         finally:
-            await self.stop()
+            await self.listener.close()
+            await self.sync.close()
 
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("%s stopped: %r", task.get_name(), task.exception())
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.listener.run(), name="pdp-listener")
+            group.create_task(self.sync.run(), name="pdp-sync")

@@ -18,8 +18,9 @@ import asyncpg
 from pdp.pg import seed as pg_seed
 from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
 from pdp.replica import Replica
+from pdp.supervisor import Supervisor
 from sync import pg_queries as q
-from sync.pg_sync import SyncOptions
+from sync.options import SyncOptions
 from sync.service import SyncService
 
 TENANT = "tenant-1"
@@ -39,22 +40,28 @@ async def seed(url: str, users: int = 300, seed_value: int = 7) -> None:
 
 @dataclass
 class Sidecar:
-    """A replica kept in sync by a SyncService, with a staleness monitor."""
+    """A replica kept in sync by a supervised SyncService, with a staleness monitor."""
 
     url: str
     replica: Replica = field(default_factory=Replica)
     max_staleness: float = 0.0
     monitoring: bool = True
     service: SyncService | None = None
+    supervisor: Supervisor | None = None
+    _running: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def start(self, *, poll: float = 0.2, heartbeat: float = 1.0) -> None:
-        options = SyncOptions(poll_interval=poll, backoff_initial=0.05, backoff_max=0.5)
-        self.service = SyncService(self.url, self.replica, options=options, heartbeat=heartbeat)
-        await self.service.start()
+        options = SyncOptions(
+            poll_interval=poll, heartbeat=heartbeat, backoff_initial=0.05, backoff_max=0.5
+        )
+        self.service = SyncService(self.url, self.replica, options=options)
+        self.supervisor = Supervisor(backoff_initial=0.05, backoff_max=0.5)
+        self.supervisor.add("sync", self.service.lifespan, critical=True)
+        self._running = contextlib.AsyncExitStack()
+        await self._running.enter_async_context(self.supervisor.running())
 
     async def stop(self) -> None:
-        if self.service is not None:
-            await self.service.stop()
+        await self._running.aclose()
 
     async def monitor(self) -> None:
         """Record the worst staleness seen while `monitoring` (the database reachable)."""

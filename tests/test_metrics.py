@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdp.metrics import DECISION_BUCKETS, Metrics
+from pdp.readiness import Health
 from pdp.replica import Replica
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app
 
@@ -94,13 +95,13 @@ def test_scrape_time_gauges_follow_the_replica() -> None:
     replica = Replica(clock=clock)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.watch(replica, max_staleness=5.0)
+    metrics.watch(Health(replica, max_staleness=5.0))
     got = scrape(registry)
     assert got["pdp_ready", ()] == 0
     assert got["pdp_sync_staleness_seconds", ()] == math.inf
     assert ("pdp_sync_revision_xmin", ()) not in got
     replica = loaded_replica(clock)
-    metrics.watch(replica, max_staleness=5.0)
+    metrics.watch(Health(replica, max_staleness=5.0))
     clock.advance(6)
     got = scrape(registry)
     assert got["pdp_ready", ()] == 0

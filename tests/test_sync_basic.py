@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from pdp.replica import Replica
-from sync.pg_sync import SyncOptions
+from pdp.supervisor import Supervisor
+from sync.options import SyncOptions
 from sync.service import SyncService
 
 BASE = """
@@ -26,12 +27,11 @@ INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES ('t', 'alice', '
 async def service(db_url: str, pg: asyncpg.Connection) -> AsyncIterator[SyncService]:
     await pg.execute(BASE)
     replica = Replica()
-    svc = SyncService(db_url, replica, options=SyncOptions(poll_interval=0.5), heartbeat=1.0)
-    await svc.start()
-    try:
+    svc = SyncService(db_url, replica, options=SyncOptions(poll_interval=0.5, heartbeat=1.0))
+    supervisor = Supervisor()
+    supervisor.add("sync", svc.lifespan, critical=True)
+    async with supervisor.running():
         yield svc
-    finally:
-        await svc.stop()
 
 
 async def _commit(pg: asyncpg.Connection, sql: str, *args: object) -> int:
@@ -43,13 +43,13 @@ async def _commit(pg: asyncpg.Connection, sql: str, *args: object) -> int:
 
 
 def _allowed(svc: SyncService, user: str, action: str, rid: str = "d1") -> bool:
-    engine = svc.sync._replica.engine
+    engine = svc.sync.replica.engine
     assert engine is not None
     return engine.check("t", user, "doc", rid, action, time.time()).allowed
 
 
 async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.Connection) -> None:
-    replica = service.sync._replica
+    replica = service.sync.replica
     xid = await _commit(pg, "SELECT 1")
     assert await replica.wait_for_revision(xid, 10)
     assert _allowed(service, "alice", "read")
@@ -71,7 +71,7 @@ async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.C
 
 
 async def test_bulk_load_marker_reloads_the_tenant(service: SyncService, pg: asyncpg.Connection) -> None:
-    replica = service.sync._replica
+    replica = service.sync.replica
     async with pg.transaction():
         await pg.execute("SET LOCAL pdp.capture = 'off'")
         await pg.execute("INSERT INTO pdp.users (tenant_id, id) VALUES ('t', 'carol')")
@@ -85,7 +85,7 @@ async def test_bulk_load_marker_reloads_the_tenant(service: SyncService, pg: asy
 
 
 async def test_truncate_and_epoch_force_full_reloads(service: SyncService, pg: asyncpg.Connection) -> None:
-    replica = service.sync._replica
+    replica = service.sync.replica
     xid = await _commit(pg, "TRUNCATE pdp.user_roles")
     assert await replica.wait_for_revision(xid, 5)
     assert not _allowed(service, "alice", "read")
@@ -104,7 +104,7 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
     from pdp.engine import RowChange
     from sync.pg_verifier import PgVerifier
 
-    replica = service.sync._replica
+    replica = service.sync.replica
     assert await replica.wait_for_revision(await _commit(pg, "SELECT 1"), 10)
     verifier = PgVerifier(db_url, service.sync, None, interval=3600)
     assert await verifier.verify_once() == {"t": True}

@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import random
 import time
+from typing import Any
 
 import asyncpg
 import pytest
 
-from sync import pg_retention
+from sync import pg_read, pg_retention
 from tests.sync_harness import (
     MAX_STALENESS,
     TENANT,
@@ -84,7 +85,7 @@ async def test_same_key_xid_order_differs_from_commit_order(seeded: str, pg: asy
 
 
 async def test_listener_and_query_connection_killed_under_concurrent_writers(
-    seeded: str, pg: asyncpg.Connection
+    seeded: str, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running(seeded) as sidecar:
         assert sidecar.service is not None
@@ -98,15 +99,15 @@ async def test_listener_and_query_connection_killed_under_concurrent_writers(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name = $1 AND datname = current_database()"
         )
-        read_fast = sync._read_fast
+        read_fast = pg_read.read_fast
 
-        async def read_fast_killing_the_listener() -> object:
+        async def read_fast_killing_the_listener(*args: Any) -> pg_read.Batch | None:
             # Every 10th catch-up kills the listener while it runs, deterministically.
             if sync.catchups % 10 == 0:
                 kills["listener mid-catch-up"] += await inside.fetchval(terminate, "pdp-listen")
-            return await read_fast()
+            return await read_fast(*args)
 
-        sync._read_fast = read_fast_killing_the_listener  # type: ignore[method-assign]
+        monkeypatch.setattr(pg_read, "read_fast", read_fast_killing_the_listener)
         rng = random.Random(1)
         try:
             deadline = time.monotonic() + 6
@@ -120,7 +121,6 @@ async def test_listener_and_query_connection_killed_under_concurrent_writers(
         finally:
             stop.set()
             commits = await asyncio.gather(*writers)
-            sync._read_fast = read_fast  # type: ignore[method-assign]
             await killer.close()
             await inside.close()
         assert sum(commits) > 20
@@ -132,7 +132,9 @@ async def test_listener_and_query_connection_killed_under_concurrent_writers(
         assert sidecar.service.listener.connections > kills["pdp-listen"] // 2
 
 
-async def test_commit_between_reconnect_and_listen(seeded: str, pg: asyncpg.Connection) -> None:
+async def test_commit_between_reconnect_and_listen(
+    seeded: str, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running(seeded, poll=30.0) as sidecar:  # no poll: only LISTEN + forced catch-up
         await settle(pg, sidecar.replica)
         service = sidecar.service
@@ -141,18 +143,27 @@ async def test_commit_between_reconnect_and_listen(seeded: str, pg: asyncpg.Conn
         committed: list[int] = []
         reconnected = asyncio.Event()
         original = listener.connect
+        # The hook's own connection: the test's `pg` may be busy when the hook runs.
+        other_writer = await asyncpg.connect(seeded)
 
         async def connect_with_a_commit_in_between() -> None:
             # A writer commits after the old listener died and before LISTEN is active.
-            async with pg.transaction():
-                committed.append(int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint")))
-                await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000004'", TENANT)
+            if not committed:
+                async with other_writer.transaction():
+                    committed.append(int(await other_writer.fetchval("SELECT pg_current_xact_id()::text::bigint")))
+                    await other_writer.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000004'", TENANT)
             await original()
             reconnected.set()
 
-        listener.connect = connect_with_a_commit_in_between  # type: ignore[method-assign]
-        await pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pdp-listen'")
-        await asyncio.wait_for(reconnected.wait(), 10)
+        monkeypatch.setattr(listener, "connect", connect_with_a_commit_in_between)
+        try:
+            await pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'pdp-listen' AND datname = current_database()"
+            )
+            await asyncio.wait_for(reconnected.wait(), 10)
+        finally:
+            await other_writer.close()
         # Its NOTIFY went to nobody; the catch-up forced after LISTEN finds it.
         assert await sidecar.replica.wait_for_revision(committed[0], 5)
         assert not await _status(pg, sidecar.replica, "user-000004")
@@ -208,10 +219,9 @@ async def test_truncate_and_epoch_change_reload(seeded: str, pg: asyncpg.Connect
 async def test_purge_past_the_cursor_forces_a_reload(seeded: str, pg: asyncpg.Connection) -> None:
     async with running(seeded) as sidecar:
         await settle(pg, sidecar.replica)
-        service = sidecar.service
-        assert service is not None
-        # Stop the sync loop (the sidecar falls behind), write, then purge everything.
-        await service.stop()
+        # Stop the sync worker (the sidecar falls behind), write, then purge everything.
+        await sidecar.stop()
+        sidecar.monitoring = False  # stale on purpose until it runs again
         async with pg.transaction():
             written = int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint"))
             await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000005'", TENANT)
@@ -227,7 +237,9 @@ async def test_purge_past_the_cursor_forces_a_reload(seeded: str, pg: asyncpg.Co
         revision = sidecar.replica.revision
         assert revision is not None
         assert result.horizon >= revision.xmin
-        await service.start()
+        await sidecar.start()
+        await settle(pg, sidecar.replica)
+        sidecar.monitoring = True
         await assert_equal(pg, sidecar.replica)
         assert not await _status(pg, sidecar.replica, "user-000005")
 

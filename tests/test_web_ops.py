@@ -80,9 +80,10 @@ async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: A
 
     from pdp.web.app import build_app
 
-    app = build_app(settings(), replica=replica, registry=CollectorRegistry(), workers=[worker])
+    registry = CollectorRegistry()
+    app = build_app(settings(), replica=replica, registry=registry, cleanup=[worker])
     assert app[REPLICA] is replica
-    assert app[METRICS].registry is not None
+    assert app[METRICS].registry is registry
     client = await aiohttp_client(app)
     assert events == ["start acme True"]
     await client.close()

@@ -1,17 +1,18 @@
-"""The composition root: `build_app` wires settings, replica, metrics and routes.
+"""The aiohttp application: `build_app` puts the check API and operations routes together.
+
+It knows nothing of how the replica is fed: the composition root (`pdp.sidecar`)
+passes the replica, metrics, health and the cleanup contexts that run the workers.
 
 One guard around every route's handler maps every error to a JSON answer, stamps
 each response with `X-Request-ID` (echoed, or a fresh process-unique id) and counts
 it by route and status:
 
     RequestError      400 {"error": "bad_request", "message", "field"}
-    PayloadTooLarge   413 {"error": "payload_too_large", ...} (also aiohttp's own 413)
+    aiohttp's 413     413 {"error": "payload_too_large", ...} (body over the limit)
     HTTPNotFound      404 {"error": "not_found", ...}
     HTTPMethodNotAllowed  405 {"error": "method_not_allowed", ...} with Allow
-    NotReady, DependencyError  503
+    DependencyError   503 {"error": "unavailable", ...}
     anything else     500 {"error": "internal", ...}, logged with its traceback
-
-Workers (the sync layer's async context managers) run inside `app.cleanup_ctx`.
 """
 
 from __future__ import annotations
@@ -26,31 +27,34 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
-from pdp.errors import DependencyError, NotReady, PayloadTooLarge, RequestError
+from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
 from pdp.protocol import error_body
+from pdp.readiness import Health
 from pdp.replica import Fallback, Replica
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
 from pdp.web.ops import OpsApi
 
 __all__ = [
     "FALLBACK",
+    "HEALTH",
     "METRICS",
     "REGISTRY",
     "REPLICA",
     "SETTINGS",
-    "Worker",
+    "CleanupContext",
     "build_app",
 ]
 
 log = logging.getLogger(__name__)
 
-Worker = Callable[[web.Application], AsyncIterator[None]]
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 SETTINGS = web.AppKey("settings", Settings)
 REPLICA = web.AppKey("replica", Replica)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+HEALTH = web.AppKey("health", Health)
 FALLBACK: web.AppKey[Fallback | None] = web.AppKey("fallback")
 
 REQUEST_ID = "X-Request-ID"
@@ -64,19 +68,22 @@ def build_app(
     replica: Replica,
     registry: CollectorRegistry,
     metrics: Metrics | None = None,
+    health: Health | None = None,
     fallback: Fallback | None = None,
-    workers: Sequence[Worker] = (),
+    cleanup: Sequence[CleanupContext] = (),
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
 
-    `metrics` defaults to a new `Metrics` on `registry`; either way it is pointed at
-    `replica` for the scrape-time gauges. `fallback` answers consistent checks whose
-    revision is not yet in memory (None: those are denied). Each worker is appended
-    to `app.cleanup_ctx` in order.
+    `metrics` defaults to a new `Metrics` on `registry` and `health` to the replica's
+    freshness alone; the metrics' scrape-time gauges read `health`. `fallback`
+    answers consistent checks whose revision is not yet in memory (None: those are
+    denied). Each `cleanup` context is appended to `app.cleanup_ctx` in order.
     """
     if metrics is None:
         metrics = Metrics(registry)
-    metrics.watch(replica, settings.max_staleness_seconds)
+    if health is None:
+        health = Health(replica, settings.max_staleness_seconds)
+    metrics.watch(health)
     # No middleware: each route's handler is wrapped by `_guard` instead, which maps
     # errors, stamps X-Request-ID and counts the route. The same single mapping, but
     # it spares every request aiohttp's middleware chain (measured in the README).
@@ -85,10 +92,11 @@ def build_app(
     app[REPLICA] = replica
     app[REGISTRY] = registry
     app[METRICS] = metrics
+    app[HEALTH] = health
     app[FALLBACK] = fallback
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback).routes(),
-        *OpsApi(settings, replica, registry).routes(),
+        *OpsApi(settings, health, registry).routes(),
     ]
     for route in routes:
         assert isinstance(route, web.RouteDef)
@@ -99,7 +107,7 @@ def build_app(
             app.router.add_route(route.method, route.path, handler, **route.kwargs)
     # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
     app.router.add_route("*", "/{tail:.*}", _guard(_unmatched, UNMATCHED, metrics))
-    app.cleanup_ctx.extend(workers)
+    app.cleanup_ctx.extend(cleanup)
     return app
 
 
@@ -110,12 +118,9 @@ def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
         try:
             response = await handler(request)
         except RequestError as exc:
-            error = "payload_too_large" if isinstance(exc, PayloadTooLarge) else "bad_request"
-            response = _error(exc.status, error, exc.message, exc.field)
+            response = _error(exc.status, "bad_request", exc.message, exc.field)
         except web.HTTPException as exc:
             response = _from_http_exception(request, exc)
-        except NotReady as exc:
-            response = _error(503, "not_ready", str(exc) or "not ready")
         except DependencyError:
             log.warning("dependency failure on %s %s", request.method, request.path, exc_info=True)
             response = _error(503, "unavailable", "a dependency failed; retry")

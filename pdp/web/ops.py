@@ -1,8 +1,9 @@
 """Operations endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`.
 
 `/healthz` depends on nothing (the process answers); `/readyz` is 503 until a
-snapshot is loaded and while it is staler than `max_staleness_seconds`, with a JSON
-body saying why, so an orchestrator stops routing to a sidecar whose data is dead.
+snapshot is loaded, while a critical worker is down and while the data is staler
+than `max_staleness_seconds` (`pdp.readiness`), with a JSON body saying why, so an
+orchestrator stops routing to a sidecar whose data is dead.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pdp.config import Settings
-from pdp.metrics import readiness
 from pdp.protocol import dumps
-from pdp.replica import Replica
+from pdp.readiness import Health
 
 _JSON = {"Content-Type": "application/json"}
 _HEALTHY = dumps({"status": "ok"})
@@ -32,10 +32,9 @@ def openapi_document(max_batch: int) -> bytes:
 class OpsApi:
     """Health, readiness, metrics and the API description; bound methods are handlers."""
 
-    def __init__(self, settings: Settings, replica: Replica, registry: CollectorRegistry) -> None:
-        self._replica = replica
+    def __init__(self, settings: Settings, health: Health, registry: CollectorRegistry) -> None:
+        self._health = health
         self._registry = registry
-        self._max_staleness = settings.max_staleness_seconds
         self._openapi = openapi_document(settings.max_batch)
 
     def routes(self) -> list[web.RouteDef]:
@@ -50,14 +49,16 @@ class OpsApi:
         return web.Response(body=_HEALTHY, headers=_JSON)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        state = readiness(self._replica, self._max_staleness)
+        state = self._health.readiness()
         body: dict[str, object] = {"status": "ready" if state.ready else "not_ready"}
         if not state.ready:
             body["reason"] = state.reason
+        if state.workers_down:
+            body["workers_down"] = list(state.workers_down)
         if state.reason != "not_loaded":
             body["staleness_seconds"] = round(state.staleness, 3)
-            body["max_staleness_seconds"] = self._max_staleness
-            body["revision"] = str(self._replica.revision)
+            body["max_staleness_seconds"] = self._health.max_staleness
+            body["revision"] = str(self._health.replica.revision)
         return web.Response(body=dumps(body), status=200 if state.ready else 503, headers=_JSON)
 
     async def metrics(self, request: web.Request) -> web.Response:

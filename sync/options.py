@@ -1,0 +1,20 @@
+"""Tuning of the sync worker: pacing, bounds and timeouts (the sidecar maps settings here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOptions:
+    poll_interval: float = 1.0  # catch up at least this often (also proves freshness)
+    min_interval: float = 0.005  # between catch-up starts: coalesces bursts of commits
+    max_batch_keys: int = 50_000  # a batch naming more keys reloads everything instead
+    heartbeat: float = 5.0  # listener liveness probe period (and its timeout)
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+    connect_timeout: float = 5.0
+    # Client-side bounds: a half-open link raises nothing, so a read must time out.
+    read_timeout: float = 10.0
+    full_read_timeout: float = 600.0
+    statement_timeout_ms: int = 600_000
