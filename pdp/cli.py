@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
-from pdp.config import Settings, from_environment
+from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment
 from pdp.errors import DependencyError, PdpError, UserError
 from pdp.pg import migrate, seed, seed_data
 from pdp.pg.embedded import database_url
@@ -29,7 +29,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"pdp: error: {message} (see {self.prog} --help)\n")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -136,14 +136,6 @@ def _add_seed(sub: Any) -> None:
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from pdp.sidecar import serve  # noqa: PLC0415  (aiohttp only for the commands that serve)
 
-    settings = settings.replace(
-        host=args.host,
-        port=args.port,
-        default_tenant=args.default_tenant,
-        base_url=args.base_url,
-        max_staleness_seconds=args.max_staleness,
-        stale_mode=args.stale_mode,
-    )
     return serve(settings)
 
 
@@ -154,25 +146,26 @@ def _add_serve(sub: Any) -> None:
         description="Load the pdp tables into memory, follow every change through\n"
         "LISTEN/NOTIFY and the change log, and answer the AuthZEN API\n"
         "(POST /access/v1/evaluation ...), /healthz, /readyz and /metrics.\n"
-        "Flags override the PDP_* variables of the same name.",
+        "Each flag overrides its PDP_* variable and is checked the same way.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", help="address to bind (PDP_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (PDP_PORT, default 8282)")
-    p.add_argument("--default-tenant", help="tenant when a request names none")
-    p.add_argument("--base-url", help="advertised base URL in the AuthZEN metadata")
-    p.add_argument(
-        "--max-staleness",
-        type=float,
-        metavar="SECONDS",
-        help="data older than this is stale (PDP_MAX_STALENESS_SECONDS, default 5)",
-    )
-    p.add_argument(
-        "--stale-mode",
-        choices=("deny", "serve"),
-        help="when stale: deny with reason 'stale' (default) or keep answering",
-    )
+    defaults = Settings()
+    for option in SERVE_FLAGS:
+        assert option.flag is not None
+        default = _shown(getattr(defaults, option.field))
+        p.add_argument(
+            option.flag,
+            dest=option.field,
+            metavar=option.metavar,
+            help=f"{option.help} ({option.env}, default {default})",
+        )
     p.set_defaults(handler=_cmd_serve)
+
+
+def _shown(default: object) -> str:
+    if default is None:
+        return "none"
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
@@ -234,7 +227,8 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = from_environment()
+        # Flags are raw text here: Settings parses them exactly as their variables.
+        settings = from_environment({o.field: getattr(args, o.field, None) for o in OPTIONS})
         configure_logging(settings)
         handler: Handler = args.handler
         return handler(args, settings)

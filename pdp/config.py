@@ -1,28 +1,35 @@
-"""Settings, read once from PDP_* environment variables into frozen dataclasses.
+"""Settings, read once from PDP_* environment variables (and flags) into a frozen dataclass.
 
-Every entry point calls `Settings.from_env(os.environ)` (command-line flags are
-applied on top by the CLI) and passes the result down; nothing reads the
-environment elsewhere. Errors name the variable. Secrets have `repr=False`.
+Every setting is one `Option` in `OPTIONS`: its field, its variable, its parser and,
+for the ones `pdp serve` takes on its command line, its flag. Environment variables
+and flags go through the same parser, so a value is valid or invalid the same way
+whichever way it came; an error names what the user typed (`PDP_PORT: ...` or
+`--port: ...`), never echoes a secret. Entry points call `Settings.from_env(...)`
+and pass the result down; nothing reads the environment elsewhere. Secrets have
+`repr=False`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pdp.errors import ConfigError
 
-T = TypeVar("T")
-
 DEFAULT_PORT = 8282
+MAX_ID_LENGTH = 256  # as pdp.pg.schema.MAX_ID_LENGTH (the database's CHECK constraints)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+# --- parsers: text -> value, ValueError with a message that never echoes a secret ----
 
 
 def parse_duration(text: str) -> float:
@@ -33,24 +40,48 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not an integer: {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value <= 0:
         raise ValueError(f"must be a positive integer, got {value}")
     return value
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"not a TCP port: {value}")
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError(f"must be zero or a positive integer, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"not a TCP port (0-65535): {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _number(text)
     if value <= 0:
-        raise ValueError(f"must be positive, got {value}")
+        raise ValueError(f"must be a positive number of seconds, got {value:g}")
     return value
 
 
@@ -62,6 +93,25 @@ def _postgres_url(text: str) -> str:
     return text
 
 
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _identifier(text: str) -> str:
+    if not 0 < len(text) <= MAX_ID_LENGTH:
+        raise ValueError(f"must be 1 to {MAX_ID_LENGTH} characters long")
+    return text
+
+
+def _host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise ValueError(f"not a host name or address: {text!r}")
+    return text
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -69,16 +119,6 @@ def _choice(*options: str) -> Callable[[str], str]:
         return text
 
     return parse
-
-
-def _read(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
@@ -97,9 +137,85 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
 
 
+# --- the settings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: the `Settings` field it fills, its variable, parser and flag."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    flag: str | None = None  # a `pdp serve` flag, when it has one
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", "PDP_DATABASE_URL", _postgres_url, "PostgreSQL URL"),
+    Option("data_dir", "PDP_DATA_DIR", Path, "data directory of the embedded PostgreSQL"),
+    Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
+    Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
+    Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
+    Option(
+        "base_url", "PDP_BASE_URL", _http_url, "base URL advertised in the AuthZEN metadata",
+        "--base-url", "URL",
+    ),
+    Option(
+        "default_tenant", "PDP_DEFAULT_TENANT", _identifier,
+        "tenant of requests that name none", "--default-tenant", "TENANT",
+    ),
+    Option(
+        "max_body_bytes", "PDP_MAX_BODY_BYTES", _positive_int, "larger request bodies get 413",
+        "--max-body-bytes", "BYTES",
+    ),
+    Option(
+        "max_batch", "PDP_MAX_BATCH", _positive_int, "larger batches get 400",
+        "--max-batch", "N",
+    ),
+    Option(
+        "max_staleness_seconds", "PDP_MAX_STALENESS_SECONDS", _positive_seconds,
+        "data not proven current for longer is stale", "--max-staleness", "SECONDS",
+    ),
+    Option(
+        "stale_mode", "PDP_STALE_MODE", _choice("deny", "serve"),
+        "when stale: deny (reason 'stale') or keep answering", "--stale-mode", "deny|serve",
+    ),
+    Option(
+        "consistency_wait_ms", "PDP_CONSISTENCY_WAIT_MS", _non_negative_int,
+        "how long X-PDP-Min-Revision waits before asking PostgreSQL",
+        "--consistency-wait-ms", "MS",
+    ),
+    Option(
+        "poll_interval_seconds", "PDP_POLL_INTERVAL_SECONDS", _positive_seconds,
+        "catch-up safety net when no notification arrives", "--poll-interval", "SECONDS",
+    ),
+    Option(
+        "heartbeat_seconds", "PDP_HEARTBEAT_SECONDS", _positive_seconds,
+        "listener liveness probe period", "--heartbeat", "SECONDS",
+    ),
+    Option(
+        "verify_interval_seconds", "PDP_VERIFY_INTERVAL_SECONDS", _positive_seconds,
+        "consistency verifier period", "--verify-interval", "SECONDS",
+    ),
+    Option(
+        "change_retention_seconds", "PDP_CHANGE_RETENTION", parse_duration,
+        "change-log retention of pdp prune",
+    ),
+    Option(
+        "log_level", "PDP_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+        "log level",
+    ),
+    Option("log_format", "PDP_LOG_FORMAT", _choice("text", "json"), "text or json lines"),
+)  # fmt: skip
+
+SERVE_FLAGS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.flag is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything configurable. Field docs are the README's configuration table."""
+    """Everything configurable. The README's configuration table documents each field."""
 
     database_url: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".pdp-data")
@@ -117,45 +233,40 @@ class Settings:
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
     change_retention_seconds: float = 7 * 86400.0
-    redis_url: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     log_format: str = "text"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        return cls(
-            database_url=_read(env, "PDP_DATABASE_URL", _postgres_url, None),
-            data_dir=_read(env, "PDP_DATA_DIR", Path, default_data_dir(env)),
-            host=_read(env, "PDP_HOST", str, "127.0.0.1"),
-            port=_read(env, "PDP_PORT", _port, DEFAULT_PORT),
-            backlog=_read(env, "PDP_BACKLOG", _positive_int, 1024),
-            base_url=env.get("PDP_BASE_URL") or None,
-            default_tenant=env.get("PDP_DEFAULT_TENANT") or None,
-            max_body_bytes=_read(env, "PDP_MAX_BODY_BYTES", _positive_int, 1024 * 1024),
-            max_batch=_read(env, "PDP_MAX_BATCH", _positive_int, 1000),
-            max_staleness_seconds=_read(env, "PDP_MAX_STALENESS_SECONDS", _positive_float, 5.0),
-            stale_mode=_read(env, "PDP_STALE_MODE", _choice("deny", "serve"), "deny"),
-            consistency_wait_ms=_read(env, "PDP_CONSISTENCY_WAIT_MS", int, 200),
-            poll_interval_seconds=_read(env, "PDP_POLL_INTERVAL_SECONDS", _positive_float, 1.0),
-            heartbeat_seconds=_read(env, "PDP_HEARTBEAT_SECONDS", _positive_float, 5.0),
-            verify_interval_seconds=_read(
-                env, "PDP_VERIFY_INTERVAL_SECONDS", _positive_float, 60.0
-            ),
-            change_retention_seconds=_read(
-                env, "PDP_CHANGE_RETENTION", parse_duration, 7 * 86400.0
-            ),
-            redis_url=env.get("PDP_REDIS_URL") or None,
-            log_level=_read(
-                env, "PDP_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"
-            ),
-            log_format=_read(env, "PDP_LOG_FORMAT", _choice("text", "json"), "text"),
-        )
+    def from_env(
+        cls, env: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+    ) -> Settings:
+        """Settings from `env`, then `flags` ({field: raw text}, None = not given) on top.
+
+        Raises ConfigError naming the variable or the flag of the first invalid value.
+        """
+        values: dict[str, Any] = {"data_dir": default_data_dir(env)}
+        for option in OPTIONS:
+            raw = env.get(option.env)
+            if raw:
+                values[option.field] = _parse(option, raw, option.env)
+        for option in OPTIONS:
+            raw = (flags or {}).get(option.field)
+            if raw is not None:
+                values[option.field] = _parse(option, raw, option.flag or option.env)
+        return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with `changes` applied (None values are ignored: flag not given)."""
+        """A copy with `changes` applied (None values are ignored: not given)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def from_environment() -> Settings:
-    """Settings from this process's environment; for entry points only."""
-    return Settings.from_env(os.environ)
+def _parse(option: Option, raw: str, source: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def from_environment(flags: Mapping[str, str | None] | None = None) -> Settings:
+    """Settings from this process's environment (and `flags`); for entry points only."""
+    return Settings.from_env(os.environ, flags)

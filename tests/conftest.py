@@ -26,6 +26,8 @@ from hypothesis import settings
 
 from pdp.pg import migrate
 
+pytest_plugins = ["tests.loop_guard"]
+
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RUN_ID = uuid.uuid4().hex[:8]
 

@@ -97,14 +97,31 @@ async def current_xid(pg: asyncpg.Connection) -> int:
         return int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint"))
 
 
+async def horizon_passed(pg: asyncpg.Connection, xid: int, within: float = 60.0) -> None:
+    """Wait until every transaction up to `xid` has ended, in every database of the cluster.
+
+    Retention never removes what a running transaction may precede, and any session on
+    the server (another test run's, say) holds the cluster-wide xmin back. Other sessions'
+    transactions emit no event: this polls the horizon, with a deadline.
+    """
+    async with asyncio.timeout(within):
+        while await pg.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint") <= xid:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 async def settle(pg: asyncpg.Connection, replica: Replica, within: float = 10.0) -> None:
     xid = await current_xid(pg)
     assert await replica.wait_for_revision(xid, within), f"revision {xid} not reached"
 
 
-async def assert_equal(pg: asyncpg.Connection, replica: Replica, checks: int = 10_000) -> None:
-    """The replica equals the database: digests per tenant and `checks` random decisions."""
-    await settle(pg, replica)
+async def assert_equal(
+    pg: asyncpg.Connection, replica: Replica, checks: int = 10_000, within: float = 10.0
+) -> None:
+    """The replica equals the database: digests per tenant and `checks` random decisions.
+
+    `within`: how long the replica may take to reach the database's current revision.
+    """
+    await settle(pg, replica, within)
     engine = replica.engine
     assert engine is not None
     tenants = {r[0] for r in await pg.fetch("SELECT id FROM pdp.tenants")}

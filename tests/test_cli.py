@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pdp.cli import build_parser
+from pdp.errors import ConfigError
 
 
 def _pdp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -90,3 +91,49 @@ def test_migrate_logs_the_url_without_password(db_url: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "using PostgreSQL at" in result.stderr
     assert ":pw@" not in result.stderr
+
+
+# Every flag of `pdp serve`: a bad value is one `pdp: error:` line naming the flag (the
+# same validator as its PDP_* variable), a good one arrives parsed in the settings.
+SERVE_FLAG_CASES = [
+    ("--host", "bad host", "not a host name", "::1", "::1"),
+    ("--port", "70000", "not a TCP port", "9000", 9000),
+    ("--backlog", "0", "must be a positive integer", "64", 64),
+    ("--base-url", "ftp://x", "must be an http:// or https:// URL", "https://pdp.example", "https://pdp.example"),
+    ("--default-tenant", "x" * 257, "1 to 256 characters", "acme", "acme"),
+    ("--max-body-bytes", "-5", "must be a positive integer", "2048", 2048),
+    ("--max-batch", "many", "not an integer", "10", 10),
+    ("--max-staleness", "-1", "must be a positive number of seconds", "2.5", 2.5),
+    ("--stale-mode", "maybe", "must be one of deny, serve", "serve", "serve"),
+    ("--consistency-wait-ms", "-1", "must be zero or a positive integer", "0", 0),
+    ("--poll-interval", "nan", "not a finite number", "0.5", 0.5),
+    ("--heartbeat", "0", "must be a positive number of seconds", "3", 3.0),
+    ("--verify-interval", "soon", "not a number", "30", 30.0),
+]
+
+
+def test_every_serve_flag_has_a_case() -> None:
+    from pdp.config import SERVE_FLAGS
+
+    assert {case[0] for case in SERVE_FLAG_CASES} == {o.flag for o in SERVE_FLAGS}
+
+
+@pytest.mark.parametrize(("flag", "bad", "message", "good", "parsed"), SERVE_FLAG_CASES)
+def test_serve_flag_is_validated_like_its_variable(
+    flag: str, bad: str, message: str, good: str, parsed: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdp.cli import main
+    from pdp.config import SERVE_FLAGS, Settings
+
+    option = next(o for o in SERVE_FLAGS if o.flag == flag)
+    assert main(["serve", flag, bad]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"pdp: error: {flag}: ")
+    assert message in err[0]
+    # The variable is refused by the same check, naming the variable.
+    with pytest.raises(ConfigError, match=f"^{option.env}: .*{message}"):
+        Settings.from_env({option.env: bad})
+    assert getattr(Settings.from_env({}, {option.field: good}), option.field) == parsed
+    # A flag wins over its variable.
+    assert getattr(Settings.from_env({option.env: good}, {option.field: good}), option.field) == parsed

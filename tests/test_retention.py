@@ -10,6 +10,7 @@ import sys
 import asyncpg
 
 from sync import pg_retention
+from tests.sync_harness import current_xid, horizon_passed
 
 
 async def _changes(pg: asyncpg.Connection) -> int:
@@ -30,6 +31,7 @@ async def test_prune_records_the_horizon_and_spares_running_transactions(
     async with pg.transaction():
         await pg.execute("INSERT INTO pdp.tenants (id) VALUES ('old')")
         old_xid = int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+    await horizon_passed(pg, old_xid)
     running = await asyncpg.connect(db_url)
     try:
         await running.execute("BEGIN")
@@ -40,6 +42,7 @@ async def test_prune_records_the_horizon_and_spares_running_transactions(
         assert result.removed == 1
         assert result.horizon == old_xid
         await running.execute("COMMIT")
+        await horizon_passed(pg, await current_xid(pg) - 1)
     finally:
         await running.close()
     left = {r[0] for r in await pg.fetch("SELECT tenant_id FROM pdp.change_log")}
@@ -55,6 +58,7 @@ async def test_prune_records_the_horizon_and_spares_running_transactions(
 
 async def test_prune_command_once(db_url: str, pg: asyncpg.Connection) -> None:
     await pg.execute("INSERT INTO pdp.tenants (id) VALUES ('a')")
+    await horizon_passed(pg, await current_xid(pg) - 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     env |= {"PDP_DATABASE_URL": db_url, "PDP_CHANGE_RETENTION": "0s"}
     result = await asyncio.to_thread(
