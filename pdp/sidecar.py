@@ -42,17 +42,18 @@ def sync_options(settings: Settings) -> SyncOptions:
 
 
 def sidecar_app(
-    settings: Settings, url: str, *, supervisor: Supervisor | None = None
+    settings: Settings, url: str, *, restart_backoff: tuple[float, float] = (1.0, 30.0)
 ) -> web.Application:
     """The whole sidecar for the database at `url`: sync, verifier, fallback, API.
 
-    `supervisor` lets a caller (a test) choose the restart pacing; its workers are
-    added here.
+    `restart_backoff`: (first, longest) delay before a crashed worker restarts.
     """
     replica = Replica()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    supervisor = supervisor or Supervisor(metrics)
+    supervisor = Supervisor(
+        metrics, backoff_initial=restart_backoff[0], backoff_max=restart_backoff[1]
+    )
     service = SyncService(url, replica, metrics, sync_options(settings))
     supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
     verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
