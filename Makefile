@@ -30,6 +30,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pdp sync migrations tests loadtests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 check: lint test
 

@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,10 +59,21 @@ def free_port() -> int:
 
 
 class Sidecar:
-    """`pdp serve` as a subprocess on `port`; its log goes to `log_path`."""
+    """`pdp serve` as a subprocess on `port`; its log goes to `log_path`.
 
-    def __init__(self, url: str, port: int, log_path: Path, default_tenant: str) -> None:
+    `command` runs the sidecar (default: this interpreter's `python -m pdp serve`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        port: int,
+        log_path: Path,
+        default_tenant: str,
+        command: Sequence[str] = (sys.executable, "-m", "pdp", "serve"),
+    ) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self._command = list(command)
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PDP_")},
             "PDP_DATABASE_URL": url,
@@ -76,9 +88,7 @@ class Sidecar:
         """Start and wait until /readyz answers 200; seconds it took."""
         started = time.monotonic()
         with self._log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pdp", "serve"], env=self._env, stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen(self._command, env=self._env, stdout=log, stderr=log)
         while not self._ready():
             if self.proc.poll() is not None:
                 raise SetupError(

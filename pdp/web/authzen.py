@@ -3,7 +3,7 @@
 The hot path (`evaluation` with no `X-PDP-Min-Revision`) reads the body, parses it
 (`pdp.protocol`), asks the in-memory engine, serializes and counts: no database, no
 lock, no log line, no await other than reading the body. Parse errors are raised as
-`RequestError` and turned into 400 by the one middleware in `pdp.web_app`.
+`RequestError` and turned into 400 by the one guard around every route (`pdp.web.app`).
 
 Answers that memory cannot give are still decisions (deny, fail closed), each with
 its reason in `context`: `not_ready` before the first snapshot, `stale` past
