@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -123,7 +124,7 @@ shaped = st.recursive(
 @given(body=st.dictionaries(ENTITY_KEYS, shaped, max_size=6))
 def test_parsers_raise_only_request_error(body: dict[str, Any]) -> None:
     """Whatever the JSON, a parser returns a value or raises RequestError (a 400), never else."""
-    parsers = [
+    parsers: list[Callable[[], object]] = [
         lambda: protocol.parse_evaluation(body, "t"),
         lambda: protocol.parse_evaluations(body, "t", 5),
         lambda: protocol.parse_subject_search(body, None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def _pdp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def _commands() -> list[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return sorted(sub.choices)  # type: ignore[arg-type]
+    assert isinstance(sub, argparse._SubParsersAction)
+    return sorted(sub.choices)
 
 
 @pytest.mark.parametrize("args", [["--help"], *[[c, "--help"] for c in _commands()]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
@@ -79,9 +80,9 @@ async def test_sync_meta_has_one_row_with_an_epoch(pg: asyncpg.Connection) -> No
     assert rows[0]["purged_max_xid"] is None
 
 
-def test_offline_sql_mentions_every_table(capsys: object) -> None:
+def test_offline_sql_mentions_every_table(capsys: pytest.CaptureFixture[str]) -> None:
     migrate.upgrade_sql("postgresql://")
-    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    out = capsys.readouterr().out
     for table in metadata.tables.values():
         assert f"CREATE TABLE {SCHEMA}.{table.name}" in out
     assert "CREATE FUNCTION pdp.check" in out

@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
+from typing import TypedDict
 
 import asyncpg
 import pytest
@@ -85,6 +86,13 @@ def test_group_sizes_are_skewed() -> None:
     assert sizes[-1] > 10 * sizes[len(sizes) // 2]
 
 
+class SpecArgs(TypedDict, total=False):
+    users: int
+    tenants: int
+    groups: int
+    tenant_prefix: str
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -95,9 +103,9 @@ def test_group_sizes_are_skewed() -> None:
         ({"tenant_prefix": "x" * 300}, "--tenant-prefix"),
     ],
 )
-def test_bad_sizes_are_user_errors(spec: dict[str, object], message: str) -> None:
+def test_bad_sizes_are_user_errors(spec: SpecArgs, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        SeedSpec(**spec)  # type: ignore[arg-type]
+        SeedSpec(**spec)
 
 
 # --- loading -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from sync.options import SyncOptions
 from sync.service import SyncService
+from tests.conftest import DatabaseFactory
 
 BASE = """
 INSERT INTO pdp.tenants (id) VALUES ('t');
@@ -126,7 +127,7 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
 
 
 async def test_self_test_fails_loudly_when_notifications_do_not_arrive(
-    db_url: str, make_db: object
+    db_url: str, make_db: DatabaseFactory
 ) -> None:
     """A listener that cannot hear the sender (as behind a transaction-mode pooler; here:
     notifications are per database, and the sender is in another one) is refused."""
@@ -135,7 +136,7 @@ async def test_self_test_fails_loudly_when_notifications_do_not_arrive(
     from pdp.errors import DependencyError
     from sync.pg_listener import PgListener
 
-    other = await asyncpg.connect(await make_db.create(migrated=False))  # type: ignore[attr-defined]
+    other = await asyncpg.connect(await make_db.create(migrated=False))
     listener = PgListener(db_url, asyncio.Event())
     await listener.connect()
     try:

@@ -6,7 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from pdp.engine import Snapshot
 from pdp.replica import Replica
@@ -39,11 +41,14 @@ def replica(clock: Clock) -> Replica:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, replica: Replica) -> TestClient[Any, Any]:
+async def client(aiohttp_client: AiohttpClient, replica: Replica) -> TestClient[Any, Any]:
     return await aiohttp_client(make_app(replica))
 
 
-async def post(client: TestClient[Any, Any], path: str, body: Any, **headers: str) -> Any:
+async def post(
+    client: TestClient[Any, Any], path: str, body: Any, **headers: str
+) -> tuple[int, Any, ClientResponse]:
+    """(status, the JSON answer, the response) of a POST of `body` as JSON."""
     response = await client.post(path, json=body, headers=headers)
     assert response.content_type == "application/json"
     assert response.headers["X-Request-ID"]
@@ -100,7 +105,7 @@ async def test_tenant_from_subject_properties(client: TestClient[Any, Any]) -> N
     assert answer["context"]["reason"] == "unknown_tenant"
 
 
-async def test_no_tenant_anywhere_is_400(aiohttp_client: Any, replica: Replica) -> None:
+async def test_no_tenant_anywhere_is_400(aiohttp_client: AiohttpClient, replica: Replica) -> None:
     client = await aiohttp_client(make_app(replica, settings(default_tenant=None)))
     status, body, _ = await post(client, EVALUATION, evaluation())
     assert status == 400
@@ -402,7 +407,7 @@ async def test_page_limit_is_capped(client: TestClient[Any, Any]) -> None:
 # --- discovery ----------------------------------------------------------------------
 
 
-async def test_well_known_configuration(aiohttp_client: Any, replica: Replica) -> None:
+async def test_well_known_configuration(aiohttp_client: AiohttpClient, replica: Replica) -> None:
     client = await aiohttp_client(make_app(replica, settings(host="10.0.0.1", port=9000)))
     response = await client.get("/.well-known/authzen-configuration")
     assert response.status == 200
@@ -427,7 +432,7 @@ async def test_well_known_configuration(aiohttp_client: Any, replica: Replica) -
 # --- readiness and staleness --------------------------------------------------------
 
 
-async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: Any, clock: Clock) -> None:
+async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: AiohttpClient, clock: Clock) -> None:
     client = await aiohttp_client(make_app(Replica(clock=clock)))
     status, answer, _ = await post(client, EVALUATION, evaluation())
     assert status == 200
@@ -464,7 +469,7 @@ async def test_stale_deny_mode(client: TestClient[Any, Any], clock: Clock) -> No
     }  # fmt: skip
 
 
-async def test_stale_serve_mode(aiohttp_client: Any, replica: Replica, clock: Clock) -> None:
+async def test_stale_serve_mode(aiohttp_client: AiohttpClient, replica: Replica, clock: Clock) -> None:
     client = await aiohttp_client(make_app(replica, settings(stale_mode="serve")))
     clock.advance(12.3456)
     _, answer, response = await post(client, EVALUATION, evaluation())
@@ -491,7 +496,7 @@ async def test_min_revision_already_visible(client: TestClient[Any, Any], replic
 
 
 async def test_min_revision_arrives_while_waiting(
-    aiohttp_client: Any, replica: Replica, clock: Clock
+    aiohttp_client: AiohttpClient, replica: Replica, clock: Clock
 ) -> None:
     client = await aiohttp_client(make_app(replica, settings(consistency_wait_ms=30_000)))
 
@@ -509,7 +514,7 @@ async def test_min_revision_arrives_while_waiting(
 
 @pytest.mark.parametrize("xid", ["102", "105", "999"])
 async def test_min_revision_never_visible_uses_fallback(
-    aiohttp_client: Any, replica: Replica, xid: str
+    aiohttp_client: AiohttpClient, replica: Replica, xid: str
 ) -> None:
     fallback = RecordingFallback(allowed=True)
     app = make_app(replica, settings(consistency_wait_ms=1), fallback=fallback)
@@ -525,7 +530,7 @@ async def test_min_revision_never_visible_uses_fallback(
 
 
 async def test_min_revision_never_visible_without_fallback(
-    aiohttp_client: Any, replica: Replica
+    aiohttp_client: AiohttpClient, replica: Replica
 ) -> None:
     client = await aiohttp_client(make_app(replica, settings(consistency_wait_ms=1)))
     _, answer, _ = await post(client, EVALUATION, evaluation(), **{MIN_REV: "500"})
@@ -541,7 +546,7 @@ async def test_min_revision_never_visible_without_fallback(
 
 
 async def test_min_revision_batch_falls_back_per_entry(
-    aiohttp_client: Any, replica: Replica
+    aiohttp_client: AiohttpClient, replica: Replica
 ) -> None:
     fallback = RecordingFallback(allowed=False)
     app = make_app(replica, settings(consistency_wait_ms=1), fallback=fallback)
