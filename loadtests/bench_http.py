@@ -7,8 +7,8 @@ Each server runs in its own process on 127.0.0.1 (random port), pinned to the la
 CPU when there are several, with wrk pinned to the others (1 thread). The two
 single-evaluation runs alternate for `--rounds` rounds and the medians are reported,
 so background load on the machine hits both alike. pdp is
-`pdp.web_app.build_app` over a Replica loaded from the synthetic dataset of
-`pdp.seed_data` (no database); the baseline is `loadtests/bare_app.py` (JSON parse
+`pdp.web.app.build_app` over a Replica loaded from the synthetic dataset of
+`pdp.pg.seed_data` (no database); the baseline is `loadtests/bare_app.py` (JSON parse
 + dict lookup). Bodies are drawn round-robin from a list of real users and resource
 ids, so decisions mix allow and deny. Prints req/s, p50 and p99 for both, the
 ratio, and decisions/s for batches of `--batch` on `/access/v1/evaluations`.
@@ -63,8 +63,8 @@ end
 
 def _engine_rows(users: int) -> dict[str, list[tuple[Any, ...]]]:
     """seed_data's synthetic tenant in the engine's row format (column prefix, epoch floats)."""
-    from pdp import seed_data  # noqa: PLC0415 -- server process only
     from pdp.engine import COLUMNS  # noqa: PLC0415 -- server process only
+    from pdp.pg import seed_data  # noqa: PLC0415 -- server process only
 
     spec = seed_data.SeedSpec(users=users, tenant_prefix=TENANT.rsplit("-", 1)[0])
     assert spec.tenant_ids() == (TENANT,)
@@ -81,7 +81,7 @@ def _engine_rows(users: int) -> dict[str, list[tuple[Any, ...]]]:
 
 def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
     """Single and batch request bodies over real user ids and resource ids."""
-    from pdp import seed_data  # noqa: PLC0415 -- server process only
+    from pdp.pg import seed_data  # noqa: PLC0415 -- server process only
 
     rng = random.Random(7)
     resources = max(100, users // 5)
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.serve:
         orchestrate(args)
         return
-    sys.path.insert(0, str(HERE))
-    from bare_app import run_loop  # noqa: PLC0415 -- found via sys.path set just above
+    sys.path.insert(0, str(HERE.parent))  # run as a script: make `loadtests` importable
+    from loadtests.bare_app import run_loop  # noqa: PLC0415 -- server process only
 
     run_loop(_serve_pdp(args.users, args.workdir, args.batch), uvloop=not args.no_uvloop)
 
