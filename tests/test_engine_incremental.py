@@ -217,6 +217,9 @@ def test_digest_reads_no_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert engine.digest(T) == expected  # summed during the build
     engine.apply([up("users", T, "alice", "disabled"), up("users", T, "alice", "active")], REV)
     assert engine.digest(T) == expected
+    # A pass over the rows is caught while patched: the two answers above read none.
+    with pytest.raises(AssertionError, match="walked the rows"):
+        digest.recompute_digest(engine._tenants[T])
 
 
 def test_digest_deferred_while_loading() -> None:
