@@ -201,6 +201,10 @@ async def test_statements_touching_no_row_log_and_notify_nothing(
     await pg.execute("DELETE FROM pdp.roles")
     await notifications.expect_none()
     assert await _log(pg) == []
+    # The listener hears, and the log takes, the first statement that touches a row.
+    await pg.execute("INSERT INTO pdp.tenants (id) VALUES ('t'); DELETE FROM pdp.roles")
+    assert await notifications.expect_one() == ""
+    assert [(r["entity"], r["op"]) for r in await _log(pg)] == [("tenants", "insert")]
 
 
 async def test_truncate_writes_a_reset_marker(
@@ -215,7 +219,9 @@ async def test_truncate_writes_a_reset_marker(
     await notifications.expect_one()
     rows = await _log(pg, mark)
     assert {r["op"] for r in rows} == {"truncate"}
-    assert "roles" in {r["entity"] for r in rows}
+    assert {r["entity"] for r in rows} == {
+        "role_permissions", "role_inherits", "user_roles", "group_roles", "roles"
+    }
     assert all(r["key"] is None for r in rows)
     assert all(r["tenant_id"] is None for r in rows)
 

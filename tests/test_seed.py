@@ -221,7 +221,8 @@ async def test_existing_tenant_needs_replace(db_url: str, pg: asyncpg.Connection
     assert await pg.fetchval("SELECT max(id) FROM pdp.change_log") == last
 
     await seed.load(db_url, dataset, replace=True)
-    assert await pg.fetchval("SELECT name FROM pdp.tenants WHERE id = 'tenant-2'") != "mine"
+    name = await pg.fetchval("SELECT name FROM pdp.tenants WHERE id = 'tenant-2'")
+    assert name == "Synthetic tenant tenant-2"
     assert (await counts(pg))["users"] == 3 * 30
     new = await pg.fetch(
         "SELECT tenant_id, op, actor FROM pdp.change_log WHERE id > $1 ORDER BY id", last
