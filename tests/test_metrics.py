@@ -106,6 +106,7 @@ def test_scrape_time_gauges_follow_the_replica() -> None:
     got = scrape(registry)
     assert got["pdp_ready", ()] == 0
     assert got["pdp_sync_staleness_seconds", ()] == 6
+    assert got["pdp_sync_revision_xmin", ()] == 100  # present once a revision is loaded
     replica.mark_synced(clock())
     assert scrape(registry)["pdp_ready", ()] == 1
 
