@@ -49,6 +49,12 @@ def _allowed(svc: SyncService, user: str, action: str, rid: str = "d1") -> bool:
     return engine.check("t", user, "doc", rid, action, time.time()).allowed
 
 
+def _reason(svc: SyncService, user: str) -> str:
+    engine = svc.sync.replica.engine
+    assert engine is not None
+    return engine.check("t", user, "doc", "d1", "read", time.time()).reason
+
+
 async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.Connection) -> None:
     replica = service.sync.replica
     xid = await _commit(pg, "SELECT 1")
@@ -118,12 +124,15 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
     engine = replica.engine
     assert engine is not None
     engine.apply([RowChange.upsert("users", ("t", "mallory", "active"))], engine.revision)
+    # Both divergences are in memory: alice still active, mallory a known user.
+    assert _allowed(service, "alice", "read")
+    assert _reason(service, "mallory") == "no_grant"
 
     assert await verifier.verify_once() == {"t": False}
     # The divergent tenant was queued for a whole reload; after it, all agree again.
     assert await verifier.verify_once() == {"t": True}
-    assert not _allowed(service, "alice", "read")
-    assert "mallory" not in engine.subjects("t", "doc", "d1", "read", time.time())
+    assert _reason(service, "alice") == "user_disabled"
+    assert _reason(service, "mallory") == "unknown_user"
 
 
 async def test_self_test_fails_loudly_when_notifications_do_not_arrive(

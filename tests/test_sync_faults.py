@@ -41,9 +41,12 @@ async def seeded(db_url: str, pg: asyncpg.Connection) -> str:
 
 
 async def _status(pg: asyncpg.Connection, replica: Replica, user: str) -> bool:
+    """Whether the replica holds `user` as active (the user must be known to it)."""
     engine = replica.engine
     assert engine is not None
-    return engine.check(TENANT, user, "x", "y", "z", time.time()).reason != "user_disabled"
+    reason = engine.check(TENANT, user, "x", "y", "z", time.time()).reason
+    assert reason not in ("unknown_tenant", "unknown_user"), (user, reason)
+    return reason != "user_disabled"
 
 
 async def test_out_of_order_commit_is_not_lost(seeded: str, pg: asyncpg.Connection) -> None:
