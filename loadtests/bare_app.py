@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -66,7 +66,7 @@ def main() -> None:
     run_loop(serve(args.port), uvloop=not args.no_uvloop)
 
 
-def run_loop(main: Any, *, uvloop: bool) -> None:
+def run_loop(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
     """Run `main` on uvloop when asked and installed, else on the plain asyncio loop."""
     if uvloop:
         try:

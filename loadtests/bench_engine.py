@@ -16,7 +16,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pdp.engine import Engine, Row, RowChange, Snapshot
@@ -172,7 +172,7 @@ def bench_reverse(engine: Engine, users: int, n: int, seed: int) -> dict[str, li
     rng = random.Random(seed + 2)
     clock = time.perf_counter
     out: dict[str, list[float]] = {"digest": [], "subjects": [], "actions": [], "resources": []}
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "digest": lambda: engine.digest(TENANT),
         "subjects": lambda: engine.subjects(
             TENANT, rng.choice(TYPES), str(rng.randrange(1000)), rng.choice(ACTIONS), NOW

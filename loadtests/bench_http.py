@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.serve:
         orchestrate(args)
         return
-    sys.path.insert(0, str(HERE))
-    from bare_app import run_loop  # noqa: PLC0415 -- found via sys.path set just above
+    sys.path.insert(0, str(HERE.parent))  # run as a script: make `loadtests` importable
+    from loadtests.bare_app import run_loop  # noqa: PLC0415 -- server process only
 
     run_loop(_serve_pdp(args.users, args.workdir, args.batch), uvloop=not args.no_uvloop)
 

@@ -38,12 +38,14 @@ import locust.stats
 import pg8000.native
 from locust import (
     FastHttpUser,
+    User,
     between,
     constant,
     constant_pacing,
     events,
     task,
 )  # fmt: skip
+from locust.contrib.fasthttp import FastHttpSession, ResponseContextManager
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -56,13 +58,15 @@ MIN_REVISION = "X-PDP-Min-Revision"
 POLL_DEADLINE_S = 30.0  # a change not visible by then is a failure
 TIMELINE_PERIOD_S = 2.0  # 5 s on a master: workers report their stats every 3 s
 _ALLOW = b'"decision":true'
+WaitTime = Callable[[User], float]  # what Locust calls as `wait_time`
 
 
 def _load_manifest() -> dict[str, Any]:
     path = os.environ.get(MANIFEST_ENV)
     if not path:
         raise SystemExit(f"{MANIFEST_ENV} is not set: run the load test via `make loadtest`")
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    manifest: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+    return manifest
 
 
 def _fine_bucket(ms: float) -> float:
@@ -76,7 +80,8 @@ def _fine_bucket(ms: float) -> float:
 
 
 _coarse_bucket = locust.stats.bucket_response_time
-locust.stats.bucket_response_time = _fine_bucket
+# Locust declares whole-millisecond (int) buckets; finer float buckets are the point here.
+locust.stats.bucket_response_time = _fine_bucket  # type: ignore[assignment]
 
 MANIFEST = _load_manifest()
 MIX: dict[str, Any] = MANIFEST["mix"]
@@ -95,6 +100,19 @@ def _entry(tenant: str, user: str, rtype: str, rid: str, action: str) -> dict[st
 
 def _body(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _post(
+    session: FastHttpSession, path: str, body: bytes, name: str,
+    headers: dict[str, str] | None = None,
+) -> ResponseContextManager:
+    """POST a serialized body, the response caught for checking."""
+    # FastHttpSession sends bytes as they are (its docstring: "String/bytes"), but its
+    # `data` parameter is annotated `str | dict | None`.
+    return session.post(
+        path, data=body, headers=headers or JSON_HEADERS, name=name,  # type: ignore[arg-type]
+        catch_response=True,
+    )  # fmt: skip
 
 
 class ProbePool:
@@ -142,11 +160,11 @@ def _subject() -> tuple[str, str]:
     return tenant, user
 
 
-def _rate(total: float, users: int) -> Any:
+def _rate(total: float, users: int) -> WaitTime:
     return _poisson(total / users) if total > 0 and users > 0 else constant(1)
 
 
-def _poisson(rate: float) -> Callable[[Any], float]:
+def _poisson(rate: float) -> WaitTime:
     """Pacing at `rate` tasks/s per user, arrivals on a Poisson schedule.
 
     Locust's `constant_throughput` keeps each user on a fixed period: users held up
@@ -158,11 +176,13 @@ def _poisson(rate: float) -> Callable[[Any], float]:
     whatever the response time; at most one second of backlog is ever made up.
     """
 
-    def wait(user: Any) -> float:
+    def wait(user: User) -> float:
+        # The schedule lives on the user, as Locust's own constant_pacing keeps its state.
+        state = vars(user)
         now = time.monotonic()
-        due = getattr(user, "_next_arrival", now) + random.expovariate(rate)
-        user._next_arrival = max(due, now - 1.0)
-        return max(0.0, user._next_arrival - now)
+        due: float = state.get("_next_arrival", now) + random.expovariate(rate)
+        state["_next_arrival"] = arrival = max(due, now - 1.0)
+        return max(0.0, arrival - now)
 
     return wait
 
@@ -175,7 +195,7 @@ def _stagger(total: float, users: int) -> None:
         gevent.sleep(random.random() * users / total)
 
 
-def _eval_wait() -> Any:
+def _eval_wait() -> WaitTime:
     if MIX["eval_rate"]:
         return _rate(MIX["eval_rate"], MIX["eval_users"])
     if MIX["think_time"]:
@@ -210,9 +230,7 @@ class Evaluator(FastHttpUser):
     @task
     def evaluate(self) -> None:
         name, body, expected = PROBES.draw()
-        with self.client.post(
-            EVALUATION, data=body, headers=JSON_HEADERS, name=name, catch_response=True
-        ) as response:
+        with _post(self.client, EVALUATION, body, name) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
             elif (_ALLOW in (response.content or b"")) is not expected:
@@ -233,10 +251,7 @@ class BatchEvaluator(FastHttpUser):
     def evaluate_batch(self) -> None:
         drawn = [PROBES.draw() for _ in range(MIX["batch_size"])]
         body = b'{"evaluations":[' + b",".join(d[1] for d in drawn) + b"]}"
-        with self.client.post(
-            EVALUATIONS, data=body, headers=JSON_HEADERS, name="evaluations batch",
-            catch_response=True,
-        ) as response:  # fmt: skip
+        with _post(self.client, EVALUATIONS, body, "evaluations batch") as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
                 return
@@ -256,10 +271,9 @@ class Searcher(FastHttpUser):
         _stagger(MIX["search_rate"], MIX["search_users"])
 
     def _search(self, kind: str, body: dict[str, Any]) -> None:
-        with self.client.post(
-            f"/access/v1/search/{kind}", data=_body(body), headers=JSON_HEADERS,
-            name=f"search {kind}", catch_response=True,
-        ) as response:  # fmt: skip
+        with _post(
+            self.client, f"/access/v1/search/{kind}", _body(body), f"search {kind}"
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
             elif "results" not in response.json():
@@ -360,10 +374,7 @@ class Writer(FastHttpUser):
         polls = 0
         while True:
             polls += 1
-            with self.client.post(
-                EVALUATION, data=body, headers=JSON_HEADERS, name="writer poll",
-                catch_response=True,
-            ) as response:  # fmt: skip
+            with _post(self.client, EVALUATION, body, "writer poll") as response:
                 seen = response.status_code == 200 and (_ALLOW in response.content) is expected
                 response.success()  # a stale answer is what polling expects
             elapsed = time.perf_counter() - committed
@@ -376,10 +387,7 @@ class Writer(FastHttpUser):
 
     def _min_revision(self, body: bytes, expected: bool, xid: str, committed: float) -> None:
         headers = {**JSON_HEADERS, MIN_REVISION: xid}
-        with self.client.post(
-            EVALUATION, data=body, headers=headers, name="writer min-revision",
-            catch_response=True,
-        ) as response:  # fmt: skip
+        with _post(self.client, EVALUATION, body, "writer min-revision", headers) as response:
             elapsed = time.perf_counter() - committed
             content = response.content or b""
             if response.status_code != 200 or (_ALLOW in content) is not expected:
@@ -410,7 +418,8 @@ class Writer(FastHttpUser):
 # --- the timeline of the gated population (plotted by the runner) ---------------------
 
 
-@events.init.add_listener
+# EventHook.add_listener is unannotated: the listener's own annotations still hold.
+@events.init.add_listener  # type: ignore[untyped-decorator]
 def _start_timeline(environment: Environment, **_: Any) -> None:
     # The master (or the only process) sees every worker's stats; workers write none.
     if not isinstance(environment.runner, WorkerRunner):
@@ -419,7 +428,7 @@ def _start_timeline(environment: Environment, **_: Any) -> None:
         gevent.spawn(_timeline, environment, path, period)
 
 
-@events.quitting.add_listener
+@events.quitting.add_listener  # type: ignore[untyped-decorator]
 def _write_final_stats(environment: Environment, **_: Any) -> None:
     """The final stats with their histograms, as `--json-file` writes them; in
     multi-process mode `--json-file` comes out empty, this one has the master's."""

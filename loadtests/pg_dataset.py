@@ -126,7 +126,7 @@ async def _recorded_spec(url: str, spec: SeedSpec) -> bool:
         users = await conn.fetchval("SELECT count(*) FROM pdp.users")
     finally:
         await conn.close()
-    return recorded == _spec_text(spec) and users == spec.tenants * spec.users
+    return bool(recorded == _spec_text(spec) and users == spec.tenants * spec.users)
 
 
 # --- the manifest ------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtests.profiles import (
     EVALUATION_PREFIX,
@@ -33,6 +33,9 @@ from loadtests.profiles import (
     sample_percentile,
 )
 
+if TYPE_CHECKING:  # matplotlib is imported only when plotting (heavy)
+    from matplotlib.figure import Figure
+
 DECISION_HISTOGRAM = "pdp_decision_duration_seconds"
 QUANTILES = (0.5, 0.95, 0.99)
 CPU_NOTE = (
@@ -49,7 +52,7 @@ def _is_eval(entry: dict[str, Any]) -> bool:
 def _groups(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Table rows -> the Locust entries they combine."""
 
-    def pick(test: Any) -> list[dict[str, Any]]:
+    def pick(test: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
         return [e for e in entries if test(e)]
 
     return {
@@ -310,7 +313,7 @@ def plot(out: Path) -> list[Path]:
     return written
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     fig.clf()

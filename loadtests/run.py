@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from loadtests import report
@@ -326,7 +327,7 @@ async def _drop(admin_url: str, name: str) -> None:
 # --- entry point -------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, frame: object) -> NoReturn:
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 

@@ -49,9 +49,9 @@ def _admin_url() -> str:
     data_dir = Path(tempfile.mkdtemp(prefix="pdp-test-pg-"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pgserver
+        from pgserver.postgres_server import get_server
 
-    server = pgserver.get_server(data_dir, cleanup_mode="delete")
+    server = get_server(data_dir, cleanup_mode="delete")
     return str(server.get_uri())
 
 

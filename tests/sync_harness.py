@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from pdp.engine import Engine
 from pdp.pg import seed as pg_seed
 from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
 from pdp.replica import Replica
@@ -134,7 +135,7 @@ async def assert_equal(
     await _random_checks(pg, engine, sorted(tenants), checks)
 
 
-async def _random_checks(pg: asyncpg.Connection, engine: object, tenants: list[str], n: int) -> None:
+async def _random_checks(pg: asyncpg.Connection, engine: Engine, tenants: list[str], n: int) -> None:
     rng = random.Random(n)
     users = [
         r[0]
@@ -162,7 +163,7 @@ async def _random_checks(pg: asyncpg.Connection, engine: object, tenants: list[s
     )
     allowed = 0
     for request, (expected,) in zip(grid, answers, strict=True):
-        got = engine.check(*request, now).allowed  # type: ignore[attr-defined]
+        got = engine.check(*request, now).allowed
         assert got is expected, (request, got)
         allowed += expected
     assert 0 < allowed < n, "the random checks must exercise both answers"

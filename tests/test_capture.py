@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,7 +17,7 @@ class Notifications:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[str] = asyncio.Queue()
 
-    def on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+    def on_notify(self, conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
         self.queue.put_nowait(payload)
 
     async def expect_one(self) -> str:
@@ -41,18 +42,20 @@ async def notifications(db_url: str) -> AsyncIterator[Notifications]:
 
 
 async def _log(pg: asyncpg.Connection, since: int = 0) -> list[asyncpg.Record]:
-    return await pg.fetch(
+    rows: list[asyncpg.Record] = await pg.fetch(
         "SELECT id, txid::text::bigint AS txid, tenant_id, entity, op, key, old, new, actor, "
         "changed_at FROM pdp.change_log WHERE id > $1 ORDER BY id",
         since,
     )
+    return rows
 
 
 async def _last_id(pg: asyncpg.Connection) -> int:
     return int(await pg.fetchval("SELECT coalesce(max(id), 0) FROM pdp.change_log"))
 
 
-def _json(value: str | None) -> object:
+def _json(value: str | None) -> Any:
+    """A jsonb column as Python (asyncpg hands jsonb over as text)."""
     return None if value is None else json.loads(value)
 
 
@@ -78,7 +81,7 @@ async def test_insert_statement_logs_every_row_with_txid_actor_and_new(
         json.dumps({"id": f"u{i}", "tenant_id": "t"}) for i in (1, 2, 3)
     ]
     assert all(r["old"] is None for r in users)
-    assert {_json(r["new"])["status"] for r in users} == {"active"}  # type: ignore[index]
+    assert {_json(r["new"])["status"] for r in users} == {"active"}
     assert all(r["tenant_id"] == "t" and r["changed_at"] is not None for r in rows)
 
 
@@ -95,8 +98,8 @@ async def test_update_and_delete_log_old_and_new(
     await notifications.expect_one()
     update, delete = await _log(pg, mark)
     assert update["op"] == "update"
-    assert _json(update["old"])["status"] == "active"  # type: ignore[index]
-    assert _json(update["new"])["status"] == "disabled"  # type: ignore[index]
+    assert _json(update["old"])["status"] == "active"
+    assert _json(update["new"])["status"] == "disabled"
     assert delete["op"] == "delete"
     assert delete["new"] is None
     assert _json(delete["key"]) == {"tenant_id": "t", "id": "u"}
@@ -113,9 +116,9 @@ async def test_update_of_a_primary_key_logs_both_keys(pg: asyncpg.Connection) ->
     mark = await _last_id(pg)
     await pg.execute("UPDATE pdp.user_roles SET scope = 'doc:2'")
     rows = await _log(pg, mark)
-    keys = sorted(_json(r["key"])["scope"] for r in rows)  # type: ignore[index]
+    keys = sorted(_json(r["key"])["scope"] for r in rows)
     assert keys == ["doc:1", "doc:2"]
-    by_scope = {_json(r["key"])["scope"]: r for r in rows}  # type: ignore[index]
+    by_scope = {_json(r["key"])["scope"]: r for r in rows}
     assert by_scope["doc:1"]["new"] is None
     assert by_scope["doc:1"]["old"] is not None
     assert by_scope["doc:2"]["old"] is None
@@ -173,7 +176,7 @@ async def test_rollback_and_savepoints_leave_only_what_committed(
         )
     await notifications.expect_one()
     rows = await _log(pg, mark)
-    assert [_json(r["key"])["id"] for r in rows] == ["kept"]  # type: ignore[index]
+    assert [_json(r["key"])["id"] for r in rows] == ["kept"]
     # The change row carries the top-level transaction id, not a subtransaction's.
     assert len({r["txid"] for r in rows}) == 1
 
@@ -198,6 +201,10 @@ async def test_statements_touching_no_row_log_and_notify_nothing(
     await pg.execute("DELETE FROM pdp.roles")
     await notifications.expect_none()
     assert await _log(pg) == []
+    # The listener hears, and the log takes, the first statement that touches a row.
+    await pg.execute("INSERT INTO pdp.tenants (id) VALUES ('t'); DELETE FROM pdp.roles")
+    assert await notifications.expect_one() == ""
+    assert [(r["entity"], r["op"]) for r in await _log(pg)] == [("tenants", "insert")]
 
 
 async def test_truncate_writes_a_reset_marker(
@@ -212,7 +219,9 @@ async def test_truncate_writes_a_reset_marker(
     await notifications.expect_one()
     rows = await _log(pg, mark)
     assert {r["op"] for r in rows} == {"truncate"}
-    assert "roles" in {r["entity"] for r in rows}
+    assert {r["entity"] for r in rows} == {
+        "role_permissions", "role_inherits", "user_roles", "group_roles", "roles"
+    }
     assert all(r["key"] is None for r in rows)
     assert all(r["tenant_id"] is None for r in rows)
 

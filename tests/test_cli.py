@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def _pdp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def _commands() -> list[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return sorted(sub.choices)  # type: ignore[arg-type]
+    assert isinstance(sub, argparse._SubParsersAction)
+    return sorted(sub.choices)
 
 
 @pytest.mark.parametrize("args", [["--help"], *[[c, "--help"] for c in _commands()]])
@@ -87,9 +89,12 @@ def test_migrate_sql_needs_no_server() -> None:
 
 
 def test_migrate_logs_the_url_without_password(db_url: str) -> None:
-    result = _pdp("migrate", PDP_DATABASE_URL=db_url.replace("postgres@", "postgres:pw@", 1))
+    url = db_url.replace("postgres@", "postgres:pw@", 1)
+    assert ":pw@" in url
+    result = _pdp("migrate", PDP_DATABASE_URL=url)
     assert result.returncode == 0, result.stderr
-    assert "using PostgreSQL at" in result.stderr
+    # The URL is logged, only its password masked.
+    assert f"using PostgreSQL at {url.replace(':pw@', ':***@')}" in result.stderr
     assert ":pw@" not in result.stderr
 
 

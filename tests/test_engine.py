@@ -10,6 +10,7 @@ from pdp.engine import (
     COLUMNS,
     Decision,
     Engine,
+    Reason,
     ResourcesResult,
     Row,
     RowChange,
@@ -63,8 +64,8 @@ def granted(
     return Decision(True, "granted", rid, path or (rid,), perm, via, scope, expires)
 
 
-def deny(reason: str) -> Decision:
-    return Decision(False, reason)  # type: ignore[arg-type]
+def deny(reason: Reason) -> Decision:
+    return Decision(False, reason)
 
 
 READER = role("reader", "doc:read")

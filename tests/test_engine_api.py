@@ -114,6 +114,10 @@ def test_malformed_batch_applies_nothing(change: RowChange) -> None:
         engine.apply([ok, change], Snapshot(20, 20, frozenset()))
     assert engine.digest(T) == before
     assert engine.revision == REV
+    # On its own the valid change does move the digest and the revision.
+    engine.apply([ok], Snapshot(20, 20, frozenset()))
+    assert engine.digest(T) != before
+    assert engine.revision == Snapshot(20, 20, frozenset())
 
 
 def expected_digest(data: dict[str, list[Row]], tenant: str) -> str:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pdp.engine import Engine, Row, RowChange, Snapshot, digest, evaluate
 from pdp.engine import holders as h
 from pdp.engine.grants import iter_grants
-from pdp.engine.tenant import TenantState
+from pdp.engine.tenant import TenantState, UserRec
 from tests.test_engine import NOW, REV, T, edge, gr, group, role, tables, ur
 from tests.test_engine_api import expected_digest
 from tests.test_engine_property import (
@@ -217,6 +217,9 @@ def test_digest_reads_no_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert engine.digest(T) == expected  # summed during the build
     engine.apply([up("users", T, "alice", "disabled"), up("users", T, "alice", "active")], REV)
     assert engine.digest(T) == expected
+    # A pass over the rows is caught while patched: the two answers above read none.
+    with pytest.raises(AssertionError, match="walked the rows"):
+        digest.recompute_digest(engine._tenants[T])
 
 
 def test_digest_deferred_while_loading() -> None:
@@ -230,7 +233,7 @@ def test_digest_deferred_while_loading() -> None:
     assert Engine.build({}, REV).digest(T) == digest.EMPTY == digest.recompute_digest(None)
 
 
-class NoScan(dict[str, object]):
+class NoScan(dict[str, UserRec]):
     """A users dict that fails the test if the subject search iterates it."""
 
     def __iter__(self) -> Iterator[str]:
@@ -259,7 +262,7 @@ def test_subjects_follow_the_answer_not_the_tenant() -> None:
     engine = Engine.build(data, REV)
     state = engine._tenants[T]
     users = state.users
-    state.users = NoScan(users)  # type: ignore[assignment]
+    state.users = NoScan(users)
     assert engine.subjects(T, "doc", "7", "read", NOW) == ("alice", "user005", "user010", "user011")
     assert engine.subjects(T, "doc", "1042", "read", NOW) == ("user005", "user042")
     assert engine.subjects(T, "doc", "8", "write", NOW) == ("user005",)
@@ -267,7 +270,7 @@ def test_subjects_follow_the_answer_not_the_tenant() -> None:
     state.users = users
     # With about as many candidates as users (expired ones included), it scans instead.
     engine.apply([up("user_roles", T, f"user{i:03d}", "viewer", "*", NOW) for i in range(300)], REV)
-    state.users = NoScan(users)  # type: ignore[assignment]
+    state.users = NoScan(users)
     with pytest.raises(AssertionError, match="scanned"):
         engine.subjects(T, "doc", "7", "read", NOW)
     state.users = users

@@ -79,7 +79,9 @@ BUCKETS = [(0.001, 50.0), (0.0025, 90.0), (0.005, 100.0), (math.inf, 100.0)]
         ([], 0.5, None),
     ],
 )
-def test_bucket_percentile(buckets: list[tuple[float, float]], q: float, expected: float) -> None:
+def test_bucket_percentile(
+    buckets: list[tuple[float, float]], q: float, expected: float | None
+) -> None:
     value = bucket_percentile(buckets, q)
     assert value == pytest.approx(expected) if expected is not None else value is None
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
 
 from pdp.metrics import DECISION_BUCKETS, Metrics
 from pdp.readiness import Health
@@ -28,7 +28,7 @@ def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str]
     return samples(generate_latest(registry).decode())
 
 
-async def test_requests_show_up_with_labels(aiohttp_client: Any) -> None:
+async def test_requests_show_up_with_labels(aiohttp_client: AiohttpClient) -> None:
     registry = CollectorRegistry()
     client = await aiohttp_client(make_app(loaded_replica(Clock()), registry=registry))
     for _ in range(3):
@@ -73,7 +73,7 @@ async def test_requests_show_up_with_labels(aiohttp_client: Any) -> None:
     assert got["pdp_sync_staleness_seconds", ()] == 0
 
 
-async def test_two_apps_have_separate_registries(aiohttp_client: Any) -> None:
+async def test_two_apps_have_separate_registries(aiohttp_client: AiohttpClient) -> None:
     first, second = CollectorRegistry(), CollectorRegistry()
     a = await aiohttp_client(make_app(loaded_replica(Clock()), registry=first))
     await aiohttp_client(make_app(loaded_replica(Clock()), registry=second))
@@ -106,6 +106,7 @@ def test_scrape_time_gauges_follow_the_replica() -> None:
     got = scrape(registry)
     assert got["pdp_ready", ()] == 0
     assert got["pdp_sync_staleness_seconds", ()] == 6
+    assert got["pdp_sync_revision_xmin", ()] == 100  # present once a revision is loaded
     replica.mark_synced(clock())
     assert scrape(registry)["pdp_ready", ()] == 1
 

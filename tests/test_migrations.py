@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
@@ -72,16 +74,23 @@ async def test_metadata_matches_migrated_database(db_url: str) -> None:
     assert diff == []
 
 
-async def test_sync_meta_has_one_row_with_an_epoch(pg: asyncpg.Connection) -> None:
+async def test_sync_meta_has_one_row_with_an_epoch(pg: asyncpg.Connection, empty_db_url: str) -> None:
     rows = await pg.fetch("SELECT epoch, purged_max_xid FROM pdp.sync_meta")
     assert len(rows) == 1
-    assert rows[0]["epoch"] is not None
+    assert isinstance(rows[0]["epoch"], uuid.UUID)
     assert rows[0]["purged_max_xid"] is None
+    # Each migrated database draws its own epoch (this one was copied from the template).
+    await migrate.upgrade(empty_db_url)
+    other = await asyncpg.connect(empty_db_url)
+    try:
+        assert await other.fetchval("SELECT epoch FROM pdp.sync_meta") != rows[0]["epoch"]
+    finally:
+        await other.close()
 
 
-def test_offline_sql_mentions_every_table(capsys: object) -> None:
+def test_offline_sql_mentions_every_table(capsys: pytest.CaptureFixture[str]) -> None:
     migrate.upgrade_sql("postgresql://")
-    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    out = capsys.readouterr().out
     for table in metadata.tables.values():
         assert f"CREATE TABLE {SCHEMA}.{table.name}" in out
     assert "CREATE FUNCTION pdp.check" in out

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDictProxy
+from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.sidecar import sidecar_app
@@ -59,15 +61,16 @@ async def _until(predicate: Callable[[], Awaitable[bool]], within: float) -> flo
     return time.monotonic() - started
 
 
-async def _evaluate(client: TestClient[Any, Any]) -> tuple[dict[str, Any], Any]:
+async def _evaluate(client: TestClient[Any, Any]) -> tuple[dict[str, Any], CIMultiDictProxy[str]]:
     resp = await client.post("/access/v1/evaluation", json=BODY)
     assert resp.status == 200
-    return await resp.json(), resp.headers
+    answer: dict[str, Any] = await resp.json()
+    return answer, resp.headers
 
 
 @pytest.mark.parametrize("mode", ["deny", "serve"])
 async def test_database_outage_turns_to_deny_then_recovers(
-    proxy: tuple[TcpProxy, str], aiohttp_client: Any, mode: str
+    proxy: tuple[TcpProxy, str], aiohttp_client: AiohttpClient, mode: str
 ) -> None:
     tcp, url = proxy
     settings = Settings(

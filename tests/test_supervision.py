@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.sidecar import sidecar_app
@@ -64,7 +65,7 @@ async def _readyz(client: TestClient[Any, Any]) -> tuple[int, dict[str, Any]]:
 
 
 async def test_sync_worker_crash_is_restarted_and_readiness_tells(
-    db_url: str, pg: asyncpg.Connection, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     await pg.execute(BASE)
     client = await aiohttp_client(sidecar_app(SETTINGS, db_url, restart_backoff=(0.2, 0.4)))
@@ -109,7 +110,7 @@ async def test_sync_worker_crash_is_restarted_and_readiness_tells(
 async def test_verifier_crash_is_restarted_and_does_not_block_readiness(
     db_url: str,
     pg: asyncpg.Connection,
-    aiohttp_client: Any,
+    aiohttp_client: AiohttpClient,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -56,6 +56,12 @@ async def _wait_up(supervisor: Supervisor, name: str, within: float = 5.0) -> No
             await supervisor.changed.wait()
 
 
+async def _wait_down(supervisor: Supervisor, names: tuple[str, ...], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while supervisor.down != names:
+            await supervisor.changed.wait()
+
+
 async def test_a_crash_is_logged_once_counted_and_restarted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -82,9 +88,7 @@ async def test_a_critical_worker_is_down_until_it_runs_again() -> None:
     supervisor.add("sync", worker.lifespan, critical=True)
     supervisor.add("other", FlakyWorker(crashes=1).lifespan)  # not critical: never "down"
     async with supervisor.running():
-        async with asyncio.timeout(5):
-            while supervisor.down != ("sync",):
-                await supervisor.changed.wait()
+        await _wait_down(supervisor, ("sync",))
         await _wait_up(supervisor, "sync")
         assert worker.running.is_set()
         assert supervisor.down == ()

@@ -12,6 +12,7 @@ from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from sync.options import SyncOptions
 from sync.service import SyncService
+from tests.conftest import DatabaseFactory
 
 BASE = """
 INSERT INTO pdp.tenants (id) VALUES ('t');
@@ -46,6 +47,12 @@ def _allowed(svc: SyncService, user: str, action: str, rid: str = "d1") -> bool:
     engine = svc.sync.replica.engine
     assert engine is not None
     return engine.check("t", user, "doc", rid, action, time.time()).allowed
+
+
+def _reason(svc: SyncService, user: str) -> str:
+    engine = svc.sync.replica.engine
+    assert engine is not None
+    return engine.check("t", user, "doc", "d1", "read", time.time()).reason
 
 
 async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.Connection) -> None:
@@ -117,16 +124,19 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
     engine = replica.engine
     assert engine is not None
     engine.apply([RowChange.upsert("users", ("t", "mallory", "active"))], engine.revision)
+    # Both divergences are in memory: alice still active, mallory a known user.
+    assert _allowed(service, "alice", "read")
+    assert _reason(service, "mallory") == "no_grant"
 
     assert await verifier.verify_once() == {"t": False}
     # The divergent tenant was queued for a whole reload; after it, all agree again.
     assert await verifier.verify_once() == {"t": True}
-    assert not _allowed(service, "alice", "read")
-    assert "mallory" not in engine.subjects("t", "doc", "d1", "read", time.time())
+    assert _reason(service, "alice") == "user_disabled"
+    assert _reason(service, "mallory") == "unknown_user"
 
 
 async def test_self_test_fails_loudly_when_notifications_do_not_arrive(
-    db_url: str, make_db: object
+    db_url: str, make_db: DatabaseFactory
 ) -> None:
     """A listener that cannot hear the sender (as behind a transaction-mode pooler; here:
     notifications are per database, and the sender is in another one) is refused."""
@@ -135,7 +145,7 @@ async def test_self_test_fails_loudly_when_notifications_do_not_arrive(
     from pdp.errors import DependencyError
     from sync.pg_listener import PgListener
 
-    other = await asyncpg.connect(await make_db.create(migrated=False))  # type: ignore[attr-defined]
+    other = await asyncpg.connect(await make_db.create(migrated=False))
     listener = PgListener(db_url, asyncio.Event())
     await listener.connect()
     try:

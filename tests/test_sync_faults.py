@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from pdp.replica import Replica
 from sync import pg_read, pg_retention
+from tests.conftest import DatabaseFactory
 from tests.sync_harness import (
     MAX_STALENESS,
     TENANT,
@@ -37,9 +40,13 @@ async def seeded(db_url: str, pg: asyncpg.Connection) -> str:
     return db_url
 
 
-async def _status(pg: asyncpg.Connection, replica: object, user: str) -> bool:
-    engine = replica.engine  # type: ignore[attr-defined]
-    return engine.check(TENANT, user, "x", "y", "z", time.time()).reason != "user_disabled"
+async def _status(pg: asyncpg.Connection, replica: Replica, user: str) -> bool:
+    """Whether the replica holds `user` as active (the user must be known to it)."""
+    engine = replica.engine
+    assert engine is not None
+    reason = engine.check(TENANT, user, "x", "y", "z", time.time()).reason
+    assert reason not in ("unknown_tenant", "unknown_user"), (user, reason)
+    return reason != "user_disabled"
 
 
 async def test_out_of_order_commit_is_not_lost(seeded: str, pg: asyncpg.Connection) -> None:
@@ -171,9 +178,9 @@ async def test_commit_between_reconnect_and_listen(
 
 
 async def test_long_running_transaction_elsewhere_does_not_stall(
-    seeded: str, pg: asyncpg.Connection, make_db: object
+    seeded: str, pg: asyncpg.Connection, make_db: DatabaseFactory
 ) -> None:
-    other_url = await make_db.create(migrated=False)  # type: ignore[attr-defined]
+    other_url = await make_db.create(migrated=False)
     async with running(seeded) as sidecar:
         holders = [await asyncpg.connect(seeded), await asyncpg.connect(other_url)]
         try:
@@ -242,18 +249,19 @@ async def test_purge_past_the_cursor_forces_a_reload(seeded: str, pg: asyncpg.Co
         assert not await _status(pg, sidecar.replica, "user-000005")
 
 
-async def test_postgres_restart_under_the_running_sidecar(tmp_path: object) -> None:
+async def test_postgres_restart_under_the_running_sidecar(tmp_path: Path) -> None:
     """A private server (pgserver) restarted for real while the sidecar runs."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # pgserver defines one function per PostgreSQL binary at import time (setattr).
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
         from pgserver.postgres_server import get_server
 
     from pdp.pg import migrate
 
-    server = get_server(tmp_path / "pg", cleanup_mode="delete")  # type: ignore[operator]
+    server = get_server(tmp_path / "pg", cleanup_mode="delete")
     try:
         url = server.get_uri()
         await migrate.upgrade(url)

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.engine import COLUMNS, Engine, RowChange, Snapshot
@@ -119,7 +120,7 @@ async def test_sql_fallback_failure_is_a_dependency_error() -> None:
 
 
 async def test_sidecar_answers_an_unseen_revision_from_postgresql(
-    db_url: str, pg: asyncpg.Connection, aiohttp_client: Any
+    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient
 ) -> None:
     await pg.execute(BASE)
     settings = Settings(consistency_wait_ms=50, verify_interval_seconds=3600)

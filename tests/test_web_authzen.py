@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from pdp.engine import Snapshot
 from pdp.replica import Replica
@@ -39,11 +42,14 @@ def replica(clock: Clock) -> Replica:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, replica: Replica) -> TestClient[Any, Any]:
+async def client(aiohttp_client: AiohttpClient, replica: Replica) -> TestClient[Any, Any]:
     return await aiohttp_client(make_app(replica))
 
 
-async def post(client: TestClient[Any, Any], path: str, body: Any, **headers: str) -> Any:
+async def post(
+    client: TestClient[Any, Any], path: str, body: Any, **headers: str
+) -> tuple[int, Any, ClientResponse]:
+    """(status, the JSON answer, the response) of a POST of `body` as JSON."""
     response = await client.post(path, json=body, headers=headers)
     assert response.content_type == "application/json"
     assert response.headers["X-Request-ID"]
@@ -100,7 +106,7 @@ async def test_tenant_from_subject_properties(client: TestClient[Any, Any]) -> N
     assert answer["context"]["reason"] == "unknown_tenant"
 
 
-async def test_no_tenant_anywhere_is_400(aiohttp_client: Any, replica: Replica) -> None:
+async def test_no_tenant_anywhere_is_400(aiohttp_client: AiohttpClient, replica: Replica) -> None:
     client = await aiohttp_client(make_app(replica, settings(default_tenant=None)))
     status, body, _ = await post(client, EVALUATION, evaluation())
     assert status == 400
@@ -135,7 +141,7 @@ async def test_request_id_echoed_or_generated(client: TestClient[Any, Any]) -> N
     _, _, second = await post(client, EVALUATION, evaluation())
     generated = {first.headers["X-Request-ID"], second.headers["X-Request-ID"]}
     assert len(generated) == 2
-    assert all(len(g) == 32 and int(g, 16) >= 0 for g in generated)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", g) for g in generated), generated
     response = await client.post(EVALUATION, data=b"{", headers={"X-Request-ID": "bad-1"})
     assert response.status == 400
     assert response.headers["X-Request-ID"] == "bad-1"
@@ -143,7 +149,18 @@ async def test_request_id_echoed_or_generated(client: TestClient[Any, Any]) -> N
 
 async def test_same_request_same_answer(client: TestClient[Any, Any]) -> None:
     answers = [(await post(client, EVALUATION, evaluation("bob", rid="d1")))[1] for _ in range(3)]
-    assert answers[0] == answers[1] == answers[2]
+    expected = {
+        "decision": True,
+        "context": {
+            "reason": "granted",
+            "role": "viewer",
+            "path": ["viewer"],
+            "permission": "document:read",
+            "scope": "document:d1",
+            "revision": "100:105:102",
+        },
+    }
+    assert answers == [expected] * 3
 
 
 # --- evaluations --------------------------------------------------------------------
@@ -313,6 +330,7 @@ async def test_subject_search_ignores_subject_id_and_other_types(
     with_id = {**SUBJECT_SEARCH, "subject": {"type": "user", "id": "whoever"}}
     _, a, _ = await post(client, "/access/v1/search/subject", SUBJECT_SEARCH)
     _, b, _ = await post(client, "/access/v1/search/subject", with_id)
+    assert ids(a["results"]) == sorted(["alice", "bob", "dave", *READERS])
     assert a["results"] == b["results"]
     other = {**SUBJECT_SEARCH, "subject": {"type": "service"}}
     status, answer, _ = await post(client, "/access/v1/search/subject", other)
@@ -402,7 +420,7 @@ async def test_page_limit_is_capped(client: TestClient[Any, Any]) -> None:
 # --- discovery ----------------------------------------------------------------------
 
 
-async def test_well_known_configuration(aiohttp_client: Any, replica: Replica) -> None:
+async def test_well_known_configuration(aiohttp_client: AiohttpClient, replica: Replica) -> None:
     client = await aiohttp_client(make_app(replica, settings(host="10.0.0.1", port=9000)))
     response = await client.get("/.well-known/authzen-configuration")
     assert response.status == 200
@@ -419,15 +437,21 @@ async def test_well_known_configuration(aiohttp_client: Any, replica: Replica) -
     }
     client = await aiohttp_client(make_app(replica, settings(base_url="https://pdp.example/")))
     meta = await (await client.get("/.well-known/authzen-configuration")).json()
-    assert meta["policy_decision_point"] == "https://pdp.example"
-    assert meta["search_action_endpoint"] == "https://pdp.example/access/v1/search/action"
-    assert None not in meta.values()
+    base = "https://pdp.example"
+    assert meta == {
+        "policy_decision_point": base,
+        "access_evaluation_endpoint": f"{base}/access/v1/evaluation",
+        "access_evaluations_endpoint": f"{base}/access/v1/evaluations",
+        "search_subject_endpoint": f"{base}/access/v1/search/subject",
+        "search_resource_endpoint": f"{base}/access/v1/search/resource",
+        "search_action_endpoint": f"{base}/access/v1/search/action",
+    }
 
 
 # --- readiness and staleness --------------------------------------------------------
 
 
-async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: Any, clock: Clock) -> None:
+async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: AiohttpClient, clock: Clock) -> None:
     client = await aiohttp_client(make_app(Replica(clock=clock)))
     status, answer, _ = await post(client, EVALUATION, evaluation())
     assert status == 200
@@ -445,9 +469,8 @@ async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: Any, cloc
 
 async def test_stale_deny_mode(client: TestClient[Any, Any], clock: Clock) -> None:
     clock.advance(5.0)  # at the bound: still fresh
-    _, answer, response = await post(client, EVALUATION, evaluation())
+    _, answer, _ = await post(client, EVALUATION, evaluation())
     assert answer["decision"] is True
-    assert "X-PDP-Stale" not in response.headers
     clock.advance(7.25)
     _, answer, _ = await post(client, EVALUATION, evaluation())
     assert answer == {
@@ -464,9 +487,13 @@ async def test_stale_deny_mode(client: TestClient[Any, Any], clock: Clock) -> No
     }  # fmt: skip
 
 
-async def test_stale_serve_mode(aiohttp_client: Any, replica: Replica, clock: Clock) -> None:
+async def test_stale_serve_mode(aiohttp_client: AiohttpClient, replica: Replica, clock: Clock) -> None:
     client = await aiohttp_client(make_app(replica, settings(stale_mode="serve")))
-    clock.advance(12.3456)
+    clock.advance(5.0)  # at the bound: still fresh, so not marked stale
+    _, answer, response = await post(client, EVALUATION, evaluation())
+    assert answer["decision"] is True
+    assert "X-PDP-Stale" not in response.headers
+    clock.advance(7.3456)
     _, answer, response = await post(client, EVALUATION, evaluation())
     assert answer["decision"] is True
     assert response.headers["X-PDP-Stale"] == "12.346"
@@ -491,7 +518,7 @@ async def test_min_revision_already_visible(client: TestClient[Any, Any], replic
 
 
 async def test_min_revision_arrives_while_waiting(
-    aiohttp_client: Any, replica: Replica, clock: Clock
+    aiohttp_client: AiohttpClient, replica: Replica, clock: Clock
 ) -> None:
     client = await aiohttp_client(make_app(replica, settings(consistency_wait_ms=30_000)))
 
@@ -509,7 +536,7 @@ async def test_min_revision_arrives_while_waiting(
 
 @pytest.mark.parametrize("xid", ["102", "105", "999"])
 async def test_min_revision_never_visible_uses_fallback(
-    aiohttp_client: Any, replica: Replica, xid: str
+    aiohttp_client: AiohttpClient, replica: Replica, xid: str
 ) -> None:
     fallback = RecordingFallback(allowed=True)
     app = make_app(replica, settings(consistency_wait_ms=1), fallback=fallback)
@@ -525,7 +552,7 @@ async def test_min_revision_never_visible_uses_fallback(
 
 
 async def test_min_revision_never_visible_without_fallback(
-    aiohttp_client: Any, replica: Replica
+    aiohttp_client: AiohttpClient, replica: Replica
 ) -> None:
     client = await aiohttp_client(make_app(replica, settings(consistency_wait_ms=1)))
     _, answer, _ = await post(client, EVALUATION, evaluation(), **{MIN_REV: "500"})
@@ -541,7 +568,7 @@ async def test_min_revision_never_visible_without_fallback(
 
 
 async def test_min_revision_batch_falls_back_per_entry(
-    aiohttp_client: Any, replica: Replica
+    aiohttp_client: AiohttpClient, replica: Replica
 ) -> None:
     fallback = RecordingFallback(allowed=False)
     app = make_app(replica, settings(consistency_wait_ms=1), fallback=fallback)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app, settings
 
@@ -35,7 +36,7 @@ def _without(path: str) -> dict[str, Any]:
 
 def _with(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A valid evaluation (or `base`) with the member at dotted `path` set to `value`."""
-    body = json.loads(json.dumps(base or evaluation()))
+    body: dict[str, Any] = json.loads(json.dumps(base or evaluation()))
     *parents, last = path.split(".")
     node = body
     for key in parents:
@@ -161,7 +162,7 @@ CASES: list[tuple[str, Any, str | None, str | None]] = [
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any) -> TestClient[Any, Any]:
+async def client(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
     return await aiohttp_client(make_app(loaded_replica(Clock())))
 
 
@@ -192,7 +193,7 @@ async def test_bad_input_is_400(
     assert answer.get("field") == field
 
 
-async def test_body_too_large_is_413(aiohttp_client: Any) -> None:
+async def test_body_too_large_is_413(aiohttp_client: AiohttpClient) -> None:
     app = make_app(loaded_replica(Clock()), settings(max_body_bytes=1024))
     client = await aiohttp_client(app)
     body = evaluation()

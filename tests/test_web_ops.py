@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import yaml
 from aiohttp import web
+from pytest_aiohttp import AiohttpClient
 
 from pdp.replica import Replica
 from pdp.web.app import METRICS, REPLICA, SETTINGS
 from tests.test_web_support import Clock, loaded_replica, make_app, settings
 
 
-async def test_healthz_always_ok(aiohttp_client: Any) -> None:
+async def test_healthz_always_ok(aiohttp_client: AiohttpClient) -> None:
     client = await aiohttp_client(make_app(Replica(clock=Clock())))
     response = await client.get("/healthz")
     assert response.status == 200
@@ -21,14 +21,14 @@ async def test_healthz_always_ok(aiohttp_client: Any) -> None:
     assert response.headers["X-Request-ID"]
 
 
-async def test_readyz_not_loaded(aiohttp_client: Any) -> None:
+async def test_readyz_not_loaded(aiohttp_client: AiohttpClient) -> None:
     client = await aiohttp_client(make_app(Replica(clock=Clock())))
     response = await client.get("/readyz")
     assert response.status == 503
     assert await response.json() == {"status": "not_ready", "reason": "not_loaded"}
 
 
-async def test_readyz_ready_then_stale_then_ready(aiohttp_client: Any) -> None:
+async def test_readyz_ready_then_stale_then_ready(aiohttp_client: AiohttpClient) -> None:
     clock = Clock()
     replica = loaded_replica(clock)
     client = await aiohttp_client(make_app(replica, settings(max_staleness_seconds=2.0)))
@@ -50,7 +50,7 @@ async def test_readyz_ready_then_stale_then_ready(aiohttp_client: Any) -> None:
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_openapi_document_describes_every_route(aiohttp_client: Any) -> None:
+async def test_openapi_document_describes_every_route(aiohttp_client: AiohttpClient) -> None:
     app = make_app(loaded_replica(Clock()))
     client = await aiohttp_client(app)
     response = await client.get("/openapi.yaml")
@@ -67,7 +67,7 @@ async def test_openapi_document_describes_every_route(aiohttp_client: Any) -> No
     assert served == documented
 
 
-async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: Any) -> None:
+async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: AiohttpClient) -> None:
     events: list[str] = []
 
     async def worker(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
@@ -114,7 +115,7 @@ def make_app(
     fallback: Fallback | None = None,
     registry: CollectorRegistry | None = None,
     metrics: Metrics | None = None,
-) -> Any:
+) -> web.Application:
     return build_app(
         config or settings(),
         replica=replica,
