@@ -48,11 +48,6 @@ class PgListener:
         self.disconnected = asyncio.Event()  # set once a connection is found dead
         self.connections = 0
 
-    @property
-    def backend_pid(self) -> int | None:
-        """The PostgreSQL backend serving LISTEN (tests terminate it for real)."""
-        return None if self._conn is None else self._conn.get_server_pid()
-
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         # Synchronous on purpose: asyncpg runs it in order, with no task per message.
         self._wake.set()

@@ -47,7 +47,6 @@ class PgVerifier:
         self._metrics = metrics or NullMetrics()
         self._interval = interval
         self._reported: set[str] = set()
-        self.runs = 0
 
     async def verify_once(self) -> dict[str, bool]:
         """Compare every tenant once; returns {tenant: consistent}."""
@@ -74,7 +73,6 @@ class PgVerifier:
         return result
 
     def _report(self, result: dict[str, bool]) -> None:
-        self.runs += 1
         for tenant in self._reported - result.keys():
             self._metrics.forget_tenant(tenant)
         self._reported = set(result)

@@ -36,7 +36,7 @@ def test_plain_install_migrates_seeds_and_serves(tmp_path: Path, db_url: str) ->
     source.mkdir()
     for name in SOURCES:  # a clean copy: the build leaves nothing in the checkout
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, source / name)  # type: ignore[operator]
+        copy(ROOT / name, source / name)
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("pdp-*.whl"))
     venv = tmp_path / "venv"
