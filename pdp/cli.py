@@ -165,6 +165,8 @@ def _add_serve(sub: Any) -> None:
 def _shown(default: object) -> str:
     if default is None:
         return "none"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
     return f"{default:g}" if isinstance(default, float) else str(default)
 
 

@@ -106,6 +106,13 @@ def _identifier(text: str) -> str:
     return text
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(0 < len(n) <= MAX_ID_LENGTH for n in names):
+        raise ValueError(f"must be a comma-separated list of names, got {text!r}")
+    return names
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError(f"not a host name or address: {text!r}")
@@ -167,6 +174,10 @@ OPTIONS: tuple[Option, ...] = (
         "tenant of requests that name none", "--default-tenant", "TENANT",
     ),
     Option(
+        "subject_types", "PDP_SUBJECT_TYPES", _names,
+        "subject types that name pdp users (others are denied)", "--subject-types", "T1,T2",
+    ),
+    Option(
         "max_body_bytes", "PDP_MAX_BODY_BYTES", _positive_int, "larger request bodies get 413",
         "--max-body-bytes", "BYTES",
     ),
@@ -224,6 +235,7 @@ class Settings:
     backlog: int = 1024
     base_url: str | None = None
     default_tenant: str | None = None
+    subject_types: tuple[str, ...] = ("user", "identity")
     max_body_bytes: int = 1024 * 1024
     max_batch: int = 1000
     max_staleness_seconds: float = 5.0

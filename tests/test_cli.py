@@ -106,6 +106,7 @@ SERVE_FLAG_CASES = [
     ("--backlog", "0", "must be a positive integer", "64", 64),
     ("--base-url", "ftp://x", "must be an http:// or https:// URL", "https://pdp.example", "https://pdp.example"),
     ("--default-tenant", "x" * 257, "1 to 256 characters", "acme", "acme"),
+    ("--subject-types", "user,,identity", "comma-separated list of names", "user, principal", ("user", "principal")),
     ("--max-body-bytes", "-5", "must be a positive integer", "2048", 2048),
     ("--max-batch", "many", "not an integer", "10", 10),
     ("--max-staleness", "-1", "must be a positive number of seconds", "2.5", 2.5),
