@@ -113,6 +113,25 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {text}: {exc.strerror}") from None
+    return path
+
+
+def _file_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory, not a file")
+    return path
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError(f"not a host name or address: {text!r}")
@@ -172,6 +191,25 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "default_tenant", "PDP_DEFAULT_TENANT", _identifier,
         "tenant of requests that name none", "--default-tenant", "TENANT",
+    ),
+    Option(
+        "tls_cert_file", "PDP_TLS_CERT_FILE", _readable_file,
+        "serve HTTPS with this PEM certificate chain (with PDP_TLS_KEY_FILE)",
+        "--tls-cert-file", "PEM",
+    ),
+    Option(
+        "tls_key_file", "PDP_TLS_KEY_FILE", _readable_file, "its PEM private key",
+        "--tls-key-file", "PEM",
+    ),
+    Option(
+        "tls_client_ca_file", "PDP_TLS_CLIENT_CA_FILE", _readable_file,
+        "require client certificates signed by these PEM CAs (mutual TLS)",
+        "--tls-client-ca-file", "PEM",
+    ),
+    Option(
+        "api_keys_file", "PDP_API_KEYS_FILE", _file_path,
+        "require an API key from this file on the check API (see pdp api-key create)",
+        "--api-keys-file", "FILE",
     ),
     Option(
         "subject_types", "PDP_SUBJECT_TYPES", _names,
@@ -235,6 +273,10 @@ class Settings:
     backlog: int = 1024
     base_url: str | None = None
     default_tenant: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    api_keys_file: Path | None = None
     subject_types: tuple[str, ...] = ("user", "identity")
     max_body_bytes: int = 1024 * 1024
     max_batch: int = 1000
@@ -258,14 +300,31 @@ class Settings:
         """
         values: dict[str, Any] = {"data_dir": default_data_dir(env)}
         for option in OPTIONS:
-            raw = env.get(option.env)
-            if raw:
+            flag = (flags or {}).get(option.field)
+            if flag is not None:  # the flag wins; its variable is not even read
+                values[option.field] = _parse(option, flag, option.flag or option.env)
+            elif raw := env.get(option.env):
                 values[option.field] = _parse(option, raw, option.env)
-        for option in OPTIONS:
-            raw = (flags or {}).get(option.field)
-            if raw is not None:
-                values[option.field] = _parse(option, raw, option.flag or option.env)
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        """Settings that only make sense together (ConfigError names both)."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("PDP_TLS_CLIENT_CA_FILE needs PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the check API serves HTTPS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def public_base_url(self) -> str:
+        """The base URL the discovery document advertises."""
+        if self.base_url:
+            return self.base_url
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (None values are ignored: not given)."""

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,7 @@ def test_migrate_logs_the_url_without_password(db_url: str) -> None:
 
 # Every flag of `pdp serve`: a bad value is one `pdp: error:` line naming the flag (the
 # same validator as its PDP_* variable), a good one arrives parsed in the settings.
+A_FILE = str(Path(__file__).resolve())
 SERVE_FLAG_CASES = [
     ("--host", "bad host", "not a host name", "::1", "::1"),
     ("--port", "70000", "not a TCP port", "9000", 9000),
@@ -115,7 +117,17 @@ SERVE_FLAG_CASES = [
     ("--poll-interval", "nan", "not a finite number", "0.5", 0.5),
     ("--heartbeat", "0", "must be a positive number of seconds", "3", 3.0),
     ("--verify-interval", "soon", "not a number", "30", 30.0),
+    ("--tls-cert-file", "/no/such.pem", "no such file", A_FILE, Path(A_FILE)),
+    ("--tls-key-file", "/", "no such file", A_FILE, Path(A_FILE)),
+    ("--tls-client-ca-file", "/no/ca.pem", "no such file", A_FILE, Path(A_FILE)),
+    ("--api-keys-file", "/", "is a directory", "/etc/pdp/keys", Path("/etc/pdp/keys")),
 ]
+# Settings that only make sense together: a good value is given with its companions.
+COMPANIONS = {
+    "tls_cert_file": {"tls_key_file": A_FILE},
+    "tls_key_file": {"tls_cert_file": A_FILE},
+    "tls_client_ca_file": {"tls_cert_file": A_FILE, "tls_key_file": A_FILE},
+}
 
 
 def test_every_serve_flag_has_a_case() -> None:
@@ -140,6 +152,7 @@ def test_serve_flag_is_validated_like_its_variable(
     # The variable is refused by the same check, naming the variable.
     with pytest.raises(ConfigError, match=f"^{option.env}: .*{message}"):
         Settings.from_env({option.env: bad})
-    assert getattr(Settings.from_env({}, {option.field: good}), option.field) == parsed
+    flags: dict[str, str | None] = {option.field: good, **COMPANIONS.get(option.field, {})}
+    assert getattr(Settings.from_env({}, flags), option.field) == parsed
     # A flag wins over its variable.
-    assert getattr(Settings.from_env({option.env: good}, {option.field: good}), option.field) == parsed
+    assert getattr(Settings.from_env({option.env: bad}, flags), option.field) == parsed

@@ -111,8 +111,7 @@ class AuthzenApi:
         self._max_staleness = settings.max_staleness_seconds
         self._serve_stale = settings.stale_mode == "serve"
         self._wait_seconds = settings.consistency_wait_ms / 1000
-        base = settings.base_url or f"http://{settings.host}:{settings.port}"
-        self._configuration = dumps(protocol.configuration(base))
+        self._configuration = dumps(protocol.configuration(settings.public_base_url))
         self._revision_of: Snapshot | None = None
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
