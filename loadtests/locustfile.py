@@ -57,6 +57,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 MIN_REVISION = "X-PDP-Min-Revision"
 POLL_DEADLINE_S = 30.0  # a change not visible by then is a failure
 TIMELINE_PERIOD_S = 2.0  # 5 s on a master: workers report their stats every 3 s
+SLOW_MS = 100.0  # the timeline counts single evaluations at least this slow
 _ALLOW = b'"decision":true'
 WaitTime = Callable[[User], float]  # what Locust calls as `wait_time`
 
@@ -441,8 +442,8 @@ def _write_final_stats(environment: Environment, **_: Any) -> None:
 
 def _timeline(environment: Environment, path: Path, period: float) -> None:
     """Every period, one line: single-evaluation rate and latency percentiles over the
-    period (from Locust's histograms, at this file's finer resolution), all requests'
-    rate and failures, and the number of users."""
+    period (from Locust's histograms, at this file's finer resolution), how many took
+    `SLOW_MS` or more, all requests' rate and failures, and the number of users."""
     previous: dict[float, int] = {}
     requests = failures = 0
     with path.open("a", encoding="utf-8") as out:
@@ -467,6 +468,7 @@ def _timeline(environment: Environment, path: Path, period: float) -> None:
                 "eval_rps": sum(window.values()) / period,
                 "rps": (stats.total.num_requests - requests) / period,
                 "fails_per_s": (stats.total.num_failures - failures) / period,
+                "over_100ms": sum(n for b, n in window.items() if b >= SLOW_MS),
                 **{f"p{q}": _percentile(window, q / 100) for q in (50, 95, 99)},
             }
             requests, failures = stats.total.num_requests, stats.total.num_failures

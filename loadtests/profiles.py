@@ -76,7 +76,9 @@ class Profile:
     gates: Gates
     tenants: int = 1
     spawn_rate: float = 100.0
-    processes: int = 1  # Locust processes (>1: one master and that many workers)
+    processes: int = 1  # Locust processes (>1: `--processes N`, N forked workers)
+    # Distributed mode: a `--master` process and this many `--worker` processes (0: off).
+    workers: int = 0
     unpaced_s: int = 0  # a following unpaced phase measuring the highest rate reached
     unpaced_users: int = 32
     restart_at: float | None = None  # fraction of the duration: restart the sidecar then
@@ -293,3 +295,96 @@ def evaluate_gates(gates: Gates, measured: Measured) -> list[Verdict]:
             Verdict("propagation p99 ms", gates.propagation_p99_ms, measured.propagation_p99_ms)
         )
     return verdicts
+
+
+# --- CPU beside latency ----------------------------------------------------------------
+
+SATURATED_CORES = 0.9  # a Python process at >= 0.9 cores in a second is CPU-bound then
+GENERATOR_ROLES = ("locust", "master")  # plus every `worker-N`
+
+
+def is_generator(role: str) -> bool:
+    return role in GENERATOR_ROLES or (role.startswith("worker-") and "." not in role)
+
+
+def cpu_stats(
+    samples: Sequence[Mapping[str, float]], machine_cores: int
+) -> dict[str, dict[str, float]]:
+    """Per key of the runner's 1 s CPU samples (roles, `<role>.wait`, `machine`,
+    `others`): mean, p95 and max, and the share of seconds at or above the key's
+    limit (`SATURATED_CORES`; `STARVED_WAIT` for a wait; every core but 5 % for the
+    machine). `t` is skipped; the first sample (it counts process start-up) too."""
+    by_role: dict[str, list[float]] = {}
+    for sample in samples[1:]:
+        for role, cores in sample.items():
+            if role != "t":
+                by_role.setdefault(role, []).append(cores)
+    out = {}
+    for role, values in sorted(by_role.items()):
+        if role.endswith(".wait"):
+            limit = STARVED_WAIT
+        else:
+            limit = 0.95 * machine_cores if role == "machine" else SATURATED_CORES
+        out[role] = {
+            "mean": round(sum(values) / len(values), 3),
+            "p95": round(sample_percentile(values, 0.95) or 0.0, 3),
+            "max": round(max(values), 3),
+            "saturated_share": round(
+                sum(1 for v in values if v >= limit) / len(values), 3
+            ),
+        }
+    return out
+
+
+STARVED_WAIT = 0.5  # runnable but waiting for a CPU half of each second: starved
+
+
+def busiest_generator(sample: Mapping[str, float]) -> float:
+    """Cores of the busiest Locust process in one CPU sample (0 when none ran)."""
+    return max((v for k, v in sample.items() if is_generator(k)), default=0.0)
+
+
+def most_starved_generator(sample: Mapping[str, float]) -> float:
+    """Run-queue wait (s/s) of the most starved Locust process in one CPU sample."""
+    return max(
+        (v for k, v in sample.items() if k.endswith(".wait") and is_generator(k[:-5])),
+        default=0.0,
+    )
+
+
+def generator_short_of_cpu(sample: Mapping[str, float]) -> bool:
+    """Some Locust process was CPU-bound (saturated) or starved (waiting for a CPU)."""
+    return (
+        busiest_generator(sample) >= SATURATED_CORES
+        or most_starved_generator(sample) >= STARVED_WAIT
+    )
+
+
+def tail_by_generator_load(
+    timeline: Sequence[Mapping[str, Any]], samples: Sequence[Mapping[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Split the timeline's windows by whether a Locust process was short of CPU in
+    them (some CPU sample inside the window saturated or starved), and give each
+    group's window count, evaluations, evaluations of 100 ms or more and worst window
+    p99: if the slow ones sit in the short windows, the generator is the bottleneck."""
+    groups: dict[str, dict[str, Any]] = {
+        name: {"windows": 0, "evaluations": 0.0, "over_100ms": 0, "worst_p99_ms": None}
+        for name in ("generator short of CPU", "generator not short of CPU")
+    }
+    previous: float | None = None
+    for window in timeline:
+        end = float(window["t"])
+        start = previous if previous is not None else end - 2.0
+        previous = end
+        inside = [s for s in samples if start < s["t"] <= end]
+        short = any(generator_short_of_cpu(s) for s in inside)
+        group = groups["generator short of CPU" if short else "generator not short of CPU"]
+        group["windows"] += 1
+        group["evaluations"] += float(window.get("eval_rps") or 0.0) * (end - start)
+        group["over_100ms"] += int(window.get("over_100ms") or 0)
+        p99 = window.get("p99")
+        if p99 is not None and (group["worst_p99_ms"] is None or p99 > group["worst_p99_ms"]):
+            group["worst_p99_ms"] = p99
+    for group in groups.values():
+        group["evaluations"] = round(group["evaluations"])
+    return groups

@@ -25,12 +25,17 @@ from loadtests.profiles import (
     Measured,
     Profile,
     bucket_percentile,
+    busiest_generator,
+    cpu_stats,
     evaluate_gates,
     histogram_delta,
+    is_generator,
     locust_percentile,
     merge_histograms,
+    most_starved_generator,
     parse_histogram,
     sample_percentile,
+    tail_by_generator_load,
 )
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting (heavy)
@@ -145,9 +150,30 @@ def _phase(out: Path, name: str, measured: dict[str, Any], duration_s: int) -> d
         "cpu_cores": {
             "sidecar": round(measured["sidecar_cpu_s"] / duration_s, 2),
             "locust": round(measured["locust_cpu_s"] / duration_s, 2),
+            **{
+                role: round(seconds / duration_s, 2)
+                for role, seconds in sorted(measured.get("cpu_s_by_process", {}).items())
+                if is_generator(role)
+            },
         },
+        **cpu_beside_latency(out, name),
         "locust_command": measured["command"],
     }
+
+
+def cpu_beside_latency(out: Path, phase: str) -> dict[str, Any]:
+    """From `cpu-<phase>.jsonl` and `timeline-<phase>.jsonl`: per-process CPU
+    statistics and the tail split by whether the generator was saturated."""
+    cpu_path, timeline_path = out / f"cpu-{phase}.jsonl", out / f"timeline-{phase}.jsonl"
+    if not cpu_path.exists():
+        return {}
+    samples = _jsonl([cpu_path])
+    result: dict[str, Any] = {"cpu_per_second": cpu_stats(samples, os.cpu_count() or 1)}
+    if timeline_path.exists():
+        result["tail_by_generator_load"] = tail_by_generator_load(
+            _jsonl([timeline_path]), samples
+        )
+    return result
 
 
 def machine() -> dict[str, Any]:
@@ -237,7 +263,19 @@ def table(summary: dict[str, Any]) -> str:
     for kind, row in summary["propagation"].items():
         lines.append(_line(f"propagation samples ({kind})", row))
     cpu = main["cpu_cores"]
-    lines.append(f"  CPU cores used: sidecar {cpu['sidecar']}, locust {cpu['locust']}")
+    lines.append("  CPU cores used (mean over the phase): " + ", ".join(
+        f"{role} {cores}" for role, cores in cpu.items()
+    ))  # fmt: skip
+    for role, stats in main.get("cpu_per_second", {}).items():
+        lines.append(
+            f"    {role:<10} per second: p95 {stats['p95']} max {stats['max']} cores,"
+            f" saturated in {stats['saturated_share']:.0%} of seconds"
+        )
+    for group, row in main.get("tail_by_generator_load", {}).items():
+        lines.append(
+            f"    {group}: {row['windows']} windows, {row['evaluations']:,} evaluations,"
+            f" {row['over_100ms']:,} >= 100 ms, worst window p99 {_ms(row['worst_p99_ms'])} ms"
+        )
     if "unpaced" in summary:
         unpaced = summary["unpaced"]
         evals = unpaced["rows"].get("single evaluations", {})
@@ -267,7 +305,7 @@ def _jsonl(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def plot(out: Path) -> list[Path]:
-    """latency.png, throughput.png and propagation.png (small) from the run's files."""
+    """latency.png, throughput.png, cpu.png and propagation.png (small) from the run's files."""
     import matplotlib  # noqa: PLC0415  (heavy; only the runner plots)
 
     matplotlib.use("Agg")
@@ -299,6 +337,9 @@ def plot(out: Path) -> list[Path]:
         ax.set(xlabel="seconds", ylabel="per second", title="Throughput")
         ax.legend(loc="lower right")
         written.append(_save(fig, out / "throughput.png"))
+    cpu_path = out / "cpu-main.jsonl"
+    if timeline and cpu_path.exists():
+        written.append(_plot_cpu(timeline, _jsonl([cpu_path]), out / "cpu.png"))
     samples = propagation_samples(out)
     if any(samples.values()):
         fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
@@ -311,6 +352,33 @@ def plot(out: Path) -> list[Path]:
         ax.legend(loc="lower right")
         written.append(_save(fig, out / "propagation.png"))
     return written
+
+
+def _plot_cpu(
+    timeline: list[dict[str, Any]], samples: list[dict[str, Any]], path: Path
+) -> Path:
+    """Cores per process each second (the busiest Locust process bold) under the
+    single evaluations' p99 per timeline window: the generator's CPU beside the tail."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    t0 = timeline[0]["t"]
+    fig, (lat, cpu) = plt.subplots(2, 1, figsize=(7, 4.5), dpi=90, sharex=True)
+    lat.plot([r["t"] - t0 for r in timeline], [r["p99"] for r in timeline], label="p99")
+    lat.plot([r["t"] - t0 for r in timeline], [r["p95"] for r in timeline], "--", label="p95")
+    lat.set(ylabel="ms (log)", yscale="log", title="Single evaluations vs CPU per process")
+    lat.legend(loc="upper right")
+    kept = [s for s in samples[1:] if s["t"] >= t0]
+    xs = [s["t"] - t0 for s in kept]
+    roles = sorted({k for s in kept for k in s if is_generator(k) or k == "sidecar"})
+    for role in roles:
+        cpu.plot(xs, [s.get(role, 0.0) for s in kept], lw=0.8, label=role)
+    cpu.plot(xs, [busiest_generator(s) for s in kept], "k", lw=1.6, label="busiest Locust")
+    cpu.plot(xs, [most_starved_generator(s) for s in kept], "r--", lw=1, label="Locust wait s/s")
+    cpu.plot(xs, [s["machine"] for s in kept], ":", color="grey", label="machine")
+    cpu.plot(xs, [s.get("others", 0.0) for s in kept], "-.", color="grey", label="others")
+    cpu.set(xlabel="seconds", ylabel="cores")
+    cpu.legend(loc="upper right", fontsize=7, ncol=2)
+    return _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> Path:

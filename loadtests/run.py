@@ -146,11 +146,28 @@ class Phase:
     spawn_rate: float
     processes: int
     classes: tuple[str, ...]
+    workers: int = 0  # > 0: distributed mode, a master and this many worker processes
 
 
-def locust_command(phase: Phase, host: str, out: Path) -> list[str]:
+def locust_command(
+    phase: Phase, host: str, out: Path, master_port: int | None = None
+) -> list[str]:
+    """The Locust command of a phase: one process, `--processes N` (forked workers), or
+    with `phase.workers` the master of distributed mode (`--master --expect-workers`),
+    listening on 127.0.0.1:`master_port` for the workers of `worker_command`."""
     prefix = str(out / phase.name)
-    processes = ["--processes", str(phase.processes)] if phase.processes > 1 else []
+    if phase.workers > 0:
+        if master_port is None:
+            raise ValueError("distributed mode needs the master's port")
+        processes = [
+            "--master", "--expect-workers", str(phase.workers),
+            "--expect-workers-max-wait", "60",
+            "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
+        ]  # fmt: skip
+    elif phase.processes > 1:
+        processes = ["--processes", str(phase.processes)]
+    else:
+        processes = []
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "--host", host, "-u", str(phase.users), "-r", f"{phase.spawn_rate:g}",
@@ -163,6 +180,15 @@ def locust_command(phase: Phase, host: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def worker_command(master_port: int) -> list[str]:
+    """One worker of distributed mode; the master hands it users, host and duration."""
+    return [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
+        "--master-host", "127.0.0.1", "--master-port", str(master_port),
+        "--loglevel", "WARNING",
+    ]  # fmt: skip
+
+
 def run_locust(
     phase: Phase,
     out: Path,
@@ -170,18 +196,31 @@ def run_locust(
     sidecar: Sidecar,
     *,
     restart_at: float | None = None,
-) -> float:
-    """Run one phase to its end (restarting the sidecar `restart_at` s in, if given);
-    Locust's CPU seconds, itself and its worker processes (sampled while it runs:
-    the forked workers are not reaped in a way rusage would count)."""
+) -> dict[str, float]:
+    """Run one phase to its end (restarting the sidecar `restart_at` s in, if given).
+
+    Distributed mode (`phase.workers`): the master, then each worker, as separate
+    processes. Returns CPU seconds by process role (`master` or `locust`, `worker-N`,
+    `sidecar`), sampled every second while it runs (forked workers are not reaped in
+    a way rusage would count), and writes the samples to `cpu-<phase>.jsonl`.
+    """
+    master_port = free_port() if phase.workers else None
+    procs: list[subprocess.Popen[bytes]] = []
     with (out / f"locust-{phase.name}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            locust_command(phase, sidecar.base, out), env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        command = locust_command(phase, sidecar.base, out, master_port)
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        if master_port is not None:
+            for n in range(1, phase.workers + 1):
+                with (out / f"locust-{phase.name}-worker-{n}.log").open("wb") as wlog:
+                    procs.append(subprocess.Popen(
+                        worker_command(master_port), env=env, stdout=wlog,
+                        stderr=subprocess.STDOUT,
+                    ))  # fmt: skip
+    master = procs[0]
+    sampler = CpuSampler(out / f"cpu-{phase.name}.jsonl")
     started = time.monotonic()
-    cpu: dict[int, float] = {}
     try:
-        while proc.poll() is None:
+        while master.poll() is None:
             elapsed = time.monotonic() - started
             if elapsed > phase.duration_s + 120:
                 raise SetupError(f"locust still running {elapsed:.0f} s after its start")
@@ -190,35 +229,141 @@ def run_locust(
                 sidecar.stop()
                 took = sidecar.start()
                 print(f"  sidecar restarted at {elapsed:.0f} s, ready again in {took:.1f} s")
-            cpu.update(_cpu_of_tree(proc.pid))
+            sampler.sample(_roles(procs, phase, sidecar))
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=1)
+                master.wait(timeout=1)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
-    if proc.returncode != 0:
+        sampler.close()
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if master.returncode != 0:
         raise SetupError(
-            f"locust exited with {proc.returncode}; see {out / f'locust-{phase.name}.log'}"
+            f"locust exited with {master.returncode}; see {out / f'locust-{phase.name}.log'}"
         )
-    return sum(cpu.values())
+    return sampler.totals()
 
 
-def _cpu_of_tree(pid: int) -> dict[int, float]:
-    """CPU seconds so far of process `pid` and its descendants, by pid."""
+def _roles(
+    procs: list[subprocess.Popen[bytes]], phase: Phase, sidecar: Sidecar
+) -> dict[str, list[int]]:
+    """Process role -> pids whose CPU counts for it (the sidecar's too, for comparison)."""
     import psutil  # noqa: PLC0415  (a Locust dependency)
 
+    roles: dict[str, list[int]] = {}
+    if sidecar.proc is not None and sidecar.proc.poll() is None:
+        roles["sidecar"] = [sidecar.proc.pid]
+    master = procs[0]
+    if phase.workers:
+        roles["master"] = [master.pid]
+        for n, proc in enumerate(procs[1:], start=1):
+            roles[f"worker-{n}"] = [proc.pid]
+        return roles
     try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        children = [c.pid for c in psutil.Process(master.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        return {}
-    seconds = {}
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = p.cpu_times()
-            seconds[p.pid] = times.user + times.system
-    return seconds
+        children = []
+    if phase.processes > 1:  # --processes: the parent is the master, its forks the workers
+        roles["master"] = [master.pid]
+        for n, pid in enumerate(sorted(children), start=1):
+            roles[f"worker-{n}"] = [pid]
+    else:
+        roles["locust"] = [master.pid, *children]
+    return roles
+
+
+class CpuSampler:
+    """CPU use by process role, one JSON line per sample: the cores each role used
+    since the previous sample (`<role>`), the seconds per second its threads waited
+    runnable for a CPU (`<role>.wait`), the whole machine's busy cores (`machine`) and
+    what everything else used (`others`: PostgreSQL and the neighbours). A process that
+    existed before the sampler (the sidecar) counts from then on."""
+
+    def __init__(self, path: Path) -> None:
+        import psutil  # noqa: PLC0415  (a Locust dependency)
+
+        self._psutil = psutil
+        self._file = path.open("a", encoding="utf-8")
+        self._base: dict[int, float] = {}  # pid -> CPU seconds when first seen (or 0)
+        self._seen: dict[int, float] = {}  # pid -> CPU seconds at the last sample
+        self._role_of: dict[int, str] = {}
+        self._wait: dict[int, float] = {}  # pid -> run-queue wait seconds at the last sample
+        self._started = time.time()
+        self._last = time.monotonic()
+        self._machine = self._busy()
+
+    def _busy(self) -> float:
+        times = self._psutil.cpu_times()
+        return float(times.user + times.nice + times.system + times.irq + times.softirq)
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            process = self._psutil.Process(pid)
+            times = process.cpu_times()
+        except self._psutil.NoSuchProcess:
+            return None
+        total = float(times.user + times.system)
+        if pid not in self._base:
+            self._base[pid] = total if process.create_time() < self._started else 0.0
+            self._seen[pid] = self._base[pid]
+        return total
+
+    @staticmethod
+    def _waited(pid: int) -> float:
+        """Seconds the process's threads spent runnable but waiting for a CPU, so far
+        (`/proc/PID/task/*/schedstat`, second field, ns); 0 where not available."""
+        waited = 0
+        for path in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                waited += int(path.read_text().split()[1])
+        return waited / 1e9
+
+    def sample(self, roles: dict[str, list[int]]) -> None:
+        now, machine = time.monotonic(), self._busy()
+        window = max(now - self._last, 1e-6)
+        used: dict[str, float] = {}
+        waits: dict[str, float] = {}
+        for role, pids in roles.items():
+            for pid in pids:
+                total = self._cpu(pid)
+                if total is None:
+                    continue
+                used[role] = used.get(role, 0.0) + total - self._seen[pid]
+                self._seen[pid], self._role_of[pid] = total, role
+                waited = self._waited(pid)
+                waits[role] = waits.get(role, 0.0) + waited - self._wait.get(pid, waited)
+                self._wait[pid] = waited
+        busy = (machine - self._machine) / window
+        line = {
+            "t": time.time(),
+            "machine": round(busy, 3),
+            # Everything else on the machine: PostgreSQL, and the neighbours' work.
+            "others": round(max(0.0, busy - sum(used.values()) / window), 3),
+            **{role: round(seconds / window, 3) for role, seconds in used.items()},
+            # Runnable but waiting for a CPU (seconds per second): starved, not busy.
+            **{f"{role}.wait": round(seconds / window, 3) for role, seconds in waits.items()},
+        }
+        self._last, self._machine = now, machine
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def totals(self) -> dict[str, float]:
+        """CPU seconds by role over the samples (a restarted sidecar counts both)."""
+        out: dict[str, float] = {}
+        for pid, seconds in self._seen.items():
+            role = self._role_of.get(pid)
+            if role is not None:
+                out[role] = out.get(role, 0.0) + seconds - self._base[pid]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # --- one run ---------------------------------------------------------------------------
@@ -247,7 +392,7 @@ def phases(profile: Profile) -> list[tuple[Phase, dict[str, Any]]]:
     mix = profile.mix
     classes = mix.user_classes()
     main = Phase("main", profile.duration_s, sum(classes.values()), profile.spawn_rate,
-                 profile.processes, tuple(classes))  # fmt: skip
+                 profile.processes, tuple(classes), profile.workers)  # fmt: skip
     result = [(main, mix.to_json())]
     if profile.unpaced_s:
         unpaced = profile.unpaced_mix()
@@ -300,16 +445,23 @@ def _measure(
             if profile.restart_at and phase.name == "main"
             else None
         )
-        print(f"  locust {phase.name}: {phase.users} users, {phase.duration_s} s,"
-              f" {phase.processes} process(es)")  # fmt: skip
+        mode = (
+            f"distributed: a master and {phase.workers} workers" if phase.workers
+            else f"{phase.processes} process(es)"
+        )  # fmt: skip
+        print(f"  locust {phase.name}: {phase.users} users, {phase.duration_s} s, {mode}")
         before, cpu_before = sidecar.metrics(), sidecar.cpu_seconds()
-        locust_cpu = run_locust(phase, out, env, sidecar, restart_at=restart)
+        cpu = run_locust(phase, out, env, sidecar, restart_at=restart)
+        command = " ".join(locust_command(phase, sidecar.base, out, 0 if phase.workers else None))
+        if phase.workers:
+            command += f"  (+ {phase.workers} x: {' '.join(worker_command(0))})"
         measured[phase.name] = {
             "metrics_before": before,
             "metrics_after": sidecar.metrics(),
             "sidecar_cpu_s": sidecar.cpu_seconds() - cpu_before,
-            "locust_cpu_s": locust_cpu,
-            "command": " ".join(locust_command(phase, sidecar.base, out)),
+            "locust_cpu_s": sum(v for k, v in cpu.items() if k != "sidecar"),
+            "cpu_s_by_process": cpu,
+            "command": command,
         }
     return measured
 
@@ -338,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
     parser.add_argument("--duration", type=int, metavar="S", help="override the run time")
     parser.add_argument("--processes", type=int, metavar="N", help="override Locust processes")
+    parser.add_argument(
+        "--workers", type=int, metavar="N",
+        help="distributed mode: a Locust master and N worker processes (0: off)",
+    )  # fmt: skip
     parser.add_argument("--no-unpaced", action="store_true", help="skip the unpaced phase")
     parser.add_argument("--drop-db", action="store_true", help="drop the dataset database after")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results root")
@@ -347,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         profile,
         duration_s=args.duration or profile.duration_s,
         processes=args.processes or profile.processes,
+        workers=profile.workers if args.workers is None else args.workers,
         unpaced_s=0 if args.no_unpaced else profile.unpaced_s,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
