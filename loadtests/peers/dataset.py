@@ -154,6 +154,18 @@ def generate(users: int, seed: int = 1, now: float | None = None) -> Dataset:
     for table, produced in tables.items():
         width = len(COLUMNS[table])
         rows[table] = [tuple(_field(v, shift) for v in row[:width]) for row in produced]
+    return from_rows(TENANT, as_of + shift, rows, max(100, users // 5))
+
+
+def from_rows(
+    tenant: str,
+    now: float,
+    rows: dict[str, list[Row]],
+    resource_ids: int,
+    types: tuple[str, ...] = seed_data.RESOURCE_TYPES,
+    actions: tuple[str, ...] = seed_data.ACTIONS,
+) -> Dataset:
+    """The lookup tables of one tenant's rows in pdp's engine format (`COLUMNS`)."""
     grants: dict[str, list[str]] = {str(r[1]): [] for r in rows["roles"]}
     inherits: dict[str, list[str]] = {role: [] for role in grants}
     for _, role, permission in rows["role_permissions"]:
@@ -164,11 +176,11 @@ def generate(users: int, seed: int = 1, now: float | None = None) -> Dataset:
     for _, group, user in rows["group_members"]:
         groups_of.setdefault(str(user), []).append(str(group))
     return Dataset(
-        tenant=TENANT,
-        now=as_of + shift,
-        resource_ids=max(100, users // 5),
-        types=seed_data.RESOURCE_TYPES,
-        actions=seed_data.ACTIONS,
+        tenant=tenant,
+        now=now,
+        resource_ids=resource_ids,
+        types=types,
+        actions=actions,
         active={str(r[1]): r[2] == "active" for r in rows["users"]},
         groups_of={u: tuple(sorted(g)) for u, g in groups_of.items()},
         user_roles=_by_holder(rows["user_roles"]),
