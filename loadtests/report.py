@@ -142,16 +142,17 @@ def load_stats(out: Path, phase: str) -> list[dict[str, Any]]:
 
 def _phase(out: Path, name: str, measured: dict[str, Any], duration_s: int) -> dict[str, Any]:
     entries = load_stats(out, name)
+    wall = measured.get("cpu_wall_s") or duration_s
     rows = {label: entry_row(group) for label, group in _groups(entries).items()}
     return {
         "rows": {label: row for label, row in rows.items() if row is not None},
         "all": entry_row(entries),
         "server": server_side(measured["metrics_before"], measured["metrics_after"]),
         "cpu_cores": {
-            "sidecar": round(measured["sidecar_cpu_s"] / duration_s, 2),
-            "locust": round(measured["locust_cpu_s"] / duration_s, 2),
+            "sidecar": round(measured["sidecar_cpu_s"] / wall, 2),
+            "locust": round(measured["locust_cpu_s"] / wall, 2),
             **{
-                role: round(seconds / duration_s, 2)
+                role: round(seconds / wall, 2)
                 for role, seconds in sorted(measured.get("cpu_s_by_process", {}).items())
                 if is_generator(role)
             },
@@ -168,12 +169,34 @@ def cpu_beside_latency(out: Path, phase: str) -> dict[str, Any]:
     if not cpu_path.exists():
         return {}
     samples = _jsonl([cpu_path])
-    result: dict[str, Any] = {"cpu_per_second": cpu_stats(samples, os.cpu_count() or 1)}
-    if timeline_path.exists():
+    timeline = _jsonl([timeline_path]) if timeline_path.exists() else []
+    steady = steady_from(timeline)
+    result: dict[str, Any] = {
+        "cpu_per_second": cpu_stats([s for s in samples if s["t"] >= steady],
+                                    os.cpu_count() or 1),
+    }  # fmt: skip
+    if timeline:
         result["tail_by_generator_load"] = tail_by_generator_load(
-            _jsonl([timeline_path]), samples
+            [w for w in timeline if w["t"] > steady], samples
         )
+    probe_path = out / f"probe-{phase}.jsonl"
+    if probe_path.exists():
+        probes = [p for p in _jsonl([probe_path]) if p["t"] >= steady]
+        result["probe"] = propagation_row(probes)
     return result
+
+
+def steady_from(timeline: list[dict[str, Any]]) -> float:
+    """When every user was spawned (Locust's statistics restart then): the start of
+    the first timeline window at the final user count; 0 without a timeline."""
+    if not timeline:
+        return 0.0
+    final = timeline[-1]["users"]
+    ends = [w["t"] for w in timeline]
+    for i, window in enumerate(timeline):
+        if window["users"] == final:
+            return float(ends[i - 1]) if i else float(ends[0]) - 2.0
+    return 0.0
 
 
 def machine() -> dict[str, Any]:
@@ -260,6 +283,8 @@ def table(summary: dict[str, Any]) -> str:
     lines = [f"\n{summary['profile']}: {summary['duration_s']} s, {summary['description']}", head]
     lines += [_line(label, row) for label, row in main["rows"].items()]
     lines.append(_line("server-side decision time", main["server"]))
+    if "probe" in main:
+        lines.append(_line("probe (the runner, 20 checks/s)", main["probe"]))
     for kind, row in summary["propagation"].items():
         lines.append(_line(f"propagation samples ({kind})", row))
     cpu = main["cpu_cores"]
@@ -267,10 +292,16 @@ def table(summary: dict[str, Any]) -> str:
         f"{role} {cores}" for role, cores in cpu.items()
     ))  # fmt: skip
     for role, stats in main.get("cpu_per_second", {}).items():
-        lines.append(
-            f"    {role:<10} per second: p95 {stats['p95']} max {stats['max']} cores,"
-            f" saturated in {stats['saturated_share']:.0%} of seconds"
-        )
+        if role.endswith(".wait"):
+            lines.append(
+                f"    {role:<14} waited for a CPU p95 {stats['p95']} max {stats['max']} s/s,"
+                f" starved (>= 0.5 s/s) in {stats['saturated_share']:.0%} of seconds"
+            )
+        else:
+            lines.append(
+                f"    {role:<14} per second: p95 {stats['p95']} max {stats['max']} cores,"
+                f" saturated in {stats['saturated_share']:.0%} of seconds"
+            )
     for group, row in main.get("tail_by_generator_load", {}).items():
         lines.append(
             f"    {group}: {row['windows']} windows, {row['evaluations']:,} evaluations,"

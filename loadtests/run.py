@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,12 +40,13 @@ from typing import Any, NoReturn
 
 from loadtests import report
 from loadtests.pg_dataset import build_manifest, ensure_dataset, server_url
-from loadtests.profiles import PROFILES, Profile
+from loadtests.profiles import PROFILES, Profile, is_generator
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 RESULTS = HERE / "results"
 READY_DEADLINE_S = 300.0
+WALL = "_wall_s"  # in run_locust's CPU totals: the seconds they were sampled over
 
 
 class SetupError(Exception):
@@ -133,6 +136,60 @@ class Sidecar:
             proc.wait()
 
 
+class Probe:
+    """A second vantage point: one check every `period` seconds from the runner's own
+    thread, on one keep-alive connection, timed here (`probe-<phase>.jsonl`). Locust's
+    latency includes its own scheduling; this client is nearly idle, so a tail Locust
+    sees and this probe does not is the generator's, one both see is the sidecar's or
+    the machine's."""
+
+    def __init__(self, base: str, body: bytes, path: Path, period: float = 0.05) -> None:
+        self._port = int(base.rsplit(":", 1)[1])
+        self._body, self._path, self._period = body, path, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=10)
+        headers = {"Content-Type": "application/json"}
+        with self._path.open("a", encoding="utf-8") as out:
+            while not self._stop.wait(self._period):
+                started = time.perf_counter()
+                try:
+                    conn.request("POST", "/access/v1/evaluation", self._body, headers)
+                    response = conn.getresponse()
+                    response.read()
+                    error = None if response.status == 200 else f"HTTP {response.status}"
+                except (OSError, http.client.HTTPException) as exc:
+                    error = type(exc).__name__
+                    conn.close()
+                ms = (time.perf_counter() - started) * 1000
+                sample: dict[str, Any] = {"t": time.time(), "ms": round(ms, 3)}
+                if error:
+                    sample["error"] = error
+                out.write(json.dumps(sample) + "\n")
+        conn.close()
+
+
+def probe_body(dataset: dict[str, Any]) -> bytes:
+    """One labelled probe of the manifest as an evaluation body."""
+    pools = dataset["probes"]
+    row = next(rows[0] for kind in pools.values() for rows in kind.values() if rows)
+    tenant, user, rtype, rid, action = row
+    return json.dumps({
+        "subject": {"type": "user", "id": user, "properties": {"tenant": tenant}},
+        "resource": {"type": rtype, "id": rid}, "action": {"name": action},
+    }).encode()  # fmt: skip
+
+
 # --- Locust ----------------------------------------------------------------------------
 
 
@@ -201,8 +258,9 @@ def run_locust(
 
     Distributed mode (`phase.workers`): the master, then each worker, as separate
     processes. Returns CPU seconds by process role (`master` or `locust`, `worker-N`,
-    `sidecar`), sampled every second while it runs (forked workers are not reaped in
-    a way rusage would count), and writes the samples to `cpu-<phase>.jsonl`.
+    `sidecar`, `runner`) and the wall seconds sampled (`WALL`), sampled every second
+    while it runs (forked workers are not reaped in a way rusage would count), and
+    writes the samples to `cpu-<phase>.jsonl`.
     """
     master_port = free_port() if phase.workers else None
     procs: list[subprocess.Popen[bytes]] = []
@@ -247,7 +305,7 @@ def run_locust(
         raise SetupError(
             f"locust exited with {master.returncode}; see {out / f'locust-{phase.name}.log'}"
         )
-    return sampler.totals()
+    return {**sampler.totals(), WALL: sampler.wall_s}
 
 
 def _roles(
@@ -256,7 +314,7 @@ def _roles(
     """Process role -> pids whose CPU counts for it (the sidecar's too, for comparison)."""
     import psutil  # noqa: PLC0415  (a Locust dependency)
 
-    roles: dict[str, list[int]] = {}
+    roles: dict[str, list[int]] = {"runner": [os.getpid()]}  # with the probe thread
     if sidecar.proc is not None and sidecar.proc.poll() is None:
         roles["sidecar"] = [sidecar.proc.pid]
     master = procs[0]
@@ -295,7 +353,7 @@ class CpuSampler:
         self._role_of: dict[int, str] = {}
         self._wait: dict[int, float] = {}  # pid -> run-queue wait seconds at the last sample
         self._started = time.time()
-        self._last = time.monotonic()
+        self._first = self._last = time.monotonic()
         self._machine = self._busy()
 
     def _busy(self) -> float:
@@ -352,6 +410,11 @@ class CpuSampler:
         self._last, self._machine = now, machine
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds from the sampler's start to its last sample."""
+        return self._last - self._first
 
     def totals(self) -> dict[str, float]:
         """CPU seconds by role over the samples (a restarted sidecar counts both)."""
@@ -451,7 +514,8 @@ def _measure(
         )  # fmt: skip
         print(f"  locust {phase.name}: {phase.users} users, {phase.duration_s} s, {mode}")
         before, cpu_before = sidecar.metrics(), sidecar.cpu_seconds()
-        cpu = run_locust(phase, out, env, sidecar, restart_at=restart)
+        with Probe(sidecar.base, probe_body(dataset), out / f"probe-{phase.name}.jsonl"):
+            cpu = run_locust(phase, out, env, sidecar, restart_at=restart)
         command = " ".join(locust_command(phase, sidecar.base, out, 0 if phase.workers else None))
         if phase.workers:
             command += f"  (+ {phase.workers} x: {' '.join(worker_command(0))})"
@@ -459,8 +523,9 @@ def _measure(
             "metrics_before": before,
             "metrics_after": sidecar.metrics(),
             "sidecar_cpu_s": sidecar.cpu_seconds() - cpu_before,
-            "locust_cpu_s": sum(v for k, v in cpu.items() if k != "sidecar"),
-            "cpu_s_by_process": cpu,
+            "locust_cpu_s": sum(v for k, v in cpu.items() if is_generator(k)),
+            "cpu_s_by_process": {k: v for k, v in cpu.items() if k != WALL},
+            "cpu_wall_s": cpu[WALL],
             "command": command,
         }
     return measured

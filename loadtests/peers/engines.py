@@ -24,10 +24,12 @@ it cannot express is in `HOW` (printed in the report and the README):
   `g, user, role, scope`, `g, group, role, scope`, and per scope a group holds a
   role at, `g, member, group, scope` and the inheritance edges its roles reach
   (`g, role, parent, scope`); `g2, user, active`; `p, role, type, action` per grant
-  (`*` for wildcards). The matcher asks the three scopes of the resource. The domain
-  matching function is None (with one, building the role graph of every domain does
-  not finish). Cannot express here: expiry (pycasbin's conditional role managers
-  take a condition function per link; not wired up).
+  (`*` for wildcards). The matcher asks the three scopes of the resource. The name and
+  domain matching functions are None (pycasbin's domain manager otherwise gives every
+  domain an equality lambda, making each added link scan the domain's roles: the
+  `*` domain's graph never finishes building). Cannot express here: expiry
+  (pycasbin's conditional role managers take a condition function per link; not
+  wired up).
 """
 
 from __future__ import annotations
@@ -324,6 +326,11 @@ def build_casbin(data: Dataset, workdir: Path | None = None) -> InProcess:
         model.write_text(CASBIN_MODEL)
         policy.write_text("\n".join(casbin_policy(data)) + "\n")
         enforcer = casbin.Enforcer(str(model), str(policy))
+    # No pattern matching of names or domains: pycasbin's domain manager otherwise
+    # hands every domain's role manager an equality lambda as its matching function,
+    # and with one set each new link is compared with every role of the domain, so
+    # building a large domain's role graph (scope `*`) is quadratic and never ends.
+    enforcer.add_named_matching_func("g", None)
     enforcer.add_named_domain_matching_func("g", None)
     enforce = enforcer.enforce
 
