@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import gevent
+import locust.runners
 import locust.stats
 import pg8000.native
 from locust import (
@@ -83,6 +84,13 @@ def _fine_bucket(ms: float) -> float:
 _coarse_bucket = locust.stats.bucket_response_time
 # Locust declares whole-millisecond (int) buckets; finer float buckets are the point here.
 locust.stats.bucket_response_time = _fine_bucket  # type: ignore[assignment]
+
+# Distributed mode: the master counts a worker missing after 3 heartbeats (1 s apart)
+# that did not arrive, takes its users away and stops the test when none is left. On
+# this shared 2-core machine a starved worker (5,000 greenlets waiting seconds for a
+# CPU) misses that many and the run collapses to 0 users; allow 30 s. Read by the
+# master when a worker connects and on each heartbeat (a module global).
+locust.runners.HEARTBEAT_LIVENESS = 30
 
 MANIFEST = _load_manifest()
 MIX: dict[str, Any] = MANIFEST["mix"]

@@ -142,7 +142,7 @@ PROFILES: dict[str, Profile] = {
             mix=Mix(eval_users=10_000, think_time=(5.0, 15.0), writer_rate=2.0),
             gates=Gates(p95_ms=100.0, max_failure_ratio=0.0),
             spawn_rate=500.0,
-            processes=2,
+            workers=2,  # distributed mode: a master and two worker processes
         ),
         Profile(
             name="soak",

@@ -144,10 +144,11 @@ def _phase(out: Path, name: str, measured: dict[str, Any], duration_s: int) -> d
     entries = load_stats(out, name)
     wall = measured.get("cpu_wall_s") or duration_s
     rows = {label: entry_row(group) for label, group in _groups(entries).items()}
+    server = server_side(measured["metrics_before"], measured["metrics_after"])
     return {
         "rows": {label: row for label, row in rows.items() if row is not None},
         "all": entry_row(entries),
-        "server": server_side(measured["metrics_before"], measured["metrics_after"]),
+        "server": server,
         "cpu_cores": {
             "sidecar": round(measured["sidecar_cpu_s"] / wall, 2),
             "locust": round(measured["locust_cpu_s"] / wall, 2),
@@ -158,7 +159,20 @@ def _phase(out: Path, name: str, measured: dict[str, Any], duration_s: int) -> d
             },
         },
         **cpu_beside_latency(out, name),
+        "cpu_ms_per_decision": cpu_per_decision(measured, server["requests"]),
         "locust_command": measured["command"],
+    }
+
+
+def cpu_per_decision(measured: dict[str, Any], decisions: int) -> dict[str, float | None]:
+    """CPU milliseconds the sidecar and Locust spent per decision the sidecar made over
+    the phase (both counted over the same span): what each side costs, whatever the
+    contention on the machine."""
+    if not decisions:
+        return {"sidecar": None, "locust": None}
+    return {
+        "sidecar": round(measured["sidecar_cpu_s"] * 1000 / decisions, 3),
+        "locust": round(measured["locust_cpu_s"] * 1000 / decisions, 3),
     }
 
 
@@ -291,6 +305,11 @@ def table(summary: dict[str, Any]) -> str:
     lines.append("  CPU cores used (mean over the phase): " + ", ".join(
         f"{role} {cores}" for role, cores in cpu.items()
     ))  # fmt: skip
+    per = main.get("cpu_ms_per_decision", {})
+    if per.get("sidecar") is not None:
+        lines.append(
+            f"  CPU per decision: sidecar {per['sidecar']} ms, Locust {per['locust']} ms"
+        )
     for role, stats in main.get("cpu_per_second", {}).items():
         if role.endswith(".wait"):
             lines.append(

@@ -221,10 +221,12 @@ def locust_command(
             "--expect-workers-max-wait", "60",
             "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
         ]  # fmt: skip
+        # INFO: the master then logs workers that go missing and come back.
+        loglevel = "INFO"
     elif phase.processes > 1:
-        processes = ["--processes", str(phase.processes)]
+        processes, loglevel = ["--processes", str(phase.processes)], "WARNING"
     else:
-        processes = []
+        processes, loglevel = [], "WARNING"
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "--host", host, "-u", str(phase.users), "-r", f"{phase.spawn_rate:g}",
@@ -232,7 +234,7 @@ def locust_command(
         # Measure the steady state: statistics restart once every user is spawned.
         "--reset-stats",
         "--csv", prefix, "--csv-full-history", "--html", f"{prefix}.html",
-        "--json-file", prefix, "--only-summary", "--loglevel", "WARNING",
+        "--json-file", prefix, "--only-summary", "--loglevel", loglevel,
         "--exit-code-on-error", "0", *processes, *phase.classes,
     ]  # fmt: skip
 

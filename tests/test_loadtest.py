@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,14 +22,17 @@ from loadtests.profiles import (
     Mix,
     Profile,
     bucket_percentile,
+    cpu_stats,
     evaluate_gates,
+    generator_short_of_cpu,
     histogram_delta,
     locust_percentile,
     merge_histograms,
     parse_histogram,
     sample_percentile,
+    tail_by_generator_load,
 )
-from loadtests.run import locust_command, phases, result_dir
+from loadtests.run import CpuSampler, locust_command, phases, result_dir, worker_command
 from pdp.pg import seed
 from pdp.pg.seed_data import SeedSpec, synthetic
 
@@ -152,9 +159,80 @@ def test_phases_and_locust_command(tmp_path: Path) -> None:
     assert "--processes" not in command
     for flag, value in (("--csv", "main"), ("--html", "main.html"), ("--json-file", "main")):
         assert command[command.index(flag) + 1] == str(tmp_path / value)
+    forked = phases(replace(PROFILES["standard"], processes=2))[0][0]
+    assert "--processes" in locust_command(forked, "http://x", tmp_path)
     target = phases(PROFILES["seed-target"])[0][0]
-    assert target.processes == 2
-    assert "--processes" in locust_command(target, "http://x", tmp_path)
+    assert target.workers == 2  # distributed mode by default
+    assert "--master" in locust_command(target, "http://x", tmp_path, master_port=1)
+
+
+def test_distributed_mode_commands(tmp_path: Path) -> None:
+    """--workers N: a --master expecting N workers on a given loopback port, and the
+    workers' own command pointing at it; the master needs the port."""
+    profile = replace(PROFILES["seed-target"], workers=3)
+    main = phases(profile)[0][0]
+    assert main.workers == 3
+    master = locust_command(main, "http://x", tmp_path, master_port=5599)
+    assert "--master" in master
+    assert "--processes" not in master
+    assert master[master.index("--expect-workers") + 1] == "3"
+    assert master[master.index("--master-bind-port") + 1] == "5599"
+    assert master[master.index("--master-bind-host") + 1] == "127.0.0.1"
+    assert master[-len(main.classes):] == list(main.classes)
+    worker = worker_command(5599)
+    assert "--worker" in worker
+    assert worker[worker.index("--master-port") + 1] == "5599"
+    with pytest.raises(ValueError, match="port"):
+        locust_command(main, "http://x", tmp_path)
+
+
+def test_cpu_statistics_and_the_tail_split() -> None:
+    samples = [
+        {"t": 0.0, "machine": 2.0, "worker-1": 5.0},  # start-up: skipped
+        {"t": 1.0, "machine": 1.0, "worker-1": 0.95, "worker-1.wait": 0.1, "sidecar": 0.2},
+        {"t": 2.0, "machine": 1.96, "worker-1": 0.3, "worker-1.wait": 0.7, "sidecar": 0.2},
+        {"t": 3.0, "machine": 0.5, "worker-1": 0.2, "worker-1.wait": 0.0, "sidecar": 0.2},
+        {"t": 4.0, "machine": 0.5, "worker-1": 0.2, "worker-1.wait": 0.0, "sidecar": 0.2},
+    ]
+    stats = cpu_stats(samples, machine_cores=2)
+    assert stats["worker-1"]["max"] == 0.95
+    assert stats["worker-1"]["saturated_share"] == 0.25  # one second of four at >= 0.9
+    assert stats["worker-1.wait"]["saturated_share"] == 0.25  # starved: >= 0.5 s/s
+    assert stats["machine"]["saturated_share"] == 0.25  # >= 95 % of 2 cores
+    assert stats["sidecar"]["saturated_share"] == 0.0
+    assert [generator_short_of_cpu(s) for s in samples[1:]] == [True, True, False, False]
+    assert not generator_short_of_cpu({"sidecar": 1.0, "sidecar.wait": 1.0})
+    timeline = [
+        {"t": 2.0, "eval_rps": 100.0, "over_100ms": 7, "p99": 300.0},
+        {"t": 4.0, "eval_rps": 100.0, "over_100ms": 0, "p99": 4.0},
+    ]
+    split = tail_by_generator_load(timeline, samples)
+    assert split["generator short of CPU"] == {
+        "windows": 1, "evaluations": 200, "over_100ms": 7, "worst_p99_ms": 300.0
+    }  # fmt: skip
+    assert split["generator not short of CPU"]["worst_p99_ms"] == 4.0
+
+
+def test_cpu_sampler_counts_processes_started_before_it_from_then_on(tmp_path: Path) -> None:
+    """This process predates the sampler: its earlier CPU is not counted."""
+    sampler = CpuSampler(tmp_path / "cpu.jsonl")
+    sampler.sample({"me": [os.getpid()]})
+    spent = time.process_time() + 0.05
+    while time.process_time() < spent:  # some CPU to count (psutil's ticks are 10 ms)
+        sum(i * i for i in range(1000))
+    sampler.sample({"me": [os.getpid()]})
+    sampler.close()
+    lines = [json.loads(x) for x in (tmp_path / "cpu.jsonl").read_text().splitlines()]
+    assert lines[0]["me"] == 0.0
+    assert {"machine", "others", "me.wait"} <= set(lines[1])
+    assert 0.0 < sampler.totals()["me"] < 60.0
+    assert sampler.wall_s > 0
+
+
+def test_steady_state_starts_when_every_user_is_spawned() -> None:
+    timeline = [{"t": 10.0, "users": 5}, {"t": 12.0, "users": 9}, {"t": 14.0, "users": 9}]
+    assert report.steady_from(timeline) == 10.0
+    assert report.steady_from([]) == 0.0
 
 
 def test_profiles_meet_the_issue() -> None:

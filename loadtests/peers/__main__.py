@@ -201,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if all(a.ok for a in found):
         _say(f"  in process: {args.rounds} rounds of {args.per_round:,} queries")
+        floors = engines.build_floors(built)
         summary["in_process"] = bench.in_process(
-            built, queries, excluded, args.rounds, args.per_round
+            built + floors, queries, excluded, args.rounds, args.per_round
         )
         if args.server and "Cerbos" not in problems:
             measured, http_found, lookup = servers(args, data, queries, expected, out)

@@ -338,3 +338,38 @@ def build_casbin(data: Dataset, workdir: Path | None = None) -> InProcess:
         return bool(enforce(q.user, q.rtype, q.rid, q.action))
 
     return InProcess("pycasbin", answer, cannot_express=("expiry",))
+
+
+# --- floors: the bindings' own cost per call -------------------------------------------
+
+
+def build_floors(built: list[InProcess]) -> list[InProcess]:
+    """For OPA and Cedar, the same call with a policy that allows everything and no
+    data: what the binding costs per check before any evaluation (timed beside the
+    engines, never held to the answers)."""
+    names = {engine.name for engine in built}
+    floors = []
+    if "OPA" in names:
+        from opa_bindings import OpaEngine  # noqa: PLC0415
+
+        opa = OpaEngine()
+        opa.add_policy("floor.rego", "package floor\n\nallow := true\n")
+
+        def opa_floor(q: Query) -> bool:
+            given = {"user": q.user, "type": q.rtype, "id": q.rid, "action": q.action}
+            return opa.eval_document("floor.allow", given) is True
+
+        floor = InProcess("OPA floor", opa_floor)
+        floor.engine = opa  # type: ignore[attr-defined]  # keep the Go engine alive
+        floors.append(floor)
+    if "Cedar" in names:
+        import cedarpy  # noqa: PLC0415
+
+        policies = cedarpy.PolicySet.from_str("permit(principal, action, resource);")
+        entities = cedarpy.Entities.from_json_str("[]")
+
+        def cedar_floor(q: Query) -> bool:
+            return bool(cedarpy.is_authorized(cedar_request(q), policies, entities).allowed)
+
+        floors.append(InProcess("Cedar floor", cedar_floor))
+    return floors

@@ -43,6 +43,8 @@ def table(summary: dict[str, Any]) -> str:
         lines += ["", "| in process | median us | p99 us | median / pdp's | build s |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for name, row in summary["in_process"].items():
+            if name.endswith(" floor"):
+                name = f"({name}: allow-all policy, no data)"  # noqa: PLW2901
             lines.append(
                 f"| {name} | {_us(row['median_us'])} | {_us(row['p99_us'])} |"
                 f" {row['ratio_to_pdp']:g}x | {row['build_s']:.1f} |"
@@ -80,7 +82,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     server = summary.get("server") or {}
     fig, axes = plt.subplots(1, 2 if server else 1, figsize=(9 if server else 5, 3.4), dpi=90)
     left = axes[0] if server else axes
-    rows = summary["in_process"]
+    rows = {k: v for k, v in summary["in_process"].items() if not k.endswith(" floor")}
     names = list(rows)
     xs = range(len(names))
     left.bar([x - 0.2 for x in xs], [rows[n]["median_us"] for n in names], 0.4, label="median")
