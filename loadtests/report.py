@@ -255,6 +255,7 @@ def summarize(
         "dataset": {"tenants": profile.tenants, "users": profile.users, "seeded_now": seeded},
         "mix": profile.mix.to_json(),
         "locust_processes": profile.processes,
+        "locust_workers": profile.workers,  # > 0: distributed mode, a master and N workers
         "sidecar_ready_s": round(ready_s, 2),
         "machine": machine(),
         "main": main,
