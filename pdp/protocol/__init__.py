@@ -20,6 +20,7 @@ from pdp.protocol.discovery import configuration
 from pdp.protocol.evaluation import (
     SEMANTICS,
     SUBJECT_TYPE,
+    SUBJECT_TYPES,
     Batch,
     Query,
     entry_error,
@@ -46,6 +47,7 @@ __all__ = [
     "MIN_REVISION",
     "SEMANTICS",
     "SUBJECT_TYPE",
+    "SUBJECT_TYPES",
     "ActionSearch",
     "Batch",
     "JsonObject",

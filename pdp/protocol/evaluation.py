@@ -22,13 +22,16 @@ from pdp.protocol.fields import (
 )
 
 SUBJECT_TYPE = "user"
+# Subject types answered like `user`: `identity` is the AuthZEN API-gateway profile's
+# (subject {type: identity, id}). Until subject types are configurable, a fixed set.
+SUBJECT_TYPES = frozenset({SUBJECT_TYPE, "identity"})
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 ENTITIES = ("subject", "action", "resource")
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One access question, validated. `subject_type` other than `user` is answered deny."""
+    """One access question, validated. A `subject_type` not in SUBJECT_TYPES is denied."""
 
     tenant: str
     subject_type: str

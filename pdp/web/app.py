@@ -33,10 +33,12 @@ from pdp.protocol import error_body
 from pdp.readiness import Health
 from pdp.replica import Fallback, Replica
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
+from pdp.web.forward_auth import ForwardAuthApi, Gateway
 from pdp.web.ops import OpsApi
 
 __all__ = [
     "FALLBACK",
+    "GATEWAY",
     "HEALTH",
     "METRICS",
     "REGISTRY",
@@ -56,6 +58,7 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 FALLBACK: web.AppKey[Fallback | None] = web.AppKey("fallback")
+GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway")
 
 REQUEST_ID = "X-Request-ID"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404/405)
@@ -70,6 +73,7 @@ def build_app(
     metrics: Metrics | None = None,
     health: Health | None = None,
     fallback: Fallback | None = None,
+    gateway: Gateway | None = None,
     cleanup: Sequence[CleanupContext] = (),
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
@@ -77,7 +81,9 @@ def build_app(
     `metrics` defaults to a new `Metrics` on `registry` and `health` to the replica's
     freshness alone; the metrics' scrape-time gauges read `health`. `fallback`
     answers consistent checks whose revision is not yet in memory (None: those are
-    denied). Each `cleanup` context is appended to `app.cleanup_ctx` in order.
+    denied). `gateway` holds forward-auth's route table and JWT keys (None: every
+    /forward-auth request is denied, no table). Each `cleanup` context is appended to
+    `app.cleanup_ctx` in order.
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -94,8 +100,10 @@ def build_app(
     app[METRICS] = metrics
     app[HEALTH] = health
     app[FALLBACK] = fallback
+    app[GATEWAY] = gateway
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback).routes(),
+        *ForwardAuthApi(settings, replica, metrics, gateway).routes(),
         *OpsApi(settings, health, registry).routes(),
     ]
     for route in routes:
@@ -107,6 +115,8 @@ def build_app(
             app.router.add_route(route.method, route.path, handler, **route.kwargs)
     # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
     app.router.add_route("*", "/{tail:.*}", _guard(_unmatched, UNMATCHED, metrics))
+    if gateway is not None and gateway.keys is not None:
+        app.cleanup_ctx.append(gateway.keys.running)
     app.cleanup_ctx.extend(cleanup)
     return app
 

@@ -159,7 +159,7 @@ class AuthzenApi:
     async def evaluation(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         query = protocol.parse_evaluation(await read_json(request), self._default_tenant)
-        if MIN_REVISION not in request.headers and query.subject_type == protocol.SUBJECT_TYPE:
+        if MIN_REVISION not in request.headers and query.subject_type in protocol.SUBJECT_TYPES:
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
@@ -211,7 +211,7 @@ class AuthzenApi:
 
     async def _consistent(self, query: Query, mode: Consistency) -> tuple[bool, JsonObject]:
         """Answer a query whose revision memory could not show in time (never from memory)."""
-        if query.subject_type != protocol.SUBJECT_TYPE:
+        if query.subject_type not in protocol.SUBJECT_TYPES:
             return False, {"reason": _UNSUPPORTED}
         if mode is Consistency.UNAVAILABLE or self._fallback is None:
             return False, {"reason": "revision_unavailable"}
@@ -262,7 +262,7 @@ class AuthzenApi:
         for entry in batch.entries:
             if isinstance(entry, RequestError):
                 result = protocol.entry_error(entry)
-            elif entry.subject_type != protocol.SUBJECT_TYPE:
+            elif entry.subject_type not in protocol.SUBJECT_TYPES:
                 result = {"decision": False, "context": {"reason": _UNSUPPORTED}}
             elif engine is None:
                 result = {"decision": False, "context": reason_only}
@@ -387,7 +387,7 @@ def _one(
     query: Query, engine: Engine | None, blocked: JsonObject | None, now: float
 ) -> tuple[bool, JsonObject]:
     """One query answered from memory (or denied with the gate's reason)."""
-    if query.subject_type != protocol.SUBJECT_TYPE:
+    if query.subject_type not in protocol.SUBJECT_TYPES:
         return False, {"reason": _UNSUPPORTED}
     if engine is None:
         return False, dict(blocked or {"reason": "not_ready"})
