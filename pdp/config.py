@@ -136,6 +136,12 @@ def _header_names(text: str) -> tuple[str, ...]:
     return tuple(_header_name(name.strip()) for name in text.split(",") if name.strip())
 
 
+def _file_path(text: str) -> Path:
+    if text.endswith("/") or "\0" in text:
+        raise ValueError(f"not a file path: {text!r}")
+    return Path(text)
+
+
 def _claim_name(text: str) -> str:
     if not 0 < len(text) <= 256 or text != text.strip():
         raise ValueError(f"not a claim name: {text!r}")
@@ -250,7 +256,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # --- forward-auth for API gateways (pdp.web.forward_auth) ---
     Option(
-        "routes_path", "PDP_ROUTES", Path, "route table (YAML) of /forward-auth",
+        "routes_path", "PDP_ROUTES", _file_path, "route table (YAML) of /forward-auth",
         "--routes", "FILE",
     ),
     Option(
@@ -275,7 +281,9 @@ OPTIONS: tuple[Option, ...] = (
         "request headers conditions may read (comma list)",
     ),
     Option("jwt_jwks_url", "PDP_JWT_JWKS_URL", _http_url, "JWKS URL of the bearer-JWT keys"),
-    Option("jwt_jwks_file", "PDP_JWT_JWKS_FILE", Path, "JWKS file of the bearer-JWT keys"),
+    Option(
+        "jwt_jwks_file", "PDP_JWT_JWKS_FILE", _file_path, "JWKS file of the bearer-JWT keys"
+    ),
     Option(
         "jwt_jwks_ttl_seconds", "PDP_JWT_JWKS_TTL_SECONDS", _positive_seconds,
         "how long fetched keys are used before they are fetched again",

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,8 @@ SERVE_FLAG_CASES = [
     ("--poll-interval", "nan", "not a finite number", "0.5", 0.5),
     ("--heartbeat", "0", "must be a positive number of seconds", "3", 3.0),
     ("--verify-interval", "soon", "not a number", "30", 30.0),
+    ("--routes", "/etc/pdp/", "not a file path", "/etc/pdp/routes.yaml", Path("/etc/pdp/routes.yaml")),
+    ("--forward-auth-mode", "haproxy", "must be one of nginx, traefik, envoy", "envoy", "envoy"),
 ]
 
 

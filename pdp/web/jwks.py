@@ -103,6 +103,12 @@ class JwksKeys:
                 await asyncio.wait_for(asyncio.shield(task), self._timeout)
         return self._keys
 
+    async def refreshed(self) -> None:
+        """Wait for the refresh in flight, if any (requests never need to)."""
+        task = self._refresh
+        if task is not None:
+            await asyncio.shield(task)
+
     def _start_refresh(self) -> None:
         if self._refresh is None or self._refresh.done():
             self._attempted_at = self._clock()
