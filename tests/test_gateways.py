@@ -25,8 +25,16 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from loadtests.gateway_harness import (
+    DEPLOY,
+    GATEWAYS,
+    Gateway,
+    Pdp,
+    Reply,
+    Upstream,
+    upstream_headers,
+)
 from tests.conftest import DatabaseFactory
-from tests.gateway_harness import DEPLOY, GATEWAYS, Gateway, Pdp, Reply, Upstream, upstream_headers
 
 TENANT = "acme"
 MAX_STALENESS = 5.0

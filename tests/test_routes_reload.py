@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.gateway_harness import Pdp, poll, request
+from loadtests.gateway_harness import Pdp, poll, request
 from tests.test_cli import _one_error_line, _pdp
 
 TABLE_A = "public: ['GET /a']\n"

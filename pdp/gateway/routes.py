@@ -41,6 +41,8 @@ _METHOD = re.compile(r"^[A-Z][A-Z-]{0,31}$")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]{0,63})(\*?)\}$")
 _ROUTE_KEYS = frozenset({"method", "path", "resource", "action"})
 _TOP_KEYS = frozenset({"routes", "public", "default"})
+# libyaml's loader when PyYAML has it (its wheels do): 8x faster on a 2,000-entry table.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +180,7 @@ class _Search:
 def parse_routes(text: str, source: str = "PDP_ROUTES") -> RouteTable:
     """The table described by YAML `text`; ConfigError naming `source` and the entry."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a safe loader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     try:

