@@ -207,6 +207,7 @@ async def test_any_method_on_any_subpath_is_answered_never_404_or_405(
         (traefik("GET", "/docs/%zz"), "malformed percent-escape"),
         (traefik("GET", "docs/d1"), "not a request path"),
         (traefik("G3T", "/docs/d1"), "not an HTTP method"),
+        (traefik("GÉT", "/docs/d1"), "not an HTTP method"),
         ({"X-Forwarded-Uri": "/docs/d1"}, "X-Forwarded-Method is missing"),
         (traefik("GET", "/docs/d1", **{"X-User-Id": "u" * 257}), "longer than 256"),
     ],

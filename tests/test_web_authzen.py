@@ -116,9 +116,9 @@ async def test_no_tenant_anywhere_is_400(aiohttp_client: AiohttpClient, replica:
     assert (status, answer["decision"]) == (200, True)
 
 
-async def test_subject_type_other_than_user_is_a_deny(client: TestClient[Any, Any]) -> None:
+async def test_subject_type_other_than_user_or_identity_is_a_deny(client: TestClient[Any, Any]) -> None:
     body = evaluation()
-    body["subject"]["type"] = "identity"
+    body["subject"]["type"] = "service"
     status, answer, _ = await post(client, EVALUATION, body)
     assert status == 200
     assert answer["decision"] is False

@@ -34,7 +34,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("/"):
         absolute = _ABSOLUTE.match(uri)
         if absolute is None:
-            raise PathError(f"not a request path: {uri[:100]!r}")
+            raise PathError(f"not a request path: {uri[:100]!a}")
         uri = uri[absolute.end() :] or "/"
     path, _, query = uri.partition("?")
     return path.partition("#")[0], query.partition("#")[0]
@@ -47,9 +47,14 @@ def normalize(path: str) -> tuple[str, ...]:
     escape, is not UTF-8 once decoded, or holds control characters.
     """
     if not path.startswith("/"):
-        raise PathError(f"the path must start with '/': {path[:100]!r}")
+        raise PathError(f"the path must start with '/': {path[:100]!a}")
     if len(path) > MAX_PATH_LENGTH:
         raise PathError(f"the path is longer than {MAX_PATH_LENGTH} characters")
+    if "%" not in path and "/." not in path and "//" not in path:
+        parts = path[1:].split("/")  # the common case: nothing to decode or remove
+        if parts[-1] == "":
+            parts.pop()
+        return tuple(parts)
     if "%" in path:
         if _BAD_ESCAPE.search(path):
             raise PathError("the path holds a malformed percent-escape")

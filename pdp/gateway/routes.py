@@ -27,7 +27,7 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -58,14 +58,14 @@ class Route:
     resource_type: str = ROUTE_TYPE
     resource_id: str | None = None  # a str.format template over params; None: the template
     action: str | None = None
+    id_param: str | None = None  # set when resource_id is exactly "{name}"
 
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """A route matched by a request, with its path parameters."""
+class Match(NamedTuple):
+    """A route matched by a request, with its path parameters (a tuple: built per request)."""
 
     route: Route
     params: dict[str, str]
@@ -76,8 +76,11 @@ class Match:
 
     @property
     def resource_id(self) -> str:
-        template = self.route.resource_id
-        return self.route.template if template is None else template.format_map(self.params)
+        route = self.route
+        if route.id_param is not None:  # the common `id: "{name}"`: no formatting
+            return self.params[route.id_param]
+        template = route.resource_id
+        return route.template if template is None else template.format_map(self.params)
 
     def action(self, method: str) -> str:
         """The route's action, else the method (a HEAD is decided as the GET it mirrors)."""
@@ -124,54 +127,42 @@ class RouteTable:
         node.ends.append(route)
 
     def match(self, method: str, segments: tuple[str, ...]) -> Match | None:
-        """The first entry matching `method` on the normalized `segments`, or None."""
-        search = _Search(method, segments)
-        search.walk(self._root, 0)
-        if search.best is None:
-            return None
-        route = search.best
-        return Match(route, dict(zip(route.params, search.best_values, strict=True)))
+        """The first entry matching `method` on the normalized `segments`, or None.
 
-
-class _Search:
-    """One walk of the trie: every branch that can still beat the best entry found."""
-
-    __slots__ = ("best", "best_values", "method", "segments", "values")
-
-    def __init__(self, method: str, segments: tuple[str, ...]) -> None:
-        self.method = method
-        self.segments = segments
-        self.values: list[str] = []
-        self.best: Route | None = None
-        self.best_values: list[str] = []
-
-    def _better(self, route: Route) -> bool:
-        return (self.best is None or route.index < self.best.index) and route.allows_method(
-            self.method
-        )
-
-    def walk(self, node: _Node, depth: int) -> None:
-        if self.best is not None and node.lowest >= self.best.index:
-            return  # nothing below comes before what was found
-        segments = self.segments
-        if depth == len(segments):
-            for route in node.ends:  # in index order: the first that fits is the best
-                if self._better(route):
-                    self.best, self.best_values = route, list(self.values)
+        A depth-first walk over every branch that can still beat the best entry found
+        (a node whose lowest index is not lower is skipped), literal children first.
+        """
+        best: Route | None = None
+        best_values: tuple[str, ...] = ()
+        end = len(segments)
+        stack: list[tuple[_Node, int, tuple[str, ...]]] = [(self._root, 0, ())]
+        while stack:
+            node, depth, values = stack.pop()
+            if best is not None and node.lowest >= best.index:
+                continue
+            if depth == end:
+                for route in node.ends:  # in index order: the first that fits is the best
+                    if (best is None or route.index < best.index) and (
+                        route.methods is None or method in route.methods
+                    ):
+                        best, best_values = route, values
+                        break
+                continue
+            for route in node.tails:
+                if (best is None or route.index < best.index) and (
+                    route.methods is None or method in route.methods
+                ):
+                    best, best_values = route, (*values, "/".join(segments[depth:]))
                     break
-            return
-        for route in node.tails:
-            if self._better(route):
-                self.best = route
-                self.best_values = [*self.values, "/".join(segments[depth:])]
-                break
-        child = node.literal.get(segments[depth])
-        if child is not None:
-            self.walk(child, depth + 1)
-        if node.param is not None:
-            self.values.append(segments[depth])
-            self.walk(node.param, depth + 1)
-            self.values.pop()
+            segment = segments[depth]
+            if node.param is not None:
+                stack.append((node.param, depth + 1, (*values, segment)))
+            child = node.literal.get(segment)
+            if child is not None:
+                stack.append((child, depth + 1, values))
+        if best is None:
+            return None
+        return Match(best, dict(zip(best.params, best_values, strict=True)))
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -246,7 +237,9 @@ def _route(index: int, where: str, item: object) -> Route:
     if resource is None:
         return Route(index, where, methods, template, params, False, action=action)
     rtype, rid = _resource(resource, params, where_named)
-    return Route(index, where, methods, template, params, False, rtype, rid, action)
+    whole = _PARAM.match(rid)
+    id_param = whole.group(1) if whole is not None and not whole.group(2) else None
+    return Route(index, where, methods, template, params, False, rtype, rid, action, id_param)
 
 
 def _methods(value: object, where: str) -> frozenset[str] | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -73,7 +74,8 @@ ERROR_BODY = "X-PDP-Error-Body"
 STALE = "X-PDP-Stale"
 ENDPOINT = "forward_auth"  # the endpoint label of pdp_decisions_total
 _JSON = "application/json"
-_MAX_METHOD = 32
+_METHOD = re.compile(r"^[A-Z][A-Z-]{0,31}$")  # as the route table's (pdp.gateway.routes)
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ORIGINAL = {
     "nginx": ("X-Original-Method", "X-Original-URI"),
     "traefik": ("X-Forwarded-Method", "X-Forwarded-Uri"),
@@ -169,6 +171,7 @@ class ForwardAuthApi:
         self._max_staleness = settings.max_staleness_seconds
         self._serve_stale = settings.stale_mode == "serve"
         self._nginx = settings.forward_auth_mode == "nginx"
+        self._deny_bodies: dict[str, tuple[bytes, dict[str, str]]] = {}
         self._policy = TokenPolicy(
             algorithms=settings.jwt_algorithms,
             issuer=settings.jwt_issuer,
@@ -206,7 +209,10 @@ class ForwardAuthApi:
                 raise _Answer(403, {"error": "forbidden", "reason": "no_route"})
             self._metrics.decided(ENDPOINT, True, time.perf_counter() - started)
             return self._allow(None, None)
-        subject, token_tenant = await self._subject(request)
+        if self._gateway.keys is None:
+            subject, token_tenant = self._header_subject(request), None
+        else:
+            subject, token_tenant = await self._token_subject(request, self._gateway.keys)
         tenant = token_tenant or self._tenant(request)
         engine, stale = self._gate()
         selected = selected_headers(request.headers, self._selected) if self._selected else {}
@@ -214,7 +220,7 @@ class ForwardAuthApi:
         decision = _decide(engine, asked, time.time())
         self._metrics.decided(ENDPOINT, decision.allowed, time.perf_counter() - started)
         if not decision.allowed:
-            raise _Answer(403, {"error": "forbidden", "reason": decision.reason})
+            return self._denied(decision.reason)
         return self._allow(subject, stale)
 
     def _original(self, request: web.Request) -> tuple[str, str]:
@@ -231,22 +237,24 @@ class ForwardAuthApi:
                 missing = uri_header if not uri else method_header
                 message = f"{missing} is missing (PDP_FORWARD_AUTH_MODE={self._mode})"
                 raise _Answer(403, {"error": "bad_request", "message": message})
-        method = method.upper()
-        if len(method) > _MAX_METHOD or not method.isalpha():
+        if method not in _COMMON_METHODS:
+            method = method.upper()
+        if method not in _COMMON_METHODS and not _METHOD.match(method):
             raise _Answer(403, {"error": "bad_request", "message": "not an HTTP method"})
         return method, uri
 
-    async def _subject(self, request: web.Request) -> tuple[str, str | None]:
-        """(subject, tenant from the token or None); _Answer 401 when there is none."""
-        keys = self._gateway.keys
-        if keys is None:
-            subject = request.headers.get(self._subject_header)
-            if not subject:
-                raise _unauthenticated(f"no {self._subject_header} header")
-            if len(subject) > MAX_ID_LENGTH:
-                message = f"{self._subject_header} is longer than {MAX_ID_LENGTH} characters"
-                raise _Answer(403, {"error": "bad_request", "message": message})
-            return subject, None
+    def _header_subject(self, request: web.Request) -> str:
+        """The trusted header's subject; _Answer 401 when there is none."""
+        subject = request.headers.get(self._subject_header)
+        if not subject:
+            raise _unauthenticated(f"no {self._subject_header} header")
+        if len(subject) > MAX_ID_LENGTH:
+            message = f"{self._subject_header} is longer than {MAX_ID_LENGTH} characters"
+            raise _Answer(403, {"error": "bad_request", "message": message})
+        return subject
+
+    async def _token_subject(self, request: web.Request, keys: JwksKeys) -> tuple[str, str | None]:
+        """(subject, tenant or None) of the bearer JWT; _Answer 401 when there is none."""
         token = _bearer(request.headers.get("Authorization"))
         identity = await self._verify(token, keys)
         return identity.subject, identity.tenant
@@ -303,6 +311,17 @@ class ForwardAuthApi:
         if stale is not None:
             headers[STALE] = stale
         return web.Response(status=200, headers=headers)
+
+    def _denied(self, reason: str) -> web.Response:
+        """The engine's deny: a 403 whose body is serialized once per reason."""
+        cached = self._deny_bodies.get(reason)
+        if cached is None:
+            body = dumps({"error": "forbidden", "reason": reason})
+            headers = {"Content-Type": _JSON}
+            if self._nginx:
+                headers[ERROR_BODY] = body.decode()
+            cached = self._deny_bodies[reason] = (body, headers)
+        return web.Response(status=403, body=cached[0], headers=cached[1])
 
     def _refusal(self, answer: _Answer) -> web.Response:
         body = dumps(answer.body)
