@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from pdp.config import Settings
+from pdp.errors import ConfigError
 from pdp.gateway import GatewayRequest, normalize, parse_routes
 from pdp.replica import Replica
 from pdp.web.app import build_app
@@ -510,3 +511,27 @@ def test_a_bad_jwks_file_fails_start(tmp_path: Path) -> None:
     path.write_text('{"keys": [{"kty": "RSA", "n": "x"}]}')
     with pytest.raises(Exception, match=r"PDP_JWT_JWKS_FILE: .*keys\[0\] is not a usable key"):
         gateway_from_settings(Settings(jwt_jwks_file=path))
+
+
+def test_forward_auth_settings_are_validated_by_name() -> None:
+    both = {"PDP_JWT_JWKS_URL": "https://idp.test/jwks", "PDP_JWT_JWKS_FILE": "/etc/jwks.json"}
+    with pytest.raises(ConfigError, match=r"^PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one"):
+        Settings.from_env(both)
+    cases = {
+        "PDP_FORWARD_AUTH_SUBJECT_HEADER": ("X User", "not an HTTP header name"),
+        "PDP_FORWARD_AUTH_HEADERS": ("X-Env, bad header", "not an HTTP header name"),
+        "PDP_FORWARD_AUTH_SEND_SUBJECT": ("maybe", "must be true or false"),
+        "PDP_JWT_ALGORITHMS": ("RS256,none", "must be a comma list of HS256, RS256, ES256"),
+        "PDP_JWT_LEEWAY_SECONDS": ("600", "must be 0 to 300 seconds"),
+    }
+    for env, (bad, message) in cases.items():
+        with pytest.raises(ConfigError, match=f"^{env}: {message}"):
+            Settings.from_env({env: bad})
+    parsed = Settings.from_env(
+        {"PDP_FORWARD_AUTH_HEADERS": "X-Env, X-Region", "PDP_FORWARD_AUTH_SEND_SUBJECT": "no",
+         "PDP_JWT_ALGORITHMS": "es256", "PDP_JWT_JWKS_FILE": "/etc/jwks.json"}
+    )  # fmt: skip
+    assert parsed.condition_headers == ("X-Env", "X-Region")
+    assert parsed.send_subject is False
+    assert parsed.jwt_algorithms == ("ES256",)
+    assert parsed.jwt_enabled
