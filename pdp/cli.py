@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment
@@ -165,6 +166,8 @@ def _add_serve(sub: Any) -> None:
 def _shown(default: object) -> str:
     if default is None:
         return "none"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
     return f"{default:g}" if isinstance(default, float) else str(default)
 
 
@@ -201,7 +204,47 @@ def _add_prune(sub: Any) -> None:
     p.set_defaults(handler=_cmd_prune)
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_migrate, _add_seed, _add_serve, _add_prune]
+def _cmd_api_key_create(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.web.api_keys import key_line, new_key  # noqa: PLC0415
+
+    path = args.file or settings.api_keys_file
+    if path is None:
+        raise UserError("give --file or set PDP_API_KEYS_FILE")
+    key = new_key()
+    line = key_line(args.name, key)
+    path = Path(path)
+    created = not path.exists()
+    with path.open("a", encoding="utf-8") as out:
+        if created:
+            path.chmod(0o600)
+        out.write(line + "\n")
+    log.info("added key %r to %s", args.name, path)
+    print(key)  # the only time the key is shown: the file keeps its hash
+    return 0
+
+
+def _add_api_key(sub: Any) -> None:
+    p = sub.add_parser(
+        "api-key",
+        help="manage the check API's keys (PDP_API_KEYS_FILE)",
+        description="Keys for PEP authentication on the check API. The file keeps only\n"
+        "each key's SHA-256; the key itself is printed once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    create = actions.add_parser("create", help="make a key, append its hash to the file, print it")
+    create.add_argument("--name", required=True, help="who the key is for (shown in no response)")
+    create.add_argument("--file", type=Path, help="the keys file (default PDP_API_KEYS_FILE)")
+    create.set_defaults(handler=_cmd_api_key_create)
+
+
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_migrate,
+    _add_seed,
+    _add_serve,
+    _add_prune,
+    _add_api_key,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,6 +108,32 @@ def _identifier(text: str) -> str:
     return text
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(0 < len(n) <= MAX_ID_LENGTH for n in names):
+        raise ValueError(f"must be a comma-separated list of names, got {text!r}")
+    return names
+
+
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {text}: {exc.strerror}") from None
+    return path
+
+
+def _file_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{text} is a directory, not a file")
+    return path
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError(f"not a host name or address: {text!r}")
@@ -134,12 +160,6 @@ def _header_name(text: str) -> str:
 
 def _header_names(text: str) -> tuple[str, ...]:
     return tuple(_header_name(name.strip()) for name in text.split(",") if name.strip())
-
-
-def _file_path(text: str) -> Path:
-    if text.endswith("/") or "\0" in text:
-        raise ValueError(f"not a file path: {text!r}")
-    return Path(text)
 
 
 def _claim_name(text: str) -> str:
@@ -218,6 +238,29 @@ OPTIONS: tuple[Option, ...] = (
         "tenant of requests that name none", "--default-tenant", "TENANT",
     ),
     Option(
+        "tls_cert_file", "PDP_TLS_CERT_FILE", _readable_file,
+        "serve HTTPS with this PEM certificate chain (with PDP_TLS_KEY_FILE)",
+        "--tls-cert-file", "PEM",
+    ),
+    Option(
+        "tls_key_file", "PDP_TLS_KEY_FILE", _readable_file, "its PEM private key",
+        "--tls-key-file", "PEM",
+    ),
+    Option(
+        "tls_client_ca_file", "PDP_TLS_CLIENT_CA_FILE", _readable_file,
+        "require client certificates signed by these PEM CAs (mutual TLS)",
+        "--tls-client-ca-file", "PEM",
+    ),
+    Option(
+        "api_keys_file", "PDP_API_KEYS_FILE", _file_path,
+        "require an API key from this file on the check API (see pdp api-key create)",
+        "--api-keys-file", "FILE",
+    ),
+    Option(
+        "subject_types", "PDP_SUBJECT_TYPES", _names,
+        "subject types that name pdp users (others are denied)", "--subject-types", "T1,T2",
+    ),
+    Option(
         "max_body_bytes", "PDP_MAX_BODY_BYTES", _positive_int, "larger request bodies get 413",
         "--max-body-bytes", "BYTES",
     ),
@@ -256,7 +299,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # --- forward-auth for API gateways (pdp.web.forward_auth) ---
     Option(
-        "routes_path", "PDP_ROUTES", _file_path, "route table (YAML) of /forward-auth",
+        "routes_path", "PDP_ROUTES", _readable_file, "route table (YAML) of /forward-auth",
         "--routes", "FILE",
     ),
     Option(
@@ -282,7 +325,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("jwt_jwks_url", "PDP_JWT_JWKS_URL", _http_url, "JWKS URL of the bearer-JWT keys"),
     Option(
-        "jwt_jwks_file", "PDP_JWT_JWKS_FILE", _file_path, "JWKS file of the bearer-JWT keys"
+        "jwt_jwks_file", "PDP_JWT_JWKS_FILE", _readable_file, "JWKS file of the bearer-JWT keys"
     ),
     Option(
         "jwt_jwks_ttl_seconds", "PDP_JWT_JWKS_TTL_SECONDS", _positive_seconds,
@@ -325,6 +368,11 @@ class Settings:
     backlog: int = 1024
     base_url: str | None = None
     default_tenant: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    api_keys_file: Path | None = None
+    subject_types: tuple[str, ...] = ("user", "identity")
     max_body_bytes: int = 1024 * 1024
     max_batch: int = 1000
     max_staleness_seconds: float = 5.0
@@ -363,22 +411,38 @@ class Settings:
         """
         values: dict[str, Any] = {"data_dir": default_data_dir(env)}
         for option in OPTIONS:
-            raw = env.get(option.env)
-            if raw:
+            flag = (flags or {}).get(option.field)
+            if flag is not None:  # the flag wins; its variable is not even read
+                values[option.field] = _parse(option, flag, option.flag or option.env)
+            elif raw := env.get(option.env):
                 values[option.field] = _parse(option, raw, option.env)
-        for option in OPTIONS:
-            raw = (flags or {}).get(option.field)
-            if raw is not None:
-                values[option.field] = _parse(option, raw, option.flag or option.env)
-        settings = cls(**values)
-        if settings.jwt_jwks_url and settings.jwt_jwks_file:
-            raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
-        return settings
+        return cls(**values)
 
     @property
     def jwt_enabled(self) -> bool:
         """Forward-auth takes the subject from a bearer JWT (else from `subject_header`)."""
         return self.jwt_jwks_url is not None or self.jwt_jwks_file is not None
+
+    def __post_init__(self) -> None:
+        """Settings that only make sense together (ConfigError names both)."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("PDP_TLS_CLIENT_CA_FILE needs PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE")
+        if self.jwt_jwks_url is not None and self.jwt_jwks_file is not None:
+            raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the check API serves HTTPS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def public_base_url(self) -> str:
+        """The base URL the discovery document advertises."""
+        if self.base_url:
+            return self.base_url
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (None values are ignored: not given)."""

@@ -25,8 +25,10 @@ from pdp.pg.embedded import database_url
 from pdp.readiness import Health
 from pdp.replica import Replica
 from pdp.supervisor import Supervisor
+from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
+from pdp.web.tls import server_context
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
 from sync.pg_verifier import PgVerifier
@@ -64,6 +66,7 @@ def sidecar_app(
     verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
     supervisor.add(VERIFIER_WORKER, verifier.lifespan)
     fallback = PgFallback(url)
+    api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
     return build_app(
         settings,
         replica=replica,
@@ -71,6 +74,7 @@ def sidecar_app(
         metrics=metrics,
         health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
         fallback=fallback,
+        api_keys=api_keys,
         gateway=gateway,
         cleanup=[_workers(fallback, supervisor)],
     )
@@ -82,6 +86,16 @@ def _workers(fallback: PgFallback, supervisor: Supervisor) -> CleanupContext:
             yield
 
     return cleanup
+
+
+def _warn_if_open(settings: Settings) -> None:
+    loopback = settings.host in ("127.0.0.1", "::1", "localhost")
+    if not loopback and settings.api_keys_file is None and settings.tls_client_ca_file is None:
+        log.warning(
+            "the check API listens on %s with no client authentication: anyone who reaches "
+            "the port can ask; set PDP_API_KEYS_FILE or PDP_TLS_CLIENT_CA_FILE",
+            settings.host,
+        )
 
 
 def reload_routes_on_sighup(app: web.Application) -> None:
@@ -135,14 +149,18 @@ def _event_loop_policy() -> None:
 def serve(settings: Settings) -> int:
     """Run the sidecar until SIGINT/SIGTERM."""
     _event_loop_policy()
+    ssl_context = server_context(settings)  # bad files fail here, before anything starts
+    _warn_if_open(settings)
     with database_url(settings) as url:
         app = sidecar_app(settings, url)
         reload_routes_on_sighup(app)
-        log.info("serving the check API on http://%s:%d", settings.host, settings.port)
+        scheme = "https" if ssl_context is not None else "http"
+        log.info("serving the check API on %s://%s:%d", scheme, settings.host, settings.port)
         web.run_app(
             app,
             host=settings.host,
             port=settings.port,
+            ssl_context=ssl_context,
             # Gateways open many connections at once; aiohttp's default queue is 128.
             backlog=settings.backlog,
             access_log=None,

@@ -101,12 +101,14 @@ def test_migrate_logs_the_url_without_password(db_url: str) -> None:
 
 # Every flag of `pdp serve`: a bad value is one `pdp: error:` line naming the flag (the
 # same validator as its PDP_* variable), a good one arrives parsed in the settings.
+A_FILE = str(Path(__file__).resolve())
 SERVE_FLAG_CASES = [
     ("--host", "bad host", "not a host name", "::1", "::1"),
     ("--port", "70000", "not a TCP port", "9000", 9000),
     ("--backlog", "0", "must be a positive integer", "64", 64),
     ("--base-url", "ftp://x", "must be an http:// or https:// URL", "https://pdp.example", "https://pdp.example"),
     ("--default-tenant", "x" * 257, "1 to 256 characters", "acme", "acme"),
+    ("--subject-types", "user,,identity", "comma-separated list of names", "user, principal", ("user", "principal")),
     ("--max-body-bytes", "-5", "must be a positive integer", "2048", 2048),
     ("--max-batch", "many", "not an integer", "10", 10),
     ("--max-staleness", "-1", "must be a positive number of seconds", "2.5", 2.5),
@@ -115,9 +117,19 @@ SERVE_FLAG_CASES = [
     ("--poll-interval", "nan", "not a finite number", "0.5", 0.5),
     ("--heartbeat", "0", "must be a positive number of seconds", "3", 3.0),
     ("--verify-interval", "soon", "not a number", "30", 30.0),
-    ("--routes", "/etc/pdp/", "not a file path", "/etc/pdp/routes.yaml", Path("/etc/pdp/routes.yaml")),
+    ("--tls-cert-file", "/no/such.pem", "no such file", A_FILE, Path(A_FILE)),
+    ("--tls-key-file", "/", "no such file", A_FILE, Path(A_FILE)),
+    ("--tls-client-ca-file", "/no/ca.pem", "no such file", A_FILE, Path(A_FILE)),
+    ("--api-keys-file", "/", "is a directory", "/etc/pdp/keys", Path("/etc/pdp/keys")),
+    ("--routes", "/no/routes.yaml", "no such file", A_FILE, Path(A_FILE)),
     ("--forward-auth-mode", "haproxy", "must be one of nginx, traefik, envoy", "envoy", "envoy"),
 ]
+# Settings that only make sense together: a good value is given with its companions.
+COMPANIONS = {
+    "tls_cert_file": {"tls_key_file": A_FILE},
+    "tls_key_file": {"tls_cert_file": A_FILE},
+    "tls_client_ca_file": {"tls_cert_file": A_FILE, "tls_key_file": A_FILE},
+}
 
 
 def test_every_serve_flag_has_a_case() -> None:
@@ -142,6 +154,7 @@ def test_serve_flag_is_validated_like_its_variable(
     # The variable is refused by the same check, naming the variable.
     with pytest.raises(ConfigError, match=f"^{option.env}: .*{message}"):
         Settings.from_env({option.env: bad})
-    assert getattr(Settings.from_env({}, {option.field: good}), option.field) == parsed
+    flags: dict[str, str | None] = {option.field: good, **COMPANIONS.get(option.field, {})}
+    assert getattr(Settings.from_env({}, flags), option.field) == parsed
     # A flag wins over its variable.
-    assert getattr(Settings.from_env({option.env: good}, {option.field: good}), option.field) == parsed
+    assert getattr(Settings.from_env({option.env: bad}, flags), option.field) == parsed

@@ -513,8 +513,8 @@ def test_a_bad_jwks_file_fails_start(tmp_path: Path) -> None:
         gateway_from_settings(Settings(jwt_jwks_file=path))
 
 
-def test_forward_auth_settings_are_validated_by_name() -> None:
-    both = {"PDP_JWT_JWKS_URL": "https://idp.test/jwks", "PDP_JWT_JWKS_FILE": "/etc/jwks.json"}
+def test_forward_auth_settings_are_validated_by_name(jwks_file: Path) -> None:
+    both = {"PDP_JWT_JWKS_URL": "https://idp.test/jwks", "PDP_JWT_JWKS_FILE": str(jwks_file)}
     with pytest.raises(ConfigError, match=r"^PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one"):
         Settings.from_env(both)
     cases = {
@@ -523,13 +523,15 @@ def test_forward_auth_settings_are_validated_by_name() -> None:
         "PDP_FORWARD_AUTH_SEND_SUBJECT": ("maybe", "must be true or false"),
         "PDP_JWT_ALGORITHMS": ("RS256,none", "must be a comma list of HS256, RS256, ES256"),
         "PDP_JWT_LEEWAY_SECONDS": ("600", "must be 0 to 300 seconds"),
+        "PDP_JWT_JWKS_FILE": ("/no/jwks.json", "no such file"),
+        "PDP_ROUTES": ("/no/routes.yaml", "no such file"),
     }
     for env, (bad, message) in cases.items():
         with pytest.raises(ConfigError, match=f"^{env}: {message}"):
             Settings.from_env({env: bad})
     parsed = Settings.from_env(
         {"PDP_FORWARD_AUTH_HEADERS": "X-Env, X-Region", "PDP_FORWARD_AUTH_SEND_SUBJECT": "no",
-         "PDP_JWT_ALGORITHMS": "es256", "PDP_JWT_JWKS_FILE": "/etc/jwks.json"}
+         "PDP_JWT_ALGORITHMS": "es256", "PDP_JWT_JWKS_FILE": str(jwks_file)}
     )  # fmt: skip
     assert parsed.condition_headers == ("X-Env", "X-Region")
     assert parsed.send_subject is False

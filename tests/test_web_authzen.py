@@ -116,13 +116,29 @@ async def test_no_tenant_anywhere_is_400(aiohttp_client: AiohttpClient, replica:
     assert (status, answer["decision"]) == (200, True)
 
 
-async def test_subject_type_other_than_user_or_identity_is_a_deny(client: TestClient[Any, Any]) -> None:
+async def test_subject_types_that_are_not_users_are_a_deny(client: TestClient[Any, Any]) -> None:
     body = evaluation()
-    body["subject"]["type"] = "service"
+    body["subject"]["type"] = "robot"
     status, answer, _ = await post(client, EVALUATION, body)
     assert status == 200
-    assert answer["decision"] is False
-    assert answer["context"]["reason"] == "unsupported_subject_type"
+    assert answer == {"decision": False, "context": {"reason": "unsupported_subject_type", "revision": "100:105:102"}}
+    # `identity` (what gateways send) names pdp users by default, like `user`.
+    body["subject"]["type"] = "identity"
+    status, answer, _ = await post(client, EVALUATION, body)
+    assert (status, answer["decision"], answer["context"]["reason"]) == (200, True, "granted")
+
+
+async def test_accepted_subject_types_are_configured(aiohttp_client: AiohttpClient, replica: Replica) -> None:
+    client = await aiohttp_client(make_app(replica, settings(subject_types=("principal",))))
+    body = evaluation()
+    for stype, allowed in (("principal", True), ("user", False), ("identity", False)):
+        body["subject"]["type"] = stype
+        _, answer, _ = await post(client, EVALUATION, body)
+        assert answer["decision"] is allowed, stype
+    search = {**SUBJECT_SEARCH, "subject": {"type": "principal"}}
+    _, answer, _ = await post(client, "/access/v1/search/subject", search)
+    assert answer["results"]
+    assert {r["type"] for r in answer["results"]} == {"principal"}
 
 
 async def test_unknown_members_are_ignored(client: TestClient[Any, Any]) -> None:
@@ -179,6 +195,7 @@ async def test_batch_defaults_are_replaced_per_whole_entity(client: TestClient[A
             {"subject": {"type": "user"}},
             {"action": {"name": "write"}},
         ],
+        "options": {"include_reasons": True},
     }
     status, answer, _ = await post(client, EVALUATIONS, body)
     assert status == 200
@@ -193,6 +210,36 @@ async def test_batch_defaults_are_replaced_per_whole_entity(client: TestClient[A
         "field": "evaluations[3].subject.id",
     }
     assert answer["context"]["revision"] == "100:105:102"
+
+
+async def test_batch_entries_are_bare_decisions_by_default(client: TestClient[Any, Any]) -> None:
+    """AuthZEN clients compare batch entries as JSON: exactly {"decision": ...}. A malformed
+    entry still says what is wrong with it (a report, not a decision's reason)."""
+    body = {
+        "action": {"name": "read"},
+        "resource": {"type": "document", "id": "d1"},
+        "evaluations": [
+            {"subject": {"type": "user", "id": "alice"}},
+            {"subject": {"type": "user", "id": "carol"}},
+            {"subject": {"type": "robot", "id": "r2"}},
+            {"subject": {"type": "user"}},
+        ],
+    }
+    status, answer, _ = await post(client, EVALUATIONS, body)
+    assert status == 200
+    assert answer["evaluations"][:3] == [{"decision": True}, {"decision": False}, {"decision": False}]
+    assert answer["evaluations"][3]["context"]["reason"] == "bad_request"
+    assert answer["context"] == {"revision": "100:105:102"}
+    body["options"] = {"include_reasons": False}
+    assert (await post(client, EVALUATIONS, body))[1]["evaluations"][:3] == answer["evaluations"][:3]
+    body["options"] = {"include_reasons": True}
+    _, explained, _ = await post(client, EVALUATIONS, body)
+    assert [e["context"]["reason"] for e in explained["evaluations"]] == [
+        "granted", "user_disabled", "unsupported_subject_type", "bad_request",
+    ]  # fmt: skip
+    body["options"] = {"include_reasons": "yes"}
+    status, error, _ = await post(client, EVALUATIONS, body)
+    assert (status, error["field"]) == (400, "options.include_reasons")
 
 
 async def test_batch_entry_missing_resource_after_defaults(client: TestClient[Any, Any]) -> None:
@@ -457,7 +504,10 @@ async def test_not_ready_denies_and_searches_are_empty(aiohttp_client: AiohttpCl
     assert status == 200
     assert answer == {"decision": False, "context": {"reason": "not_ready"}}
     status, answer, _ = await post(client, EVALUATIONS, _batch(("alice", "read"), ("bob", "read")))
-    assert [e["context"]["reason"] for e in answer["evaluations"]] == ["not_ready"] * 2
+    assert answer == {"evaluations": [{"decision": False}] * 2, "context": {"reason": "not_ready"}}
+    explained = {**_batch(("alice", "read")), "options": {"include_reasons": True}}
+    status, answer, _ = await post(client, EVALUATIONS, explained)
+    assert answer["evaluations"] == [{"decision": False, "context": {"reason": "not_ready"}}]
     status, answer, _ = await post(client, "/access/v1/search/subject", SUBJECT_SEARCH)
     assert status == 200
     assert answer == {
@@ -478,8 +528,12 @@ async def test_stale_deny_mode(client: TestClient[Any, Any], clock: Clock) -> No
         "context": {"reason": "stale", "staleness_seconds": 12.25, "revision": "100:105:102"},
     }
     _, answer, _ = await post(client, EVALUATIONS, _batch(("alice", "read")))
-    assert answer["evaluations"] == [{"decision": False, "context": {"reason": "stale"}}]
+    assert answer["evaluations"] == [{"decision": False}]
+    assert answer["context"]["reason"] == "stale"
     assert answer["context"]["staleness_seconds"] == 12.25
+    explained = {**_batch(("alice", "read")), "options": {"include_reasons": True}}
+    _, answer, _ = await post(client, EVALUATIONS, explained)
+    assert answer["evaluations"] == [{"decision": False, "context": {"reason": "stale"}}]
     status, answer, _ = await post(client, "/access/v1/search/resource", RESOURCE_SEARCH)
     assert (status, answer["results"]) == (200, [])
     assert answer["context"] == {
@@ -575,6 +629,7 @@ async def test_min_revision_batch_falls_back_per_entry(
     client = await aiohttp_client(app)
     body = _batch(("alice", "read"), ("bob", "read"), semantic="deny_on_first_deny")
     body["evaluations"].append({})
+    body["options"]["include_reasons"] = True
     _, answer, _ = await post(client, EVALUATIONS, body, **{MIN_REV: "700"})
     assert answer["evaluations"] == [
         {"decision": False, "context": {"reason": "consistent_fallback", "revision": "sql"}}

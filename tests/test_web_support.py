@@ -19,6 +19,7 @@ from pdp.config import Settings
 from pdp.engine import Engine, Snapshot
 from pdp.metrics import Metrics
 from pdp.replica import Fallback, Replica
+from pdp.web.api_keys import ApiKeys
 from pdp.web.app import build_app
 
 TENANT = "acme"
@@ -115,6 +116,7 @@ def make_app(
     fallback: Fallback | None = None,
     registry: CollectorRegistry | None = None,
     metrics: Metrics | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> web.Application:
     return build_app(
         config or settings(),
@@ -122,6 +124,7 @@ def make_app(
         registry=registry or CollectorRegistry(),
         metrics=metrics,
         fallback=fallback,
+        api_keys=api_keys,
     )
 
 

@@ -19,8 +19,6 @@ from pdp.protocol.codec import JsonObject, dumps, error_body, loads
 from pdp.protocol.discovery import configuration
 from pdp.protocol.evaluation import (
     SEMANTICS,
-    SUBJECT_TYPE,
-    SUBJECT_TYPES,
     Batch,
     Query,
     entry_error,
@@ -46,8 +44,6 @@ __all__ = [
     "MAX_PAGE_LIMIT",
     "MIN_REVISION",
     "SEMANTICS",
-    "SUBJECT_TYPE",
-    "SUBJECT_TYPES",
     "ActionSearch",
     "Batch",
     "JsonObject",

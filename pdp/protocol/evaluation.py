@@ -21,17 +21,14 @@ from pdp.protocol.fields import (
     tenant,
 )
 
-SUBJECT_TYPE = "user"
-# Subject types answered like `user`: `identity` is the AuthZEN API-gateway profile's
-# (subject {type: identity, id}). Until subject types are configurable, a fixed set.
-SUBJECT_TYPES = frozenset({SUBJECT_TYPE, "identity"})
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 ENTITIES = ("subject", "action", "resource")
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One access question, validated. A `subject_type` not in SUBJECT_TYPES is denied."""
+    """One access question, validated. A `subject_type` that does not name pdp users (the
+    configured list, default `user` and `identity`) is answered deny."""
 
     tenant: str
     subject_type: str
@@ -111,10 +108,15 @@ def parse_evaluation(body: JsonObject, default_tenant: str | None) -> Query:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """`POST /access/v1/evaluations` with entries: each a Query or its own error."""
+    """`POST /access/v1/evaluations` with entries: each a Query or its own error.
+
+    `reasons`: the caller asked for each entry's reason (`options.include_reasons`);
+    by default an entry is exactly `{"decision": ...}`, as AuthZEN clients compare them.
+    """
 
     entries: tuple[Query | RequestError, ...]
     semantic: str
+    reasons: bool = False
 
 
 def parse_evaluations(
@@ -129,7 +131,7 @@ def parse_evaluations(
         evaluations = []
     if type(evaluations) is not list:
         raise RequestError(f"evaluations must be an array, not {kind(evaluations)}", "evaluations")
-    semantic = _semantic(body)
+    semantic, reasons = _options(body)
     if not evaluations:
         return parse_evaluation(body, default_tenant)
     if len(evaluations) > max_batch:
@@ -163,7 +165,7 @@ def parse_evaluations(
             value = optional_object(entry, key, f"{path}.{key}")
             merged[key] = default if value is None else value
         entries.append(_entry(merged, default_tenant, path))
-    return Batch(tuple(entries), semantic)
+    return Batch(tuple(entries), semantic, reasons)
 
 
 def _entry(
@@ -181,15 +183,18 @@ def _entry(
         return exc
 
 
-def _semantic(body: JsonObject) -> str:
-    options = optional_object(body, "options", "options")
-    if options is None or "evaluations_semantic" not in options:
-        return SEMANTICS[0]
-    semantic = options["evaluations_semantic"]
+def _options(body: JsonObject) -> tuple[str, bool]:
+    """`options.evaluations_semantic` (default execute_all) and `options.include_reasons`."""
+    options = optional_object(body, "options", "options") or {}
+    semantic = options.get("evaluations_semantic", SEMANTICS[0])
     if semantic not in SEMANTICS:
         field = "options.evaluations_semantic"
         raise RequestError(f"{field} must be one of {', '.join(SEMANTICS)}", field)
-    return str(semantic)
+    reasons = options.get("include_reasons", False)
+    if type(reasons) is not bool:
+        field = "options.include_reasons"
+        raise RequestError(f"{field} must be a boolean, not {kind(reasons)}", field)
+    return str(semantic), reasons
 
 
 def stops_after(semantic: str, allowed: bool) -> bool:

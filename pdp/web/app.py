@@ -13,6 +13,11 @@ it by route and status:
     HTTPMethodNotAllowed  405 {"error": "method_not_allowed", ...} with Allow
     DependencyError   503 {"error": "unavailable", ...}
     anything else     500 {"error": "internal", ...}, logged with its traceback
+
+With API keys configured (`pdp.web.api_keys`) every route but the public ones
+(health, readiness, metrics, the OpenAPI and AuthZEN metadata documents) answers 401
+{"error": "unauthorized", ...} with `WWW-Authenticate: Bearer` to a request that
+presents no valid key.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pdp.metrics import Metrics
 from pdp.protocol import error_body
 from pdp.readiness import Health
 from pdp.replica import Fallback, Replica
+from pdp.web.api_keys import ApiKeys, presented_key
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
 from pdp.web.forward_auth import ForwardAuthApi, Gateway
 from pdp.web.ops import OpsApi
@@ -63,6 +69,10 @@ GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway")
 REQUEST_ID = "X-Request-ID"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404/405)
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# Answered without an API key: probes, scrapes and the documents describing the API.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.yaml", "/.well-known/authzen-configuration"}
+)
 
 
 def build_app(
@@ -73,6 +83,7 @@ def build_app(
     metrics: Metrics | None = None,
     health: Health | None = None,
     fallback: Fallback | None = None,
+    api_keys: ApiKeys | None = None,
     gateway: Gateway | None = None,
     cleanup: Sequence[CleanupContext] = (),
 ) -> web.Application:
@@ -81,9 +92,9 @@ def build_app(
     `metrics` defaults to a new `Metrics` on `registry` and `health` to the replica's
     freshness alone; the metrics' scrape-time gauges read `health`. `fallback`
     answers consistent checks whose revision is not yet in memory (None: those are
-    denied). `gateway` holds forward-auth's route table and JWT keys (None: every
-    /forward-auth request is denied, no table). Each `cleanup` context is appended to
-    `app.cleanup_ctx` in order.
+    denied). `api_keys`, when given, guards every route but `PUBLIC_PATHS`. `gateway`
+    holds forward-auth's route table and JWT keys (None: every /forward-auth request is
+    denied, no table). Each `cleanup` context is appended to `app.cleanup_ctx` in order.
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -108,13 +119,17 @@ def build_app(
     ]
     for route in routes:
         assert isinstance(route, web.RouteDef)
-        handler = _guard(route.handler, route.path, metrics)
+        handler: Handler = route.handler
+        if api_keys is not None and route.path not in PUBLIC_PATHS:
+            handler = _authenticated(handler, api_keys)
+        handler = _guard(handler, route.path, metrics)
         if route.method == "GET":  # with its HEAD, as web.get() would
             app.router.add_get(route.path, handler, **route.kwargs)
         else:
             app.router.add_route(route.method, route.path, handler, **route.kwargs)
     # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
-    app.router.add_route("*", "/{tail:.*}", _guard(_unmatched, UNMATCHED, metrics))
+    unmatched: Handler = _unmatched if api_keys is None else _authenticated(_unmatched, api_keys)
+    app.router.add_route("*", "/{tail:.*}", _guard(unmatched, UNMATCHED, metrics))
     if gateway is not None and gateway.keys is not None:
         app.cleanup_ctx.append(gateway.keys.running)
     app.cleanup_ctx.extend(cleanup)
@@ -142,6 +157,23 @@ def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
         return response
 
     return guarded
+
+
+def _authenticated(handler: Handler, keys: ApiKeys) -> Handler:
+    """`handler` behind an API key (a 401 JSON answer without a valid one)."""
+
+    async def authenticated(request: web.Request) -> web.StreamResponse:
+        presented = presented_key(request.headers)
+        if presented is None or keys.identify(presented) is None:
+            message = "this endpoint needs an API key (X-PDP-API-Key or Authorization: Bearer)"
+            if presented is not None:
+                message = "the API key is not valid"
+            response = _error(401, "unauthorized", message)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="pdp"'
+            return response
+        return await handler(request)
+
+    return authenticated
 
 
 # Generated ids: a random per-process prefix and a counter. Unique like uuid4 for

@@ -64,10 +64,11 @@ async def read_json(request: web.Request) -> JsonObject:
     return protocol.loads(await request.read())
 
 
-# Batch entries answered from memory carry only the decision and its reason: a
-# handful of distinct objects, shared instead of built per entry (read-only: they
-# are only serialized).
-_BATCH_RESULT: dict[tuple[bool, str], JsonObject] = {
+# Batch entries answered from memory are a handful of distinct objects, shared instead
+# of built per entry (read-only: they are only serialized). By default an entry is the
+# bare decision; with `options.include_reasons` it carries its reason.
+_BARE: dict[bool, JsonObject] = {True: {"decision": True}, False: {"decision": False}}
+_WITH_REASON: dict[tuple[bool, str], JsonObject] = {
     (allowed, reason): {"decision": allowed, "context": {"reason": reason}}
     for allowed, reasons in (
         (True, ("granted",)),
@@ -75,6 +76,13 @@ _BATCH_RESULT: dict[tuple[bool, str], JsonObject] = {
     )
     for reason in reasons
 }
+
+
+def _entry_result(allowed: bool, context: JsonObject, reasons: bool) -> JsonObject:
+    """A batch entry: the bare decision, or with its context when the caller asked."""
+    if not reasons:
+        return _BARE[allowed]
+    return {"decision": allowed, "context": context}
 
 
 def json_response(payload: Any, status: int = 200, stale: str | None = None) -> web.Response:
@@ -98,12 +106,12 @@ class AuthzenApi:
         self._metrics = metrics
         self._fallback = fallback
         self._default_tenant = settings.default_tenant
+        self._user_types = frozenset(settings.subject_types)
         self._max_batch = settings.max_batch
         self._max_staleness = settings.max_staleness_seconds
         self._serve_stale = settings.stale_mode == "serve"
         self._wait_seconds = settings.consistency_wait_ms / 1000
-        base = settings.base_url or f"http://{settings.host}:{settings.port}"
-        self._configuration = dumps(protocol.configuration(base))
+        self._configuration = dumps(protocol.configuration(settings.public_base_url))
         self._revision_of: Snapshot | None = None
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
@@ -159,7 +167,7 @@ class AuthzenApi:
     async def evaluation(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         query = protocol.parse_evaluation(await read_json(request), self._default_tenant)
-        if MIN_REVISION not in request.headers and query.subject_type in protocol.SUBJECT_TYPES:
+        if MIN_REVISION not in request.headers and query.subject_type in self._user_types:
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
@@ -199,7 +207,7 @@ class AuthzenApi:
         stale = None
         if mode is Consistency.MEMORY:
             engine, blocked, stale = self._gate()
-            allowed, context = _one(query, engine, blocked, time.time())
+            allowed, context = self._one(query, engine, blocked, time.time())
         else:
             allowed, context = await self._consistent(query, mode)
         if "revision" not in context:
@@ -211,7 +219,7 @@ class AuthzenApi:
 
     async def _consistent(self, query: Query, mode: Consistency) -> tuple[bool, JsonObject]:
         """Answer a query whose revision memory could not show in time (never from memory)."""
-        if query.subject_type not in protocol.SUBJECT_TYPES:
+        if query.subject_type not in self._user_types:
             return False, {"reason": _UNSUPPORTED}
         if mode is Consistency.UNAVAILABLE or self._fallback is None:
             return False, {"reason": "revision_unavailable"}
@@ -223,6 +231,19 @@ class AuthzenApi:
             log.warning("consistent fallback check failed; denying", exc_info=True)
             return False, {"reason": "revision_unavailable", "error": "the SQL check failed"}
         return bool(allowed), {"reason": "consistent_fallback", "revision": "sql"}
+
+    def _one(
+        self, query: Query, engine: Engine | None, blocked: JsonObject | None, now: float
+    ) -> tuple[bool, JsonObject]:
+        """One query answered from memory (or denied with the gate's reason)."""
+        if query.subject_type not in self._user_types:
+            return False, {"reason": _UNSUPPORTED}
+        if engine is None:
+            return False, dict(blocked or {"reason": "not_ready"})
+        decision = engine.check(
+            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
+        )
+        return decision.allowed, decision.to_context()
 
     # --- evaluations -----------------------------------------------------------------
 
@@ -255,26 +276,31 @@ class AuthzenApi:
     def _batch_from_memory(
         self, batch: Batch, engine: Engine | None, blocked: JsonObject | None
     ) -> list[JsonObject]:
+        """Each entry from memory. A malformed entry always carries its error (it is a
+        report to the caller, not a decision's reason)."""
         now = time.time()
-        semantic = batch.semantic
-        reason_only = None if blocked is None else {"reason": blocked["reason"]}
+        semantic, reasons, user_types = batch.semantic, batch.reasons, self._user_types
+        reason_only = {"reason": "not_ready" if blocked is None else blocked["reason"]}
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
                 result = protocol.entry_error(entry)
-            elif entry.subject_type not in protocol.SUBJECT_TYPES:
-                result = {"decision": False, "context": {"reason": _UNSUPPORTED}}
+            elif entry.subject_type not in user_types:
+                result = _entry_result(False, {"reason": _UNSUPPORTED}, reasons)
             elif engine is None:
-                result = {"decision": False, "context": reason_only}
+                result = _entry_result(False, reason_only, reasons)
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
                     entry.action, now,
                 )  # fmt: skip
-                result = _BATCH_RESULT.get((decision.allowed, decision.reason)) or {
-                    "decision": decision.allowed,
-                    "context": {"reason": decision.reason},
-                }
+                if not reasons:
+                    result = _BARE[decision.allowed]
+                else:
+                    result = _WITH_REASON.get((decision.allowed, decision.reason)) or {
+                        "decision": decision.allowed,
+                        "context": {"reason": decision.reason},
+                    }
             results.append(result)
             if semantic != "execute_all" and protocol.stops_after(semantic, result["decision"]):
                 break
@@ -287,7 +313,7 @@ class AuthzenApi:
                 result = protocol.entry_error(entry)
             else:
                 allowed, context = await self._consistent(entry, mode)
-                result = {"decision": allowed, "context": context}
+                result = _entry_result(allowed, context, batch.reasons)
             results.append(result)
             if protocol.stops_after(batch.semantic, result["decision"]):
                 break
@@ -317,13 +343,14 @@ class AuthzenApi:
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
         total = 0
-        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
+        if engine is not None and search.subject_type in self._user_types:
             found = await self._subjects(engine, search)
             total, end = len(found), search.page.offset + search.page.limit
             # Order only what this page needs: a first page of a huge answer is a
             # partial selection, not a sort of tens of thousands of ids.
             ids = tuple(heapq.nsmallest(end, found) if end * 4 < total else sorted(found))
-        results, page = protocol.paged(ids, search.page, _render_user, total)
+        render = _subject_renderer(search.subject_type)
+        results, page = protocol.paged(ids, search.page, render, total)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
     async def _subjects(self, engine: Engine, search: protocol.SubjectSearch) -> list[str]:
@@ -351,7 +378,7 @@ class AuthzenApi:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
-        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
+        if engine is not None and search.subject_type in self._user_types:
             found = engine.resources(
                 search.tenant, search.user, search.resource_type, search.action, time.time()
             )
@@ -366,7 +393,7 @@ class AuthzenApi:
         search = protocol.parse_action_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         names: tuple[str, ...] = ()
-        if engine is not None and search.subject_type == protocol.SUBJECT_TYPE:
+        if engine is not None and search.subject_type in self._user_types:
             found = engine.actions(
                 search.tenant, search.user, search.resource_type, search.resource_id,
                 time.time(),
@@ -383,22 +410,11 @@ class AuthzenApi:
         return web.Response(body=self._configuration, headers={"Content-Type": JSON_TYPE})
 
 
-def _one(
-    query: Query, engine: Engine | None, blocked: JsonObject | None, now: float
-) -> tuple[bool, JsonObject]:
-    """One query answered from memory (or denied with the gate's reason)."""
-    if query.subject_type not in protocol.SUBJECT_TYPES:
-        return False, {"reason": _UNSUPPORTED}
-    if engine is None:
-        return False, dict(blocked or {"reason": "not_ready"})
-    decision = engine.check(
-        query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
-    )
-    return decision.allowed, decision.to_context()
+def _subject_renderer(stype: str) -> Callable[[str], JsonObject]:
+    def render(user_id: str) -> JsonObject:
+        return {"type": stype, "id": user_id}
 
-
-def _render_user(user_id: str) -> JsonObject:
-    return {"type": protocol.SUBJECT_TYPE, "id": user_id}
+    return render
 
 
 def _render_action(name: str) -> JsonObject:
