@@ -29,6 +29,7 @@ from pdp.config import Settings
 from pdp.errors import ConfigError
 from pdp.gateway import GatewayRequest, normalize, parse_routes
 from pdp.replica import Replica
+from pdp.web.api_keys import ApiKeys, new_key
 from pdp.web.app import build_app
 from pdp.web.forward_auth import ERROR_BODY, Gateway, RouteBox, gateway_from_settings
 from pdp.web.jwks import JwksKeys
@@ -537,3 +538,24 @@ def test_forward_auth_settings_are_validated_by_name(jwks_file: Path) -> None:
     assert parsed.send_subject is False
     assert parsed.jwt_algorithms == ("ES256",)
     assert parsed.jwt_enabled
+
+
+async def test_with_api_keys_the_gateway_presents_its_key_beside_the_users_token(
+    aiohttp_client: AiohttpClient, clock: Clock, keys: Keys, jwks_file: Path
+) -> None:
+    gateway_key = new_key()
+    api_keys = ApiKeys((("gateway", hashlib.sha256(gateway_key.encode()).digest()),))
+    config = settings(forward_auth_mode="traefik", jwt_jwks_file=jwks_file)
+    gateway = dataclasses.replace(
+        gateway_from_settings(config), routes=RouteBox(parse_routes(ROUTES))
+    )
+    app = build_app(
+        config, replica=loaded_replica(clock), registry=CollectorRegistry(), gateway=gateway,
+        api_keys=api_keys,
+    )  # fmt: skip
+    client = await aiohttp_client(app)
+    user_token = bearer(token(keys, "r1"))
+    # The user's bearer JWT is no API key: without the gateway's key, refused.
+    assert (await ask(client, user_token))[0] == 401
+    status, _, headers = await ask(client, {**user_token, "X-PDP-API-Key": gateway_key})
+    assert (status, headers["X-PDP-Subject"]) == (200, "alice")
