@@ -38,6 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 EVALUATION = "/access/v1/evaluation"
 EVALUATIONS = "/access/v1/evaluations"
+FORWARD_AUTH = "/forward-auth"
 TENANT = "bench-1"  # seed_data names tenants <prefix>-1, <prefix>-2, ...
 
 LUA = """
@@ -56,6 +57,18 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
+LUA_FORWARD_AUTH = """
+local lines = {}
+for line in io.lines("%(bodies)s") do
+  local path, user = line:match("([^\t]+)\t(.+)")
+  lines[#lines + 1] = {path, user}
+end
+local i = math.random(#lines)
+request = function()
+  i = i %% #lines + 1
+  return wrk.format("GET", "/forward-auth" .. lines[i][1], {["X-User-Id"] = lines[i][2]})
+end
+""" + LUA[LUA.index("done = function"):].replace("e.status + ", "")  # a 403 deny is an answer
 
 
 # --- the pdp server process --------------------------------------------------------
@@ -96,7 +109,8 @@ def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
             },
         }
 
-    singles = [json.dumps(entry()) for _ in range(count)]
+    entries = [entry() for _ in range(count)]
+    singles = [json.dumps(e) for e in entries]
     batches = []
     for _ in range(max(1, count // batch)):
         subject = {"type": "user", "id": seed_data.user_id(rng.randint(1, users))}
@@ -105,24 +119,44 @@ def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
     return singles, batches
 
 
-async def _serve_pdp(users: int, workdir: Path, batch: int) -> None:
+def _forward_auth_lines(singles: list[str]) -> list[str]:
+    """The single bodies as forward-auth requests (path, tab, user): the same decisions."""
+    from loadtests.route_tables import request_path  # noqa: PLC0415 -- server process only
+
+    lines = []
+    for body in map(json.loads, singles):
+        resource = body["resource"]
+        path = request_path(resource["type"], resource["id"], body["action"]["name"])
+        lines.append(f"{path}\t{body['subject']['id']}")
+    return lines
+
+
+async def _serve_pdp(users: int, workdir: Path, batch: int, routes: int) -> None:
     from aiohttp import web  # noqa: PLC0415 -- server process only
     from prometheus_client import CollectorRegistry  # noqa: PLC0415 -- server process only
 
+    from loadtests.route_tables import routes_yaml  # noqa: PLC0415 -- server process only
     from pdp.config import Settings  # noqa: PLC0415 -- server process only
     from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- server process only
+    from pdp.gateway import parse_routes  # noqa: PLC0415 -- server process only
     from pdp.replica import Replica  # noqa: PLC0415 -- server process only
     from pdp.web.app import build_app  # noqa: PLC0415 -- server process only
+    from pdp.web.forward_auth import Gateway, RouteBox  # noqa: PLC0415 -- server process only
 
     started = time.perf_counter()
     engine = Engine.build(_engine_rows(users), Snapshot(1, 1))
     replica = Replica(clock=time.monotonic)
     # Bench runs far past max_staleness with no sync worker: serve, never "stale".
     replica.install(engine, epoch="bench", synced_at=time.monotonic())
-    settings = Settings(default_tenant=TENANT, max_staleness_seconds=1e9, max_batch=batch)
-    app = build_app(settings, replica=replica, registry=CollectorRegistry())
+    settings = Settings(
+        default_tenant=TENANT, max_staleness_seconds=1e9, max_batch=batch,
+        forward_auth_mode="envoy",
+    )  # fmt: skip
+    gateway = Gateway(RouteBox(parse_routes(routes_yaml(routes))))
+    app = build_app(settings, replica=replica, registry=CollectorRegistry(), gateway=gateway)
     singles, batches = _bodies(users, 2000, batch)
     (workdir / "single.jsonl").write_text("\n".join(singles) + "\n")
+    (workdir / "forward.tsv").write_text("\n".join(_forward_auth_lines(singles)) + "\n")
     (workdir / "batch.jsonl").write_text("\n".join(batches) + "\n")
     allowed = sum(
         engine.check(TENANT, b["subject"]["id"], b["resource"]["type"], b["resource"]["id"],
@@ -187,7 +221,8 @@ def _start(argv: list[str], server_cpus: set[int]) -> tuple[subprocess.Popen[str
 
 def _wrk(port: int, path: str, bodies: Path, args: argparse.Namespace, seconds: float) -> Result:
     script = bodies.with_suffix(f".{path.rsplit('/', 1)[-1]}.lua")
-    script.write_text(LUA % {"bodies": bodies, "path": path})
+    lua = LUA_FORWARD_AUTH if path == FORWARD_AUTH else LUA
+    script.write_text(lua % {"bodies": bodies, "path": path})
     _, wrk_cpus = _cpus()
     out = subprocess.run(
         [*_pin(wrk_cpus), "wrk", "-t1", f"-c{args.connections}", f"-d{round(seconds)}s",
@@ -231,7 +266,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         single_bodies, batch_bodies = work / "single.jsonl", work / "batch.jsonl"
         pdp, pdp_port, info = _start(
             [*me, "--serve", "--users", str(args.users), "--batch", str(args.batch),
-             "--workdir", tmp, *loop_flag], server_cpus,
+             "--routes", str(args.routes), "--workdir", tmp, *loop_flag], server_cpus,
         )  # fmt: skip
         bare, bare_port, _ = _start(
             [sys.executable, str(HERE / "bare_app.py"), *loop_flag], server_cpus
@@ -239,10 +274,11 @@ def orchestrate(args: argparse.Namespace) -> None:
         print(f"pdp: {info}")
         try:
             # Interleaved rounds, medians reported: the ratio survives a noisy machine.
-            bares, singles = [], []
+            bares, singles, forwards = [], [], []
             for _ in range(args.rounds):
                 bares.append(_measure(bare_port, EVALUATION, single_bodies, args))
                 singles.append(_measure(pdp_port, EVALUATION, single_bodies, args))
+                forwards.append(_measure(pdp_port, FORWARD_AUTH, work / "forward.tsv", args))
             batch = _measure(pdp_port, EVALUATIONS, batch_bodies, args)
         finally:
             for proc in (pdp, bare):
@@ -253,6 +289,11 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(_line("pdp /evaluation", single))
     ratios = ", ".join(f"{s.rps / b.rps:.2f}" for b, s in zip(bares, singles, strict=True))
     print(f"{'ratio pdp / bare':<28}{single.rps / baseline.rps:>9.2f}   (per round: {ratios})")
+    forward = _median(forwards)
+    print(_line(f"pdp /forward-auth ({args.routes} routes)", forward))
+    ratios = ", ".join(f"{f.rps / s.rps:.2f}" for s, f in zip(singles, forwards, strict=True))
+    ratio = forward.rps / single.rps
+    print(f"{'ratio forward-auth / eval':<28}{ratio:>9.2f}   (per round: {ratios})")
     print(_line(f"pdp /evaluations x{args.batch}", batch, args.batch))
 
 
@@ -264,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--routes", type=int, default=500, help="forward-auth route table size")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -274,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(HERE.parent))  # run as a script: make `loadtests` importable
     from loadtests.bare_app import run_loop  # noqa: PLC0415 -- server process only
 
-    run_loop(_serve_pdp(args.users, args.workdir, args.batch), uvloop=not args.no_uvloop)
+    run_loop(
+        _serve_pdp(args.users, args.workdir, args.batch, args.routes), uvloop=not args.no_uvloop
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pdp.errors import ConfigError
 
 DEFAULT_PORT = 8282
 MAX_ID_LENGTH = 256  # as pdp.pg.schema.MAX_ID_LENGTH (the database's CHECK constraints)
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # as pdp.gateway.tokens.SUPPORTED_ALGORITHMS
+MAX_JWT_LEEWAY_SECONDS = 300.0  # as pdp.gateway.tokens.MAX_LEEWAY_SECONDS
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -136,6 +138,49 @@ def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError(f"not a host name or address: {text!r}")
     return text
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+
+
+def _header_name(text: str) -> str:
+    if not _HEADER_NAME.match(text):
+        raise ValueError(f"not an HTTP header name: {text!r}")
+    return text
+
+
+def _header_names(text: str) -> tuple[str, ...]:
+    return tuple(_header_name(name.strip()) for name in text.split(",") if name.strip())
+
+
+def _claim_name(text: str) -> str:
+    if not 0 < len(text) <= 256 or text != text.strip():
+        raise ValueError(f"not a claim name: {text!r}")
+    return text
+
+
+def _jwt_algorithms(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip().upper() for name in text.split(",") if name.strip())
+    unknown = [n for n in names if n not in JWT_ALGORITHMS]
+    if unknown or not names:
+        raise ValueError(f"must be a comma list of {', '.join(JWT_ALGORITHMS)}, got {text!r}")
+    return names
+
+
+def _leeway(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= MAX_JWT_LEEWAY_SECONDS:
+        raise ValueError(f"must be 0 to {MAX_JWT_LEEWAY_SECONDS:g} seconds, got {value:g}")
+    return value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -252,6 +297,56 @@ OPTIONS: tuple[Option, ...] = (
         "change_retention_seconds", "PDP_CHANGE_RETENTION", parse_duration,
         "change-log retention of pdp prune",
     ),
+    # --- forward-auth for API gateways (pdp.web.forward_auth) ---
+    Option(
+        "routes_path", "PDP_ROUTES", _readable_file, "route table (YAML) of /forward-auth",
+        "--routes", "FILE",
+    ),
+    Option(
+        "forward_auth_mode", "PDP_FORWARD_AUTH_MODE", _choice("nginx", "traefik", "envoy"),
+        "which gateway calls /forward-auth (where the original method and URI are read)",
+        "--forward-auth-mode", "nginx|traefik|envoy",
+    ),
+    Option(
+        "subject_header", "PDP_FORWARD_AUTH_SUBJECT_HEADER", _header_name,
+        "trusted header naming the subject (when no JWT is configured)",
+    ),
+    Option(
+        "tenant_header", "PDP_FORWARD_AUTH_TENANT_HEADER", _header_name,
+        "header naming the tenant (else the JWT's tenant claim, else the default tenant)",
+    ),
+    Option(
+        "send_subject", "PDP_FORWARD_AUTH_SEND_SUBJECT", _boolean,
+        "answer an allow with X-PDP-Subject for the upstream",
+    ),
+    Option(
+        "condition_headers", "PDP_FORWARD_AUTH_HEADERS", _header_names,
+        "request headers conditions may read (comma list)",
+    ),
+    Option("jwt_jwks_url", "PDP_JWT_JWKS_URL", _http_url, "JWKS URL of the bearer-JWT keys"),
+    Option(
+        "jwt_jwks_file", "PDP_JWT_JWKS_FILE", _readable_file, "JWKS file of the bearer-JWT keys"
+    ),
+    Option(
+        "jwt_jwks_ttl_seconds", "PDP_JWT_JWKS_TTL_SECONDS", _positive_seconds,
+        "how long fetched keys are used before they are fetched again",
+    ),
+    Option(
+        "jwt_jwks_timeout_seconds", "PDP_JWT_JWKS_TIMEOUT_SECONDS", _positive_seconds,
+        "bound of one JWKS fetch",
+    ),
+    Option("jwt_issuer", "PDP_JWT_ISSUER", _claim_name, "required iss claim"),
+    Option("jwt_audience", "PDP_JWT_AUDIENCE", _claim_name, "required aud claim"),
+    Option(
+        "jwt_algorithms", "PDP_JWT_ALGORITHMS", _jwt_algorithms,
+        "accepted JWT algorithms (comma list)",
+    ),
+    Option(
+        "jwt_leeway_seconds", "PDP_JWT_LEEWAY_SECONDS", _leeway,
+        "clock skew allowed on exp/nbf/iat",
+    ),
+    Option("jwt_subject_claim", "PDP_JWT_SUBJECT_CLAIM", _claim_name, "claim naming the subject"),
+    Option("jwt_tenant_claim", "PDP_JWT_TENANT_CLAIM", _claim_name, "claim naming the tenant"),
     Option(
         "log_level", "PDP_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
         "log level",
@@ -287,6 +382,22 @@ class Settings:
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
     change_retention_seconds: float = 7 * 86400.0
+    routes_path: Path | None = None
+    forward_auth_mode: str = "nginx"
+    subject_header: str = "X-User-Id"
+    tenant_header: str | None = None
+    send_subject: bool = True
+    condition_headers: tuple[str, ...] = ()
+    jwt_jwks_url: str | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_jwks_ttl_seconds: float = 300.0
+    jwt_jwks_timeout_seconds: float = 2.0
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_algorithms: tuple[str, ...] = JWT_ALGORITHMS
+    jwt_leeway_seconds: float = 30.0
+    jwt_subject_claim: str = "sub"
+    jwt_tenant_claim: str | None = None
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -307,12 +418,19 @@ class Settings:
                 values[option.field] = _parse(option, raw, option.env)
         return cls(**values)
 
+    @property
+    def jwt_enabled(self) -> bool:
+        """Forward-auth takes the subject from a bearer JWT (else from `subject_header`)."""
+        return self.jwt_jwks_url is not None or self.jwt_jwks_file is not None
+
     def __post_init__(self) -> None:
         """Settings that only make sense together (ConfigError names both)."""
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("PDP_TLS_CLIENT_CA_FILE needs PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE")
+        if self.jwt_jwks_url is not None and self.jwt_jwks_file is not None:
+            raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
 
     @property
     def tls(self) -> bool:

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
+from pdp.errors import ConfigError
 from pdp.metrics import Metrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
 from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
-from pdp.web.app import CleanupContext, build_app
+from pdp.web.app import GATEWAY, CleanupContext, build_app
+from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
 from pdp.web.tls import server_context
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
@@ -49,7 +52,9 @@ def sidecar_app(
     """The whole sidecar for the database at `url`: sync, verifier, fallback, API.
 
     `restart_backoff`: (first, longest) delay before a crashed worker restarts.
+    Raises ConfigError for a bad route table or JWKS file (read here, at start).
     """
+    gateway = gateway_from_settings(settings)
     replica = Replica()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -70,6 +75,7 @@ def sidecar_app(
         health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
         fallback=fallback,
         api_keys=api_keys,
+        gateway=gateway,
         cleanup=[_workers(fallback, supervisor)],
     )
 
@@ -92,6 +98,46 @@ def _warn_if_open(settings: Settings) -> None:
         )
 
 
+def reload_routes_on_sighup(app: web.Application) -> None:
+    """On SIGHUP, read PDP_ROUTES again and swap the table in (the old one stays if bad).
+
+    The file is read and compiled in a worker thread; the swap is one assignment, so
+    requests in flight finish with the table they started with and none is dropped.
+    """
+    gateway = app[GATEWAY]
+    if gateway is None or gateway.routes.path is None:
+        return
+    box = gateway.routes
+
+    async def install(_app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_signal() -> None:
+            task = loop.create_task(_reload_routes(box))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_signal)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    app.cleanup_ctx.append(install)
+
+
+async def _reload_routes(box: RouteBox) -> None:
+    assert box.path is not None
+    try:
+        table = await asyncio.to_thread(load_routes, box.path)
+    except ConfigError as exc:
+        log.error("route table not reloaded, the old one stays in force: %s", exc)
+        return
+    box.table = table  # on the loop: a request sees the old table or the new one
+    log.info("route table reloaded from %s: %d entries", box.path, len(table))
+
+
 def _event_loop_policy() -> None:
     try:
         import uvloop  # noqa: PLC0415  (optional: the `fast` extra)
@@ -107,6 +153,7 @@ def serve(settings: Settings) -> int:
     _warn_if_open(settings)
     with database_url(settings) as url:
         app = sidecar_app(settings, url)
+        reload_routes_on_sighup(app)
         scheme = "https" if ssl_context is not None else "http"
         log.info("serving the check API on %s://%s:%d", scheme, settings.host, settings.port)
         web.run_app(

@@ -121,6 +121,8 @@ SERVE_FLAG_CASES = [
     ("--tls-key-file", "/", "no such file", A_FILE, Path(A_FILE)),
     ("--tls-client-ca-file", "/no/ca.pem", "no such file", A_FILE, Path(A_FILE)),
     ("--api-keys-file", "/", "is a directory", "/etc/pdp/keys", Path("/etc/pdp/keys")),
+    ("--routes", "/no/routes.yaml", "no such file", A_FILE, Path(A_FILE)),
+    ("--forward-auth-mode", "haproxy", "must be one of nginx, traefik, envoy", "envoy", "envoy"),
 ]
 # Settings that only make sense together: a good value is given with its companions.
 COMPANIONS = {

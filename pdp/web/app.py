@@ -39,10 +39,12 @@ from pdp.readiness import Health
 from pdp.replica import Fallback, Replica
 from pdp.web.api_keys import ApiKeys, presented_key
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
+from pdp.web.forward_auth import ForwardAuthApi, Gateway
 from pdp.web.ops import OpsApi
 
 __all__ = [
     "FALLBACK",
+    "GATEWAY",
     "HEALTH",
     "METRICS",
     "REGISTRY",
@@ -62,6 +64,7 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 FALLBACK: web.AppKey[Fallback | None] = web.AppKey("fallback")
+GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway")
 
 REQUEST_ID = "X-Request-ID"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404/405)
@@ -81,6 +84,7 @@ def build_app(
     health: Health | None = None,
     fallback: Fallback | None = None,
     api_keys: ApiKeys | None = None,
+    gateway: Gateway | None = None,
     cleanup: Sequence[CleanupContext] = (),
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
@@ -88,8 +92,9 @@ def build_app(
     `metrics` defaults to a new `Metrics` on `registry` and `health` to the replica's
     freshness alone; the metrics' scrape-time gauges read `health`. `fallback`
     answers consistent checks whose revision is not yet in memory (None: those are
-    denied). `api_keys`, when given, guards every route but `PUBLIC_PATHS`. Each
-    `cleanup` context is appended to `app.cleanup_ctx` in order.
+    denied). `api_keys`, when given, guards every route but `PUBLIC_PATHS`. `gateway`
+    holds forward-auth's route table and JWT keys (None: every /forward-auth request is
+    denied, no table). Each `cleanup` context is appended to `app.cleanup_ctx` in order.
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -106,8 +111,10 @@ def build_app(
     app[METRICS] = metrics
     app[HEALTH] = health
     app[FALLBACK] = fallback
+    app[GATEWAY] = gateway
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback).routes(),
+        *ForwardAuthApi(settings, replica, metrics, gateway).routes(),
         *OpsApi(settings, health, registry).routes(),
     ]
     for route in routes:
@@ -123,6 +130,8 @@ def build_app(
     # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
     unmatched: Handler = _unmatched if api_keys is None else _authenticated(_unmatched, api_keys)
     app.router.add_route("*", "/{tail:.*}", _guard(unmatched, UNMATCHED, metrics))
+    if gateway is not None and gateway.keys is not None:
+        app.cleanup_ctx.append(gateway.keys.running)
     app.cleanup_ctx.extend(cleanup)
     return app
 
