@@ -28,6 +28,9 @@ class Gates:
     p99_ms: float | None = None
     max_failure_ratio: float = 0.0
     propagation_p99_ms: float | None = None
+    # False: the latency and propagation limits are reported beside the measurement but do not
+    # fail the run (CI on a shared machine; timing targets belong to benchmarks there).
+    timing_gated: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,7 @@ class Verdict:
     name: str
     limit: float
     measured: float | None
+    gating: bool = True  # False: reported only, the run's result does not depend on it
 
     @property
     def passed(self) -> bool:
@@ -264,6 +268,9 @@ class Verdict:
 
     def line(self) -> str:
         shown = "n/a" if self.measured is None else f"{self.measured:g}"
+        if not self.gating:
+            within = "within" if self.passed else "over"
+            return f"INFO  {self.name}: {shown} ({within} limit {self.limit:g}, not gated)"
         return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {shown} (limit {self.limit:g})"
 
 
@@ -284,17 +291,25 @@ class Measured:
 
 def evaluate_gates(gates: Gates, measured: Measured) -> list[Verdict]:
     """One verdict per configured gate. No requests at all fails the failure-ratio gate."""
+    timed = gates.timing_gated
     verdicts = []
     if gates.p95_ms is not None:
-        verdicts.append(Verdict("evaluation p95 ms", gates.p95_ms, measured.eval_p95_ms))
+        verdicts.append(Verdict("evaluation p95 ms", gates.p95_ms, measured.eval_p95_ms, timed))
     if gates.p99_ms is not None:
-        verdicts.append(Verdict("evaluation p99 ms", gates.p99_ms, measured.eval_p99_ms))
+        verdicts.append(Verdict("evaluation p99 ms", gates.p99_ms, measured.eval_p99_ms, timed))
     verdicts.append(Verdict("failure ratio", gates.max_failure_ratio, measured.failure_ratio))
     if gates.propagation_p99_ms is not None:
         verdicts.append(
-            Verdict("propagation p99 ms", gates.propagation_p99_ms, measured.propagation_p99_ms)
+            Verdict(
+                "propagation p99 ms", gates.propagation_p99_ms, measured.propagation_p99_ms, timed
+            )
         )
     return verdicts
+
+
+def run_passed(verdicts: list[Verdict]) -> bool:
+    """The run's result: every gating verdict passed."""
+    return all(v.passed for v in verdicts if v.gating)
 
 
 # --- CPU beside latency ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from loadtests.profiles import (
     PROPAGATION_TYPE,
     Measured,
     Profile,
+    Verdict,
     bucket_percentile,
     busiest_generator,
     cpu_stats,
@@ -34,6 +35,7 @@ from loadtests.profiles import (
     merge_histograms,
     most_starved_generator,
     parse_histogram,
+    run_passed,
     sample_percentile,
     tail_by_generator_load,
 )
@@ -261,10 +263,16 @@ def summarize(
         "main": main,
         "propagation": propagation,
         "gates": [
-            {"gate": v.name, "limit": v.limit, "measured": v.measured, "passed": v.passed}
+            {
+                "gate": v.name,
+                "limit": v.limit,
+                "measured": v.measured,
+                "passed": v.passed,
+                "gating": v.gating,
+            }
             for v in verdicts
         ],
-        "passed": all(v.passed for v in verdicts),
+        "passed": run_passed(verdicts),
         "note": CPU_NOTE,
     }
     if "unpaced" in measured:
@@ -338,9 +346,8 @@ def table(summary: dict[str, Any]) -> str:
         )
     lines.append(f"  note: {summary['note']}")
     for gate in summary["gates"]:
-        shown = "n/a" if gate["measured"] is None else f"{gate['measured']:g}"
-        verdict = "PASS" if gate["passed"] else "FAIL"
-        lines.append(f"  {verdict}  {gate['gate']}: {shown} (limit {gate['limit']:g})")
+        verdict = Verdict(gate["gate"], gate["limit"], gate["measured"], gate.get("gating", True))
+        lines.append(f"  {verdict.line()}")
     lines.append("  result: " + ("PASS" if summary["passed"] else "FAIL"))
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from loadtests.profiles import (
     locust_percentile,
     merge_histograms,
     parse_histogram,
+    run_passed,
     sample_percentile,
     tail_by_generator_load,
 )
@@ -69,6 +70,21 @@ def test_ungated_limits_are_not_judged() -> None:
     verdicts = evaluate_gates(Gates(p95_ms=100.0), Measured(50.0, 900.0, 10, 0, None))
     assert [v.name for v in verdicts] == ["evaluation p95 ms", "failure ratio"]
     assert all(v.passed for v in verdicts)
+
+
+def test_reported_timing_does_not_fail_the_run_but_failures_do() -> None:
+    over = Measured(30.0, 90.0, 1000, 0, 400.0)  # every timing limit exceeded, no failure
+    reported = replace(GATES, timing_gated=False)
+    verdicts = evaluate_gates(reported, over)
+    assert [v.name for v in verdicts if not v.passed] == [
+        "evaluation p95 ms",
+        "evaluation p99 ms",
+        "propagation p99 ms",
+    ]
+    assert run_passed(verdicts)
+    assert verdicts[0].line() == "INFO  evaluation p95 ms: 30 (over limit 10, not gated)"
+    assert not run_passed(evaluate_gates(GATES, over))
+    assert not run_passed(evaluate_gates(reported, replace(over, failures=1)))
 
 
 BUCKETS = [(0.001, 50.0), (0.0025, 90.0), (0.005, 100.0), (math.inf, 100.0)]
