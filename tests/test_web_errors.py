@@ -153,6 +153,10 @@ CASES: list[tuple[str, Any, str | None, str | None]] = [
     # paging
     (RESOURCE, _with("page", "next", RESOURCE_SEARCH), JSON, "page"),
     (RESOURCE, _with("page.limit", -1, RESOURCE_SEARCH), JSON, "page.limit"),
+    (RESOURCE, _with("page.limit", 0, RESOURCE_SEARCH), JSON, "page.limit"),
+    (SUBJECT, _with("page.limit", 0, SUBJECT_SEARCH), JSON, "page.limit"),
+    (ACTION, _with("page.limit", 0.0, ACTION_SEARCH), JSON, "page.limit"),
+    (ACTION, _with("page.limit", True, ACTION_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.limit", "10", RESOURCE_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.limit", 2.5, RESOURCE_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.token", 3, RESOURCE_SEARCH), JSON, "page.token"),
