@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from pdp.protocol import codec
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app, settings
 
 EVALUATION = "/access/v1/evaluation"
@@ -274,9 +276,7 @@ NOT_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 40
 def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both decoding paths in one install: orjson (the `fast` extra) and the standard
     library's (a plain `pip install pdp`), swapped in where `loads` looks them up."""
-    from pdp.protocol import codec  # noqa: PLC0415
-
-    assert codec.orjson is not None, "the test install has the fast extra"
+    assert codec.FAST, "the test install has the fast extra"
     if request.param == "json":
         monkeypatch.setattr(codec, "_loads", codec.plain_loads)
         monkeypatch.setattr(codec, "_DECODE_ERRORS", codec.PLAIN_DECODE_ERRORS)
@@ -301,9 +301,7 @@ async def test_a_number_json_cannot_carry_is_400_on_both_paths(
 
 
 def test_both_decoders_read_the_same_numbers() -> None:
-    from pdp.protocol import codec  # noqa: PLC0415
-
-    assert codec.orjson is not None
+    assert codec.FAST
     for raw in [b"1e308", b"18446744073709551615", b"18446744073709551616",
                 b"-9223372036854775809", b"1.5e-400", b"[0.1, -0, 2]"]:  # fmt: skip
-        assert codec.plain_loads(raw) == codec.orjson.loads(raw), raw
+        assert codec.plain_loads(raw) == orjson.loads(raw), raw

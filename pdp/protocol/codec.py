@@ -54,6 +54,8 @@ def plain_dumps(value: Any) -> bytes:
 # Deep nesting makes the stdlib decoder recurse; `_NotFinite` is a ValueError.
 PLAIN_DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError)
 
+FAST = orjson is not None  # which path this install takes
+
 if orjson is not None:
     _loads: Callable[[bytes], Any] = orjson.loads
     dumps: Callable[[Any], bytes] = orjson.dumps
