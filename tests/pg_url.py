@@ -56,6 +56,14 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` for its user (the netloc gets one even when it had none)."""
+    parts = urlsplit(url)
+    user, _, hosts = parts.netloc.rpartition("@")
+    name = user.partition(":")[0] or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{name}:{password}@{hosts}"))
+
+
 def with_params(url: str, **params: str) -> str:
     """`url` with these query parameters added (or replaced)."""
     query = [(k, v) for k, v in _query(url) if k not in params] + list(params.items())

@@ -12,7 +12,7 @@ import pytest
 
 from pdp.cli import build_parser
 from pdp.errors import ConfigError
-from tests.pg_url import with_database
+from tests.pg_url import with_database, with_password
 
 
 def _pdp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -91,7 +91,7 @@ def test_migrate_sql_needs_no_server() -> None:
 
 
 def test_migrate_logs_the_url_without_password(db_url: str) -> None:
-    url = db_url.replace("postgres@", "postgres:pw@", 1)
+    url = with_password(db_url, "pw")
     assert ":pw@" in url
     result = _pdp("migrate", PDP_DATABASE_URL=url)
     assert result.returncode == 0, result.stderr
