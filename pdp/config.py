@@ -295,6 +295,10 @@ OPTIONS: tuple[Option, ...] = (
         "--consistency-wait-ms", "MS",
     ),
     Option(
+        "search_concurrency", "PDP_SEARCH_CONCURRENCY", _positive_int,
+        "subject searches computing at once (the others wait; checks never do)",
+    ),
+    Option(
         "poll_interval_seconds", "PDP_POLL_INTERVAL_SECONDS", _positive_seconds,
         "catch-up safety net when no notification arrives", "--poll-interval", "SECONDS",
     ),
@@ -391,6 +395,7 @@ class Settings:
     max_staleness_seconds: float = 5.0
     stale_mode: str = "deny"
     consistency_wait_ms: int = 200
+    search_concurrency: int = 1
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
