@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pdp.engine import Engine, RowChange, Snapshot
-from pdp.web.subject_search import CACHE_SECONDS, SubjectSearcher
+from pdp.web.subject_search import CACHE_SECONDS, Question, SubjectSearcher
 
 USERS = 2_500  # more than two pieces of 1,000 (ten of the searcher's 250)
 
@@ -32,6 +32,11 @@ def _engine() -> Engine:
 QUESTION = ("t", "doc", "1", "read")
 
 
+async def _ask(searcher: SubjectSearcher, engine: Engine, question: Question) -> tuple[str, ...]:
+    async with searcher.turn() as meter:
+        return await searcher.subjects(engine, question, meter)
+
+
 class Clock:
     """A monotonic clock the test moves (the cache's time bound)."""
 
@@ -45,7 +50,8 @@ class Clock:
 def test_chunks_are_the_answer_in_pieces() -> None:
     engine = _engine()
     pieces = list(engine.subject_chunks("t", "doc", "1", "read", time.time()))
-    assert len(pieces) == 3
+    assert len(pieces) == 4  # an empty one after the groups (a turn), then three of 1,000
+    assert pieces[0] == []
     assert sorted(uid for piece in pieces for uid in piece) == list(
         engine.subjects("t", "doc", "1", "read", time.time())
     )
@@ -66,7 +72,7 @@ async def test_other_work_runs_between_slices_and_a_change_restarts_the_walk() -
             await asyncio.sleep(0)
 
     other = asyncio.create_task(meanwhile())
-    found = await searcher.subjects(engine, QUESTION)
+    found = await _ask(searcher, engine, QUESTION)
     await other
     assert turns == 2, "the search never gave the loop a turn"
     assert len(found) == USERS - 1  # the answer is of the state after the change
@@ -80,42 +86,42 @@ async def test_the_answer_is_the_engines_sorted_answer() -> None:
         searcher = SubjectSearcher(slice_seconds=budget)
         for question in [QUESTION, ("t", "doc", "2", "write"), ("nope", "doc", "1", "read")]:
             expected = engine.subjects(*question, time.time())
-            assert await searcher.subjects(engine, question) == expected
+            assert await _ask(searcher, engine, question) == expected
 
 
 async def test_the_cache_answers_repeats_and_a_change_or_time_invalidates_it() -> None:
     engine = _engine()
     clock = Clock()
     searcher = SubjectSearcher(clock=clock)
-    first = await searcher.subjects(engine, QUESTION)
+    first = await _ask(searcher, engine, QUESTION)
     for _ in range(5):  # a client paging: the same question at the same state
-        assert await searcher.subjects(engine, QUESTION) is first
+        assert await _ask(searcher, engine, QUESTION) is first
     assert searcher.computed == 1
     engine.apply([RowChange.upsert("users", ("t", "u00007", "disabled"))], Snapshot(3, 3))
-    changed = await searcher.subjects(engine, QUESTION)
+    changed = await _ask(searcher, engine, QUESTION)
     assert searcher.computed == 2
     assert "u00007" in first
     assert "u00007" not in changed
-    assert await searcher.subjects(engine, QUESTION) is changed
+    assert await _ask(searcher, engine, QUESTION) is changed
     clock.now += CACHE_SECONDS + 0.01  # an assignment may have expired meanwhile
-    assert await searcher.subjects(engine, QUESTION) == changed
+    assert await _ask(searcher, engine, QUESTION) == changed
     assert searcher.computed == 3
     # Another engine (a full reload) is another state, even at the same version.
     other = _engine()
-    assert await searcher.subjects(other, QUESTION) == other.subjects(*QUESTION, time.time())
+    assert await _ask(searcher, other, QUESTION) == other.subjects(*QUESTION, time.time())
     assert searcher.computed == 4
 
 
 async def test_one_search_computes_at_a_time_and_waiters_reuse_its_answer() -> None:
     engine = _engine()
     searcher = SubjectSearcher(concurrency=1, slice_seconds=0.0)
-    answers = await asyncio.gather(*(searcher.subjects(engine, QUESTION) for _ in range(4)))
+    answers = await asyncio.gather(*(_ask(searcher, engine, QUESTION) for _ in range(4)))
     assert searcher.computed == 1  # the three waiting found the first one's answer
     assert all(answer is answers[0] for answer in answers)
     distinct = [("t", "doc", str(i), "read") for i in range(3)]
     counting = CountingEngine.build(_tables(), Snapshot(1, 1))
     assert isinstance(counting, CountingEngine)
-    await asyncio.gather(*(searcher.subjects(counting, q) for q in distinct))
+    await asyncio.gather(*(_ask(searcher, counting, q) for q in distinct))
     assert searcher.computed == 4
     assert counting.most == 1, "two searches computed at once"
 
@@ -133,3 +139,31 @@ class CountingEngine(Engine):
             yield from super().subject_chunks(*args, **kw)
         finally:
             self.computing -= 1
+
+
+async def test_a_turn_is_held_for_the_cool_down_its_cpu_earned() -> None:
+    """Searches together take at most `share` of the loop: after the answer the turn is
+    held for (1/share - 1) times the CPU spent, and the next search waits for it."""
+    engine = _engine()
+    searcher = SubjectSearcher(concurrency=1, share=0.25)
+    order: list[str] = []
+
+    async def first() -> None:
+        async with searcher.turn() as meter:
+            await searcher.subjects(engine, QUESTION, meter)
+            order.append("answered")
+            spent.append(meter.spent)
+        order.append("released")
+
+    async def second() -> None:
+        await asyncio.sleep(0)  # asks after the first has its turn
+        async with searcher.turn():
+            order.append("second")
+
+    spent: list[float] = []
+    started = time.monotonic()
+    await asyncio.gather(first(), second())
+    took = time.monotonic() - started
+    assert order == ["answered", "released", "second"]
+    assert spent[0] > 0
+    assert took >= spent[0] * 4 * 0.9, (took, spent)

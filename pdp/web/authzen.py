@@ -338,15 +338,21 @@ class AuthzenApi:
         return engine, context, stale
 
     async def search_subject(self, request: web.Request) -> web.Response:
-        search = protocol.parse_subject_search(await read_json(request), self._default_tenant)
-        engine, context, stale = await self._search_engine(request)
-        ids: tuple[str, ...] = ()
-        if engine is not None and search.subject_type in self._user_types:
-            question = (search.tenant, search.resource_type, search.resource_id, search.action)
-            ids = await self._searcher.subjects(engine, question)
-        render = _subject_renderer(search.subject_type)
-        results, page = protocol.paged(ids, search.page, render)
-        return json_response({"page": page, "context": context, "results": results}, stale=stale)
+        body = await read_json(request)
+        async with self._searcher.turn() as meter:
+            with meter.timing():
+                search = protocol.parse_subject_search(body, self._default_tenant)
+            engine, context, stale = await self._search_engine(request)
+            ids: tuple[str, ...] = ()
+            if engine is not None and search.subject_type in self._user_types:
+                question = (search.tenant, search.resource_type, search.resource_id, search.action)
+                ids = await self._searcher.subjects(engine, question, meter)
+            with meter.timing():
+                render = _subject_renderer(search.subject_type)
+                results, page = protocol.paged(ids, search.page, render)
+                payload = {"page": page, "context": context, "results": results}
+                response = json_response(payload, stale=stale)
+        return response
 
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
