@@ -204,6 +204,29 @@ def _add_prune(sub: Any) -> None:
     p.set_defaults(handler=_cmd_prune)
 
 
+def _cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
+    # Left running: the URL printed must keep working after this command exits (the
+    # next command to exit as the server's last user stops it).
+    with database_url(settings, keep_running=True) as url:
+        print(url)
+    return 0
+
+
+def _add_db(sub: Any) -> None:
+    p = sub.add_parser(
+        "db",
+        help="the database the commands use (url)",
+        description="`pdp db url` prints the PostgreSQL URL every pdp command uses:\n"
+        "PDP_DATABASE_URL when set (as given, password included), else the\n"
+        "embedded server's, which it starts or reuses and leaves running.\n"
+        'e.g. psql "$(pdp db url)"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    url = actions.add_parser("url", help="print the URL (starting the embedded server if needed)")
+    url.set_defaults(handler=_cmd_db_url)
+
+
 def _cmd_api_key_create(args: argparse.Namespace, settings: Settings) -> int:
     from pdp.web.api_keys import key_line, new_key  # noqa: PLC0415
 
@@ -244,6 +267,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_serve,
     _add_prune,
     _add_api_key,
+    _add_db,
 ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pdp.errors import ConfigError
 
@@ -92,7 +92,20 @@ def _postgres_url(text: str) -> str:
     if not sep or scheme not in ("postgresql", "postgres"):
         # Never echo the value: it may hold a password.
         raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    _check_ports(text)
     return text
+
+
+def _check_ports(url: str) -> None:
+    """Every port of a (multi-host) PostgreSQL URL is 1-65535 (never echoed: a URL
+    without `@` would put a password where the port goes)."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2].split(",")
+    ports = [h.rpartition("]")[2].rpartition(":")[2] if ":" in h else "" for h in hosts]
+    ports += [p for k, v in parse_qsl(parts.query) if k == "port" for p in v.split(",")]
+    for port in filter(None, ports):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("the URL's port is not a TCP port (1-65535)")
 
 
 def _http_url(text: str) -> str:
@@ -282,6 +295,10 @@ OPTIONS: tuple[Option, ...] = (
         "--consistency-wait-ms", "MS",
     ),
     Option(
+        "search_concurrency", "PDP_SEARCH_CONCURRENCY", _positive_int,
+        "subject searches computing at once (the others wait; checks never do)",
+    ),
+    Option(
         "poll_interval_seconds", "PDP_POLL_INTERVAL_SECONDS", _positive_seconds,
         "catch-up safety net when no notification arrives", "--poll-interval", "SECONDS",
     ),
@@ -378,6 +395,7 @@ class Settings:
     max_staleness_seconds: float = 5.0
     stale_mode: str = "deny"
     consistency_wait_ms: int = 200
+    search_concurrency: int = 1
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
@@ -11,6 +13,9 @@ from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 
 CHECK = "SELECT pdp.check($1, $2, $3, $4, $5)"
+# The whole fallback (connect or acquire, then the query) within this: a request that
+# demanded a revision fails closed within PDP_CONSISTENCY_WAIT_MS plus this.
+FALLBACK_TIMEOUT = 1.0
 
 
 class PgFallback:
@@ -20,22 +25,31 @@ class PgFallback:
     time; the hot path never comes here.
     """
 
-    def __init__(self, url: str, max_size: int = 4, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, max_size: int = 4, timeout: float = FALLBACK_TIMEOUT) -> None:
         self._url = url
         self._max_size = max_size
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
 
     async def __call__(self, tenant: str, user: str, rtype: str, rid: str, action: str) -> bool:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise DependencyError("the PostgreSQL fallback is not started")
+        conn: asyncpg.pool.PoolConnectionProxy[Any] | None = None
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                result = await conn.fetchval(
-                    CHECK, tenant, user, rtype, rid, action, timeout=self._timeout
-                )
+            # One deadline for all of it: acquiring may mean connecting.
+            async with asyncio.timeout(self._timeout):
+                conn = await pool.acquire()
+                result = await conn.fetchval(CHECK, tenant, user, rtype, rid, action)
         except DRIVER_ERRORS as exc:
-            raise DependencyError(f"consistent check in PostgreSQL failed: {exc}") from exc
+            if conn is not None:
+                # Released as is, a connection whose query timed out waits for the
+                # server to confirm the cancel (as long again on a dead link).
+                conn.terminate()
+            raise DependencyError(f"consistent check in PostgreSQL failed: {exc!r}") from exc
+        finally:
+            if conn is not None:
+                await pool.release(conn)
         return result is True
 
     async def start(self) -> None:
@@ -43,6 +57,7 @@ class PgFallback:
             self._url,
             min_size=0,
             max_size=self._max_size,
+            timeout=self._timeout,  # connect
             server_settings={"application_name": "pdp-fallback"},
         )
 

@@ -173,16 +173,18 @@ class Engine:
         return evaluate.subjects(state, resource_type, resource_id, action, now)
 
     def subject_chunks(
-        self, tenant: str, resource_type: str, resource_id: str, action: str, now: float
-    ) -> Iterator[list[str]]:
-        """`subjects` in unsorted pieces, so a caller can yield between them.
+        self, tenant: str, resource_type: str, resource_id: str, action: str, now: float,
+        *, size: int = 1000,
+    ) -> Iterator[list[str]]:  # fmt: skip
+        """`subjects` in unsorted pieces (of `size` candidates examined), so a caller can
+        yield between them.
 
         Only valid while `version` stays the same: stop iterating once it moves.
         """
         state = self._live(tenant)
         if state is None:
             return iter(())
-        return evaluate.subject_chunks(state, resource_type, resource_id, action, now)
+        return evaluate.subject_chunks(state, resource_type, resource_id, action, now, size=size)
 
     def resources(
         self, tenant: str, user: str, resource_type: str, action: str, now: float

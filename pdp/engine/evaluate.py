@@ -246,6 +246,7 @@ def subject_chunks(
         for gid in holders.union(holders.pools(state.group_holders, roles, distinct))
         if gid in live and grants_it(live[gid])
     }
+    yield []  # a turn for the caller: the groups may have taken a while
     found = holders.pools(state.user_holders, roles, distinct)
     found += [state.members[gid] for gid in groups if gid in state.members]
     users = state.users
@@ -253,8 +254,10 @@ def subject_chunks(
     if holders.size(found) * _SCAN_SHARE >= len(users):
         chosen = users.items()  # a scan is cheaper per user, and its order sorts faster
     else:
-        candidates = holders.union(found)
-        chosen = zip(candidates, map(users.__getitem__, candidates), strict=True)
+        # Deduplicated as the pieces are drawn, not in one set built up front (tens of
+        # thousands of ids would be one long step between the caller's turns).
+        candidates = holders.distinct(found)
+        chosen = ((uid, users[uid]) for uid in candidates)
     iterator = iter(chosen)
     while piece := list(islice(iterator, size)):
         yield [

@@ -15,9 +15,7 @@ Searches answer the same cases with no results and the reason in `context`.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
 from pdp.replica import Fallback, Replica
+from pdp.web.subject_search import SubjectSearcher
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,6 @@ STALE = "X-PDP-Stale"
 JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
 _BODY_CACHE_LIMIT = 4096
-_SEARCH_ATTEMPTS = 3
 _UNSUPPORTED = "unsupported_subject_type"
 
 
@@ -116,6 +114,7 @@ class AuthzenApi:
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
         self._bodies_revision: Snapshot | None = None
+        self._searcher = SubjectSearcher(settings.search_concurrency)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -339,40 +338,21 @@ class AuthzenApi:
         return engine, context, stale
 
     async def search_subject(self, request: web.Request) -> web.Response:
-        search = protocol.parse_subject_search(await read_json(request), self._default_tenant)
-        engine, context, stale = await self._search_engine(request)
-        ids: tuple[str, ...] = ()
-        total = 0
-        if engine is not None and search.subject_type in self._user_types:
-            found = await self._subjects(engine, search)
-            total, end = len(found), search.page.offset + search.page.limit
-            # Order only what this page needs: a first page of a huge answer is a
-            # partial selection, not a sort of tens of thousands of ids.
-            ids = tuple(heapq.nsmallest(end, found) if end * 4 < total else sorted(found))
-        render = _subject_renderer(search.subject_type)
-        results, page = protocol.paged(ids, search.page, render, total)
-        return json_response({"page": page, "context": context, "results": results}, stale=stale)
-
-    async def _subjects(self, engine: Engine, search: protocol.SubjectSearch) -> list[str]:
-        """Who may: computed in pieces with a turn for other requests between them.
-
-        A tenant-wide grant can make the answer most of a large tenant (tens of ms to
-        compute); checks waiting behind it would see that as latency. If the engine
-        changes between pieces the walk restarts; after a few tries the last one runs
-        in one go, so an answer always comes and is always of one state.
-        """
-        args = (search.tenant, search.resource_type, search.resource_id, search.action)
-        now = time.time()
-        for _ in range(_SEARCH_ATTEMPTS):
-            version, found = engine.version, []
-            for piece in engine.subject_chunks(*args, now):
-                found.extend(piece)
-                await asyncio.sleep(0)
-                if engine.version != version:
-                    break
-            else:
-                return found  # unsorted
-        return list(engine.subjects(*args, now))
+        body = await read_json(request)
+        async with self._searcher.turn() as meter:
+            with meter.timing():
+                search = protocol.parse_subject_search(body, self._default_tenant)
+            engine, context, stale = await self._search_engine(request)
+            ids: tuple[str, ...] = ()
+            if engine is not None and search.subject_type in self._user_types:
+                question = (search.tenant, search.resource_type, search.resource_id, search.action)
+                ids = await self._searcher.subjects(engine, question, meter)
+            with meter.timing():
+                render = _subject_renderer(search.subject_type)
+                results, page = protocol.paged(ids, search.page, render)
+                payload = {"page": page, "context": context, "results": results}
+                response = json_response(payload, stale=stale)
+        return response
 
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
