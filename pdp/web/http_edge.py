@@ -174,6 +174,7 @@ class EdgeHandler(RequestHandler):
                 "read_timeout", "request body not received within %gs: answered 408", limit
             )
             if self._current_request is not None:
+                self._lingering_time = 0.0  # closed after the 408: read no more of it
                 self._body.set_exception(
                     RequestReadTimeout(f"the request body did not arrive within {limit:g} s")
                 )
@@ -188,6 +189,10 @@ class EdgeHandler(RequestHandler):
         finally:
             if self._phase == "handling":
                 self._phase = "idle"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._edge.admit(self, transport):
+            super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
@@ -251,8 +256,9 @@ class EdgeServer(web.Server):
     def __call__(self) -> RequestHandler:
         return EdgeHandler(self, loop=self._loop, **self._kwargs)
 
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        assert isinstance(handler, EdgeHandler)
+    def admit(self, handler: EdgeHandler, transport: asyncio.BaseTransport) -> bool:
+        """Room for one more connection (closing the oldest idle one if need be), else
+        answer 503, close it, count and log the refusal."""
         if len(self._live) >= self.limits.max_connections and not self._evict_idle():
             self.metrics.connection_rejected()
             self.throttled.warning(
@@ -260,11 +266,12 @@ class EdgeServer(web.Server):
                 "refused a connection: %d open, all busy (PDP_MAX_CONNECTIONS)",
                 len(self._live),
             )
+            assert isinstance(transport, asyncio.Transport)
             transport.write(_CAP_REFUSAL)
             transport.close()
-            return
+            return False
         self._live[handler] = None
-        super().connection_made(handler, transport)
+        return True
 
     def _evict_idle(self) -> bool:
         for handler in self._live:
