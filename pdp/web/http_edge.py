@@ -31,7 +31,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -266,9 +266,9 @@ class EdgeServer(web.Server):
                 "refused a connection: %d open, all busy (PDP_MAX_CONNECTIONS)",
                 len(self._live),
             )
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_CAP_REFUSAL)
-            transport.close()
+            writable = cast(asyncio.WriteTransport, transport)  # uvloop's is no subclass
+            writable.write(_CAP_REFUSAL)
+            writable.close()
             return False
         self._live[handler] = None
         return True
