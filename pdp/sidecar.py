@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from ssl import SSLContext
 
@@ -178,8 +180,9 @@ async def _serve(
         shutdown_timeout=SHUTDOWN_SECONDS,
     )  # fmt: skip
     stop = _stop_signals()
-    await runner.setup()
     try:
+        if not await _set_up(runner, stop):
+            return
         # Gateways open many connections at once; aiohttp's default queue is 128.
         site = web.TCPSite(
             runner, settings.host, settings.port, ssl_context=ssl_context,
@@ -189,7 +192,7 @@ async def _serve(
             await site.start()
         except OSError as exc:
             where = f"{settings.host}:{settings.port}"
-            raise PdpError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
         scheme = "https" if ssl_context is not None else "http"
         log.info(
             "serving the check API on %s://%s:%d (at most %d connections)",
@@ -199,6 +202,22 @@ async def _serve(
         await _drain(app, stop, signame, settings.drain_seconds)
     finally:
         await runner.cleanup()
+
+
+async def _set_up(runner: web.AppRunner, stop: asyncio.Queue[str]) -> bool:
+    """Start the app (its workers) unless a stop signal comes first (then False)."""
+    setup = asyncio.ensure_future(runner.setup())
+    signalled = asyncio.ensure_future(stop.get())
+    await asyncio.wait({setup, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if setup.done():
+        signalled.cancel()
+        setup.result()  # raises what the start raised
+        return True
+    setup.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await setup
+    log.info("%s before the sidecar had started: stopping", signalled.result())
+    return False
 
 
 def _stop_signals() -> asyncio.Queue[str]:
@@ -222,6 +241,14 @@ async def _drain(
     )  # fmt: skip
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.get(), seconds)
+
+
+def _reason(exc: OSError) -> str:
+    """`exc` in a few words ("address already in use"); asyncio wraps the bind error's
+    text in its own sentence, which names the address again."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return str(exc.strerror or exc)
+    return os.strerror(exc.errno).lower()
 
 
 def _bound_port(runner: web.AppRunner, asked: int) -> int:
