@@ -81,7 +81,11 @@ def _sockets(n: int, port: int, first: bytes = b"") -> Iterator[socket.socket]:
 
 
 def _rejected(port: int) -> float:
-    text = request(port, "GET", "/metrics", timeout=5).body.decode()
+    """pdp_http_connections_rejected_total, or 0 while /metrics itself is refused."""
+    reply = request(port, "GET", "/metrics", timeout=5)
+    if reply.status != 200:
+        return 0.0
+    text = reply.body.decode()
     match = re.search(r"^pdp_http_connections_rejected_total (\S+)$", text, re.MULTILINE)
     assert match is not None, text
     return float(match.group(1))
