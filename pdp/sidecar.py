@@ -32,7 +32,13 @@ from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
-from pdp.web.http_edge import EdgeLimits, EdgeRunner, default_max_connections, raise_file_limit
+from pdp.web.http_edge import (
+    EdgeLimits,
+    EdgeRunner,
+    EdgeServer,
+    default_max_connections,
+    raise_file_limit,
+)
 from pdp.web.tls import server_context
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
@@ -199,7 +205,7 @@ async def _serve(
             scheme, settings.host, _bound_port(runner, settings.port), limits.max_connections,
         )  # fmt: skip
         signame = await stop.get()
-        await _drain(app, stop, signame, settings.drain_seconds)
+        await _drain(app, runner, stop, signame, settings.drain_seconds)
     finally:
         await runner.cleanup()
 
@@ -230,10 +236,14 @@ def _stop_signals() -> asyncio.Queue[str]:
 
 
 async def _drain(
-    app: web.Application, stop: asyncio.Queue[str], signame: str, seconds: float
-) -> None:
-    """Not ready from now on; keep serving `seconds` (a second signal cuts it short)."""
+    app: web.Application, runner: web.AppRunner, stop: asyncio.Queue[str], signame: str,
+    seconds: float,
+) -> None:  # fmt: skip
+    """Not ready from now on; keep serving `seconds` (a second signal cuts it short),
+    each answer closing its connection so that clients' pools reconnect elsewhere."""
     app[HEALTH].drain()
+    if isinstance(runner.server, EdgeServer):
+        runner.server.drain()
     log.info(
         "%s: draining: /readyz answers 503, requests are served for %gs more, "
         "then those in flight finish and pdp exits",

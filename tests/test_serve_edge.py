@@ -194,6 +194,8 @@ def test_sigterm_drains_under_load_and_exits_0(tmp_path: Path, db_url: str) -> N
         took = poll(lambda: _readiness(pdp.port)[0] == 503, 5, "readyz 503", pdp.proc)
         assert took < 1.0, took
         assert _readiness(pdp.port)[1]["reason"] == "draining"
+        during = request(pdp.port, "GET", "/healthz", timeout=5)
+        assert (during.status, during.header("Connection")) == (200, "close")
 
         def in_flight() -> None:  # waits 3 s for a revision that never comes, then SQL
             conn = http.client.HTTPConnection("127.0.0.1", pdp.port, timeout=20)

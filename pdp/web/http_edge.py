@@ -19,6 +19,8 @@ server subclassed at the few points where a sidecar must be stricter:
   So `/healthz` stays answerable while idle sockets pile up, and the process never
   runs out of file descriptors on accept.
 
+- **Drain.** After `EdgeServer.drain()` every answer carries `Connection: close`.
+
 `EdgeRunner` is `web.AppRunner` with these in place; the app's own error mapping
 (`pdp.web.app`) is unchanged. aiohttp's automatic request decompression is off
 (`build_app` sets `auto_decompress=False`): compressed bodies are refused with 415.
@@ -184,6 +186,8 @@ class EdgeHandler(RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
     ) -> tuple[StreamResponse, bool]:
+        if self._edge.draining:  # the process is about to stop: clients move elsewhere
+            resp.force_close()
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
@@ -251,6 +255,7 @@ class EdgeServer(web.Server):
         self.limits = limits
         self.metrics = metrics
         self.throttled = Throttled(log)
+        self.draining = False  # answers carry Connection: close once set (`drain`)
         self._live: dict[EdgeHandler, None] = {}  # insertion order: oldest first
 
     def __call__(self) -> RequestHandler:
@@ -280,6 +285,11 @@ class EdgeServer(web.Server):
                 handler.force_close()
                 return True
         return False
+
+    def drain(self) -> None:
+        """From now on every answer closes its connection (`Connection: close`), so a
+        client's pool reconnects elsewhere before the listener closes."""
+        self.draining = True
 
     def forget(self, handler: EdgeHandler) -> None:
         self._live.pop(handler, None)
