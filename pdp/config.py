@@ -87,6 +87,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"must be zero or a positive number of seconds, got {value:g}")
+    return value
+
+
 def _postgres_url(text: str) -> str:
     scheme, sep, _ = text.partition("://")
     if not sep or scheme not in ("postgresql", "postgres"):
@@ -242,6 +249,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
     Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
+    # --- the HTTP edge (pdp.web.http_edge) ---
+    Option(
+        "request_read_timeout_seconds", "PDP_REQUEST_READ_TIMEOUT_SECONDS", _positive_seconds,
+        "a request (line, headers, body) not read within this gets 408 and is closed",
+        "--request-read-timeout", "SECONDS",
+    ),
+    Option(
+        "keepalive_timeout_seconds", "PDP_KEEPALIVE_TIMEOUT_SECONDS", _positive_seconds,
+        "idle keep-alive connections are closed after this", "--keepalive-timeout", "SECONDS",
+    ),
+    Option(
+        "max_connections", "PDP_MAX_CONNECTIONS", _positive_int,
+        "open connections at most (default: derived from the file limit)",
+        "--max-connections", "N",
+    ),
+    Option(
+        "drain_seconds", "PDP_DRAIN_SECONDS", _non_negative_seconds,
+        "on SIGTERM, /readyz answers 503 and requests are served this long before stopping",
+        "--drain-seconds", "SECONDS",
+    ),
     Option(
         "base_url", "PDP_BASE_URL", _http_url, "base URL advertised in the AuthZEN metadata",
         "--base-url", "URL",
@@ -383,6 +410,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     backlog: int = 1024
+    request_read_timeout_seconds: float = 5.0
+    keepalive_timeout_seconds: float = 75.0
+    max_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
+    drain_seconds: float = 5.0
     base_url: str | None = None
     default_tenant: str | None = None
     tls_cert_file: Path | None = None

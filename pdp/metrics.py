@@ -40,7 +40,8 @@ class Metrics:
     """Every pdp metric, registered on `registry`.
 
     Hot path (web layer): `decided`, `decided_batch`, `http_request`: plain int
-    arithmetic, no locks. Sync layer: `observe_propagation`, `changes_applied`,
+    arithmetic, no locks. HTTP edge: `connection_rejected`. Sync layer:
+    `observe_propagation`, `changes_applied`,
     `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `set_consistent`,
     `forget_tenant`, `tenant_reloaded`, `decision_log_dropped`. Supervisor:
     `worker_restarted`, `worker_up`. Call `watch(health)` once so the scrape-time
@@ -113,6 +114,11 @@ class Metrics:
             ["worker"],
             registry=registry,
         )
+        self.connections_rejected = Counter(
+            "pdp_http_connections_rejected",
+            "Connections refused at PDP_MAX_CONNECTIONS (no idle keep-alive one to close)",
+            registry=registry,
+        )
         registry.register(_ScrapeCollector(self))
 
     # --- hot path (never awaits, never locks) ----------------------------------------
@@ -133,6 +139,10 @@ class Metrics:
     def http_request(self, route: str, status: int) -> None:
         """Count one HTTP response; `route` is a route template, never a raw path."""
         self._requests[route, status] += 1
+
+    def connection_rejected(self) -> None:
+        """Count one connection refused at the connection cap (rare: not the hot path)."""
+        self.connections_rejected.inc()
 
     # --- sync layer -----------------------------------------------------------------
 

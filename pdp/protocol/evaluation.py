@@ -56,6 +56,7 @@ def _fast_query(
         and type(name) is str and 0 < len(name) <= m
         and type(rtype) is str and 0 < len(rtype) <= m
         and type(rid) is str and 0 < len(rid) <= m
+        and "\x00" not in stype + user + name + rtype + rid
     ):  # fmt: skip
         return None
     tenant_id = default_tenant

@@ -26,7 +26,7 @@ from aiohttp import web
 from pdp import protocol
 from pdp.config import Settings
 from pdp.engine import Decision, Engine, Snapshot
-from pdp.errors import DependencyError, RequestError
+from pdp.errors import DependencyError, RequestError, UnsupportedEncoding
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
 from pdp.replica import Fallback, Replica
@@ -52,14 +52,27 @@ class Consistency(enum.Enum):
 async def read_json(request: web.Request) -> JsonObject:
     """The body as a JSON object; RequestError (400) for a non-JSON type or body.
 
-    A body over `client_max_size` raises aiohttp's 413 from `read()`.
+    A body over `client_max_size` raises aiohttp's 413 from `read()`. A compressed body
+    (any Content-Encoding but identity) is refused with 415 before it is read: it is
+    never inflated (a small gzip body can inflate to gigabytes, on the loop).
     """
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"Content-Encoding {_shown(encoding)} is not accepted; send the body "
+            "uncompressed (identity)",
+            "Content-Encoding",
+        )
     ctype = request.headers.get("Content-Type")
     if ctype != JSON_TYPE and (
         ctype is None or ctype.partition(";")[0].strip().lower() != JSON_TYPE
     ):
         raise RequestError("Content-Type must be application/json", "Content-Type")
     return protocol.loads(await request.read())
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # Batch entries answered from memory are a handful of distinct objects, shared instead
