@@ -76,7 +76,7 @@ async def _insert(pg: asyncpg.Connection, tenant: str, data: dict[str, list[tupl
         rows = data[entity]
         if not rows:
             continue
-        cols = COLUMNS[entity][1:] if entity != "users" else ("id", "status")
+        cols = COLUMNS[entity][1 : 1 + len(rows[0])]
         await pg.copy_records_to_table(entity, schema_name="pdp", columns=["tenant_id", *cols], records=[(tenant, *r) for r in rows])
 
 

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 Reason = Literal[
-    "granted", "unknown_tenant", "unknown_user", "user_disabled", "no_grant", "expired"
+    "granted",
+    "unknown_tenant",
+    "unknown_user",
+    "user_disabled",
+    "no_grant",
+    "expired",
+    "condition_false",
+    "condition_error",
 ]
 
 
@@ -17,7 +24,9 @@ class Decision:
     For a grant: `role` is the assigned role, `path` runs from it down the inheritance
     chain to the role that holds `permission` directly (`(role,)` when it holds it itself),
     `via_group` names the group the assignment came through (None when direct), and
-    `scope` / `expires_at` are the assignment's. Denials carry only `reason`.
+    `scope` / `expires_at` are the assignment's. `condition` is the CEL expression of a
+    conditional grant. Denials carry only `reason`, except `condition_false` and
+    `condition_error`, which name the conditional grant that did not apply (and the error).
     """
 
     allowed: bool
@@ -28,6 +37,8 @@ class Decision:
     via_group: str | None = None
     scope: str | None = None
     expires_at: float | None = None
+    condition: str | None = None
+    error: str | None = None
 
     def to_context(self) -> dict[str, object]:
         """A JSON-ready dict of the reason fields; None and empty fields are left out."""
@@ -36,7 +47,7 @@ class Decision:
             out["role"] = self.role
         if self.path:
             out["path"] = list(self.path)
-        for name in ("permission", "via_group", "scope", "expires_at"):
+        for name in ("permission", "via_group", "scope", "expires_at", "condition", "error"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator, Mapping
 
+from pdp.conditions import Facts
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
@@ -146,13 +147,23 @@ class Engine:
         return state if state is not None and state.exists else None
 
     def check(  # noqa: PLR0917 -- the request's five parts are positional by contract
-        self, tenant: str, user: str, resource_type: str, resource_id: str, action: str, now: float
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: Facts | None = None,
     ) -> Decision:
-        """May `user` do `action` on the resource at time `now`? (see `evaluate`)."""
+        """May `user` do `action` on the resource at time `now`? (see `evaluate`).
+
+        `facts` (the request's properties and context) feed conditional grants only.
+        """
         state = self._tenants.get(tenant)
         if state is None or not state.exists:
             return UNKNOWN_TENANT
-        return evaluate.check(state, user, resource_type, resource_id, action, now)
+        return evaluate.check(state, user, resource_type, resource_id, action, now, facts)
 
     def actions(
         self, tenant: str, user: str, resource_type: str, resource_id: str, now: float

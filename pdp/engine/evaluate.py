@@ -13,6 +13,13 @@ Which grant is reported when several match (deterministic):
    `R:A`, `R:*`, `*:A`, `*:*`; `path` is the shortest inheritance chain to a role
    holding it directly (children visited in sorted order).
 `expired` is reported when nothing grants but an expired assignment would have.
+
+Conditional grants (`pdp.conditions`) are looked at only when no unconditional grant
+decides, and only in tenants that have any: the candidates (live assignments whose
+scope covers the resource, naming a role that reaches a conditional grant of a wanted
+permission) are evaluated in the order above until one's condition is true. When none
+is, the reason is `condition_error` if one of them erred, else `condition_false`,
+naming the first such grant.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
+from pdp import conditions
 from pdp.engine import holders
 from pdp.engine.decision import (
     EXPIRED,
@@ -28,6 +36,7 @@ from pdp.engine.decision import (
     USER_DISABLED,
     ActionsResult,
     Decision,
+    Reason,
     ResourcesResult,
 )
 from pdp.engine.grants import Grant, Grants, candidates, iter_grants, scope_rank
@@ -76,7 +85,13 @@ def _first(
 
 
 def check(  # noqa: PLR0917 -- mirrors Engine.check
-    state: TenantState, user: str, rtype: str, rid: str, action: str, now: float
+    state: TenantState,
+    user: str,
+    rtype: str,
+    rid: str,
+    action: str,
+    now: float,
+    facts: conditions.Facts | None = None,
 ) -> Decision:
     """Decide one request against an existing tenant's state; never raises on unknown ids."""
     rec = state.users.get(user)
@@ -91,8 +106,81 @@ def check(  # noqa: PLR0917 -- mirrors Engine.check
     if isinstance(hit, tuple):
         return _decision(state, hit, None, wanted)
     if rec[2]:
-        return _via_groups(state, rec[2], scopes, wanted, now, hit)
-    return EXPIRED if hit else NO_GRANT
+        denied = _via_groups(state, rec[2], scopes, wanted, now, hit)
+        if denied.allowed:
+            return denied
+    else:
+        denied = EXPIRED if hit else NO_GRANT
+    if state.roles.cond_closure:
+        what = (rtype, rid, action)
+        return _conditional(state, (user, rec), what, scopes, wanted, now, facts) or denied
+    return denied
+
+
+_Rank = tuple[bool, int, str, str, int]
+_Candidate = tuple[_Rank, Grant, str | None, str, str, conditions.Condition]
+
+
+def _candidates(
+    state: TenantState, rec: UserRec, scopes: _Scopes, wanted: _Wanted, now: float
+) -> list[_Candidate]:
+    """The conditional grants that could allow, in the order a grant is reported."""
+    conds = state.roles.cond_closure
+    live = state.live_groups
+    found: list[_Candidate] = []
+    holders_ = ((None, rec[1]), *((gid, live[gid]) for gid in rec[2] if gid in live))
+    for group, grants in holders_:
+        scan = candidates(grants, scopes[0], scopes[1]) if isinstance(grants, dict) else grants
+        for grant in scan:
+            if grant[1] not in scopes or not (grant[2] is None or grant[2] > now):
+                continue
+            for holder, perm, cond in conds.get(grant[0], ()):
+                if perm in wanted:
+                    rank = (group is not None, scope_rank(grant[1]), grant[0], group or "")
+                    found.append(((*rank, wanted.index(perm)), grant, group, holder, perm, cond))
+    found.sort(key=lambda c: c[0])
+    return found
+
+
+def _conditional(  # noqa: PLR0917 -- internal, positional on purpose
+    state: TenantState,
+    who: tuple[str, UserRec],
+    what: tuple[str, str, str],
+    scopes: _Scopes,
+    wanted: _Wanted,
+    now: float,
+    facts: conditions.Facts | None,
+) -> Decision | None:
+    """The first conditional grant whose condition is true; a denial naming why none is;
+    None when there is no candidate."""
+    found = _candidates(state, who[1], scopes, wanted, now)
+    if not found:
+        return None
+    rtype, rid, action = what
+    values = conditions.activation(
+        facts,
+        who[0],
+        state.user_attributes.get(who[0]),
+        rtype,
+        rid,
+        state.resource_attributes(rtype, rid),
+        action,
+        now,
+    )
+    failed: tuple[_Candidate, conditions.Outcome, str | None] | None = None
+    for cand in found:
+        _, (role, scope, expires), group, holder, perm, cond = cand
+        outcome, error = conditions.evaluate(cond, values)
+        if outcome == conditions.TRUE:
+            path = state.roles.path_to(role, holder)
+            return Decision(True, "granted", role, path, perm, group, scope, expires, cond.text)
+        if failed is None or (outcome == conditions.ERROR and failed[1] != conditions.ERROR):
+            failed = (cand, outcome, error)
+    assert failed is not None
+    (_, (role, scope, expires), group, holder, perm, cond), outcome, error = failed
+    reason: Reason = "condition_error" if outcome == conditions.ERROR else "condition_false"
+    path = state.roles.path_to(role, holder)
+    return Decision(False, reason, role, path, perm, group, scope, expires, cond.text, error)
 
 
 def _via_groups(  # noqa: PLR0917 -- internal hot path, positional on purpose
