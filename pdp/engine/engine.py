@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator, Mapping
 
-from pdp.conditions import Facts
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
@@ -154,7 +153,7 @@ class Engine:
         resource_id: str,
         action: str,
         now: float,
-        facts: Facts | None = None,
+        facts: evaluate.FactsSource = None,
     ) -> Decision:
         """May `user` do `action` on the resource at time `now`? (see `evaluate`).
 

@@ -24,7 +24,7 @@ naming the first such grant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 from pdp import conditions
@@ -91,9 +91,13 @@ def check(  # noqa: PLR0917 -- mirrors Engine.check
     rid: str,
     action: str,
     now: float,
-    facts: conditions.Facts | None = None,
+    facts: FactsSource = None,
 ) -> Decision:
-    """Decide one request against an existing tenant's state; never raises on unknown ids."""
+    """Decide one request against an existing tenant's state; never raises on unknown ids.
+
+    `facts` may be a callable that builds them: called only if a conditional grant is a
+    candidate.
+    """
     rec = state.users.get(user)
     if rec is None or rec[0] is None:
         return UNKNOWN_USER
@@ -117,6 +121,7 @@ def check(  # noqa: PLR0917 -- mirrors Engine.check
     return denied
 
 
+FactsSource = conditions.Facts | Callable[[], conditions.Facts | None] | None
 _Rank = tuple[bool, int, str, str, int]
 _Candidate = tuple[_Rank, Grant, str | None, str, str, conditions.Condition]
 
@@ -149,7 +154,7 @@ def _conditional(  # noqa: PLR0917 -- internal, positional on purpose
     scopes: _Scopes,
     wanted: _Wanted,
     now: float,
-    facts: conditions.Facts | None,
+    facts: FactsSource,
 ) -> Decision | None:
     """The first conditional grant whose condition is true; a denial naming why none is;
     None when there is no candidate."""
@@ -157,6 +162,8 @@ def _conditional(  # noqa: PLR0917 -- internal, positional on purpose
     if not found:
         return None
     rtype, rid, action = what
+    if callable(facts):
+        facts = facts()
     values = conditions.activation(
         facts,
         who[0],

@@ -172,7 +172,7 @@ class AuthzenApi:
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
                     query.tenant, query.user, query.resource_type, query.resource_id,
-                    query.action, time.time(),
+                    query.action, time.time(), query.facts,
                 )  # fmt: skip
                 body = self._body_of(decision, engine.revision)
                 self._metrics.decided("evaluation", decision.allowed, time.perf_counter() - started)
@@ -225,8 +225,9 @@ class AuthzenApi:
             return False, {"reason": "revision_unavailable"}
         try:
             allowed = await self._fallback(
-                query.tenant, query.user, query.resource_type, query.resource_id, query.action
-            )
+                query.tenant, query.user, query.resource_type, query.resource_id, query.action,
+                query.facts,
+            )  # fmt: skip
         except DependencyError:
             log.warning("consistent fallback check failed; denying", exc_info=True)
             return False, {"reason": "revision_unavailable", "error": "the SQL check failed"}
@@ -241,8 +242,9 @@ class AuthzenApi:
         if engine is None:
             return False, dict(blocked or {"reason": "not_ready"})
         decision = engine.check(
-            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
-        )
+            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now,
+            query.facts,
+        )  # fmt: skip
         return decision.allowed, decision.to_context()
 
     # --- evaluations -----------------------------------------------------------------
@@ -292,7 +294,7 @@ class AuthzenApi:
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
-                    entry.action, now,
+                    entry.action, now, entry.facts,
                 )  # fmt: skip
                 if not reasons:
                     result = _BARE[decision.allowed]

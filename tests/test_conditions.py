@@ -1,0 +1,265 @@
+"""Conditional grants: the evaluator, the engine's rule, the SQL side and the HTTP API.
+
+The ownership scenario runs end to end: rows written to a real PostgreSQL, a sidecar
+kept in sync, decisions asked over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from pdp import conditions
+from pdp.conditions import Facts
+from pdp.config import Settings
+from pdp.engine import Engine, Snapshot
+from pdp.sidecar import sidecar_app
+from sync.pg_fallback import PgFallback
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
+REV = Snapshot(1, 1)
+OWNER = "resource.properties.ownerID == subject.attributes.email"
+
+
+def _engine(perms: list[tuple[str, ...]], **extra: list[tuple[Any, ...]]) -> Engine:
+    rows: dict[str, list[tuple[Any, ...]]] = {
+        "tenants": [("t",)],
+        "users": [
+            ("t", "alice", "active", '{"email": "alice@t", "region": "eu"}'),
+            ("t", "bob", "active", '{"email": "bob@t"}'),
+        ],
+        "roles": [("t", "editor"), ("t", "admin"), ("t", "base")],
+        "role_inherits": [("t", "editor", "base")],
+        "role_permissions": [("t", *p) for p in perms],
+        "user_roles": [("t", "alice", "editor", "*", None), ("t", "bob", "editor", "*", None)],
+    }
+    rows.update(extra)
+    return Engine.build(rows, REV)
+
+
+def test_evaluator_outcomes() -> None:
+    values = conditions.activation(
+        Facts(resource={"n": 3}), "u", '{"email": "u@t"}', "doc", "1", None, "read", NOW
+    )
+    cases = {
+        "resource.properties.n > 2": conditions.TRUE,
+        "resource.properties.n > 5": conditions.FALSE,
+        "resource.properties.missing == 1": conditions.ERROR,  # missing key
+        "resource.properties.n == 'x' || resource.properties.n > 'a'": conditions.ERROR,
+        "dyn(resource.properties.n)": conditions.ERROR,  # not a bool at run time
+        "subject.attributes.email == 'u@t' && now < timestamp('2026-06-02T00:00:00Z')": conditions.TRUE,
+    }
+    for text, expected in cases.items():
+        assert conditions.evaluate(conditions.compile_condition(text), values)[0] == expected, text
+    assert conditions.compile_condition(OWNER) is conditions.compile_condition(OWNER)  # cached
+
+
+def test_invalid_expressions_are_rejected_counted_once_and_never_grant() -> None:
+    assert conditions.validate(OWNER) is None
+    assert conditions.validate("") == "the condition is empty"
+    assert "returns INT" in (conditions.validate("1 + 1") or "")
+    assert "undeclared reference" in (conditions.validate("user.id == 'x'") or "")
+    before = conditions.compile_errors()
+    text = f"resource.properties.x == {before} &&"  # unique per run
+    engine = _engine([("base", "doc:edit", text)])
+    engine = _engine([("base", "doc:edit", text)])  # compiled again: counted once
+    assert conditions.compile_errors() == before + 1
+    decision = engine.check("t", "alice", "doc", "1", "edit", NOW, Facts(resource={"x": 1}))
+    assert (decision.allowed, decision.reason, decision.role, decision.permission) == (
+        False, "condition_error", "editor", "doc:edit"
+    )  # fmt: skip
+    assert decision.condition == text
+    assert decision.error
+
+
+def test_ownership_and_reasons() -> None:
+    engine = _engine(
+        [("base", "doc:edit", OWNER), ("admin", "doc:edit"), ("editor", "doc:read")],
+        resources=[("t", "doc", "d1", '{"ownerID": "alice@t"}')],
+    )
+    alice = engine.check("t", "alice", "doc", "d1", "edit", NOW)
+    assert alice.allowed
+    assert alice.condition == OWNER
+    assert alice.path == ("editor", "base")
+    bob = engine.check("t", "bob", "doc", "d1", "edit", NOW)
+    assert (bob.allowed, bob.reason, bob.role, bob.permission) == (
+        False, "condition_false", "editor", "doc:edit"
+    )  # fmt: skip
+    # Request properties win over the inventory's attributes.
+    stolen = engine.check(
+        "t", "bob", "doc", "d1", "edit", NOW, Facts(resource={"ownerID": "bob@t"})
+    )
+    assert stolen.allowed
+    # Not in the inventory and no property given: the condition errs, fail closed.
+    unknown = engine.check("t", "alice", "doc", "d9", "edit", NOW)
+    assert unknown.reason == "condition_error"
+    assert "ownerID" in (unknown.error or "")
+    # An unconditional grant decides without a condition.
+    read = engine.check("t", "bob", "doc", "d1", "read", NOW)
+    assert read.allowed
+    assert read.condition is None
+
+
+def test_action_properties_context_and_now_windows() -> None:
+    soft = "action.properties.mode == 'soft'"
+    window = "now < timestamp('2026-06-01T12:30:00Z')"
+    expired = "now >= timestamp('2026-07-01T00:00:00Z')"
+    engine = _engine(
+        [
+            ("base", "doc:delete", soft),
+            ("base", "doc:share", window),
+            ("base", "doc:print", expired),
+        ]
+    )
+    assert engine.check(
+        "t", "alice", "doc", "1", "delete", NOW, Facts(action={"mode": "soft"})
+    ).allowed
+    hard = engine.check("t", "alice", "doc", "1", "delete", NOW, Facts(action={"mode": "hard"}))
+    assert hard.reason == "condition_false"
+    assert engine.check("t", "alice", "doc", "1", "share", NOW).allowed
+    assert engine.check("t", "alice", "doc", "1", "share", NOW + 3600).reason == "condition_false"
+    assert engine.check("t", "alice", "doc", "1", "print", NOW).reason == "condition_false"
+
+
+def test_three_candidates_first_true_wins_and_errors_are_reported() -> None:
+    engine = _engine(
+        [
+            ("base", "doc:edit", "resource.properties.a == 1"),
+            ("base", "doc:*", "resource.properties.b == 1"),
+            ("base", "*:edit", "context.c == 1"),
+        ]
+    )
+    only_c = engine.check(
+        "t", "alice", "doc", "1", "edit", NOW, Facts(resource={"a": 0, "b": 0}, context={"c": 1})
+    )
+    assert only_c.allowed
+    assert only_c.permission == "*:edit"
+    none = engine.check("t", "alice", "doc", "1", "edit", NOW, Facts(resource={"a": 0, "b": 0}))
+    assert none.reason == "condition_error"
+    assert none.permission == "*:edit"
+
+
+# --- PostgreSQL and HTTP ---------------------------------------------------------------
+
+SCENARIO = f"""
+INSERT INTO pdp.tenants (id) VALUES ('t');
+INSERT INTO pdp.users (tenant_id, id, attributes) VALUES
+  ('t', 'alice', '{{"email": "alice@t"}}'), ('t', 'bob', '{{"email": "bob@t"}}'),
+  ('t', 'carol', '{{"email": "carol@t"}}'), ('t', 'root', '{{}}');
+INSERT INTO pdp.roles (tenant_id, id) VALUES ('t', 'editor'), ('t', 'admin');
+INSERT INTO pdp.role_permissions VALUES
+  ('t', 'editor', 'document:edit', '{OWNER}'), ('t', 'admin', 'document:edit', NULL);
+INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES
+  ('t', 'alice', 'editor'), ('t', 'bob', 'editor'), ('t', 'root', 'admin');
+INSERT INTO pdp.resources VALUES
+  ('t', 'document', 'd1', '{{"ownerID": "alice@t"}}'),
+  ('t', 'document', 'd2', '{{"ownerID": "carol@t"}}');
+"""
+
+
+async def test_sql_check_is_undecided_and_the_fallback_evaluates(
+    db_url: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(SCENARIO)
+    check = "SELECT pdp.check('t', $1, 'document', $2, 'edit')"
+    assert await pg.fetchval(check, "root", "d1") is True
+    assert await pg.fetchval(check, "alice", "d1") is None  # only a conditional grant
+    assert await pg.fetchval(check, "carol", "d2") is False
+    explain = await pg.fetch(
+        "SELECT role_id, condition FROM pdp.explain('t', 'alice', 'document', 'd1', 'edit')"
+    )
+    assert [tuple(r) for r in explain] == [("editor", OWNER)]
+    fallback = PgFallback(db_url)
+    async with fallback.running():
+        assert await fallback("t", "alice", "document", "d1", "edit") is True
+        assert await fallback("t", "bob", "document", "d1", "edit") is False
+        assert (
+            await fallback(
+                "t", "bob", "document", "d9", "edit", Facts(resource={"ownerID": "bob@t"})
+            )
+            is True
+        )
+        assert await fallback("t", "carol", "document", "d2", "edit") is False
+        assert await fallback("t", "root", "document", "d2", "edit") is True
+
+
+def _ask(user: str, rid: str, **props: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = {"type": "document", "id": rid}
+    if props:
+        resource["properties"] = props
+    return {
+        "subject": {"type": "user", "id": user, "properties": {"tenant": "t"}},
+        "action": {"name": "edit"},
+        "resource": resource,
+    }
+
+
+async def test_ownership_end_to_end_over_http(
+    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient
+) -> None:
+    await pg.execute(SCENARIO)
+    client = await aiohttp_client(sidecar_app(Settings(verify_interval_seconds=3600), db_url))
+    async with asyncio.timeout(15):
+        while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110 -- behind HTTP
+            await asyncio.sleep(0.05)
+
+    async def decide(body: dict[str, Any]) -> dict[str, Any]:
+        response = await client.post("/access/v1/evaluation", json=body)
+        assert response.status == 200
+        result: dict[str, Any] = await response.json()
+        return result
+
+    owner = await decide(_ask("alice", "d1"))
+    assert owner["decision"] is True
+    assert owner["context"]["condition"] == OWNER
+    no_role = await decide(_ask("carol", "d2"))
+    assert (no_role["decision"], no_role["context"]["reason"]) == (False, "no_grant")
+    other = await decide(_ask("bob", "d1"))
+    assert other["decision"] is False
+    assert other["context"] | {"revision": None} == {
+        "reason": "condition_false", "role": "editor", "path": ["editor"],
+        "permission": "document:edit", "scope": "*", "condition": OWNER, "revision": None,
+    }  # fmt: skip
+    assert (await decide(_ask("root", "d2")))["decision"] is True
+    # Properties the request gives win over the inventory.
+    assert (await decide(_ask("bob", "d1", ownerID="bob@t")))["decision"] is True
+    batch = await client.post(
+        "/access/v1/evaluations",
+        json={"evaluations": [_ask("alice", "d1"), _ask("bob", "d1")]},
+    )
+    assert (await batch.json())["evaluations"] == [{"decision": True}, {"decision": False}]
+
+    # A condition change propagates like any grant change.
+    await pg.execute("UPDATE pdp.role_permissions SET condition = 'true' WHERE role_id = 'editor'")
+    async with asyncio.timeout(10):
+        while not (await decide(_ask("bob", "d1")))["decision"]:  # noqa: ASYNC110 -- behind HTTP
+            await asyncio.sleep(0.02)
+
+    # An expression written by raw SQL that does not compile never grants and is counted.
+    before = conditions.compile_errors()
+    await pg.execute(
+        "UPDATE pdp.role_permissions SET condition = 'resource.properties.ownerID ==' WHERE role_id = 'editor'"
+    )
+    async with asyncio.timeout(10):
+        while (answer := await decide(_ask("alice", "d1")))["decision"]:  # noqa: ASYNC110 -- behind HTTP
+            await asyncio.sleep(0.02)
+    assert answer["context"]["reason"] == "condition_error"
+    assert conditions.compile_errors() == before + 1
+    metrics = await (await client.get("/metrics")).text()
+    assert f"pdp_condition_errors_total {float(before + 1)}" in metrics
+
+
+@pytest.mark.parametrize("condition", ["1 +", "nobody.knows == 1"])
+def test_cli_grant_rejects_a_condition_that_does_not_compile(
+    condition: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdp.cli import main
+
+    code = main(["grant", "--tenant", "t", "editor", "doc:edit", "--condition", condition])
+    assert code == 2
+    assert "--condition does not compile" in capsys.readouterr().err
