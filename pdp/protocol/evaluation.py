@@ -7,7 +7,7 @@ anything wrong with the payload as a whole is a 400.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdp.conditions import Facts
 from pdp.errors import RequestError
@@ -37,18 +37,22 @@ class Query:
     resource_type: str
     resource_id: str
     action: str
-    # The request's properties and context, for conditional grants; None when it gave none.
-    facts: Facts | None = None
+    # The request's subject, action, resource and context objects: `facts()` turns them
+    # into what conditions read, only when a conditional grant is a candidate.
+    parts: tuple[JsonObject, JsonObject, JsonObject, object] | None = field(
+        default=None, compare=False, repr=False
+    )
 
-
-def _facts(
-    stype: str, subject: JsonObject, action: JsonObject, resource: JsonObject, context: object
-) -> Facts | None:
-    """What a condition may read beyond the ids; None (the common case) when nothing."""
-    sp, ap, rp = subject.get("properties"), action.get("properties"), resource.get("properties")
-    if not (sp or ap or rp or context):
-        return None
-    return Facts(stype, sp or None, rp or None, ap or None, context or None)  # type: ignore[arg-type]
+    def facts(self) -> Facts | None:
+        """The request's properties and context for conditional grants (None: nothing)."""
+        if self.parts is None:
+            return None
+        subject, action, resource, context = self.parts
+        sp, ap = subject.get("properties"), action.get("properties")
+        rp = resource.get("properties")
+        if not (sp or ap or rp or context):
+            return None
+        return Facts(self.subject_type, sp or None, rp or None, ap or None, context or None)  # type: ignore[arg-type]
 
 
 def _fast_query(  # noqa: PLR0911 -- one early exit per malformed part
@@ -91,8 +95,7 @@ def _fast_query(  # noqa: PLR0911 -- one early exit per malformed part
             return None
     if context is not None and type(context) is not dict:
         return None
-    facts = _facts(stype, subject, action, resource, context)
-    return Query(tenant_id, stype, user, rtype, rid, name, facts)
+    return Query(tenant_id, stype, user, rtype, rid, name, (subject, action, resource, context))
 
 
 def _query(  # noqa: PLR0917 -- internal
@@ -115,8 +118,7 @@ def _query(  # noqa: PLR0917 -- internal
     rtype = string(resource, "type", f"{rp}.type")
     rid = string(resource, "id", f"{rp}.id")
     check_properties(resource, rp)
-    facts = _facts(stype, subject, action, resource, context)
-    return Query(tenant_id, stype, user, rtype, rid, name, facts)
+    return Query(tenant_id, stype, user, rtype, rid, name, (subject, action, resource, context))
 
 
 def parse_evaluation(body: JsonObject, default_tenant: str | None) -> Query:

@@ -226,7 +226,7 @@ class AuthzenApi:
         try:
             allowed = await self._fallback(
                 query.tenant, query.user, query.resource_type, query.resource_id, query.action,
-                query.facts,
+                query.facts(),
             )  # fmt: skip
         except DependencyError:
             log.warning("consistent fallback check failed; denying", exc_info=True)
