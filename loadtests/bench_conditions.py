@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from loadtests.bench_engine import rss_mb
 from pdp.conditions import Facts
-from pdp.engine import Engine, RowChange, Snapshot
+from pdp.engine import Decision, Engine, Row, RowChange, Snapshot
 
 NOW = 1_700_000_000.0
 T = "acme"
@@ -34,7 +34,7 @@ def _median_us(fn: Callable[[], object], n: int = 20_000) -> float:
     return statistics.median(samples)
 
 
-def _tables(users: int) -> dict[str, list[tuple[object, ...]]]:
+def _tables(users: int) -> dict[str, list[Row]]:
     perms = [
         ("reader", "document:read", None),
         ("owner", "document:edit", "resource.properties.ownerID == subject.attributes.email"),
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.build(_tables(args.users), Snapshot(1, 1))
     three = Facts(resource={"a": 0, "b": 0}, context={"c": 1})
-    rows = {
+    rows: dict[str, Callable[[], Decision]] = {
         "unconditional check (granted)": lambda: engine.check(
             T, "u7", "document", "d1", "read", NOW
         ),
