@@ -263,3 +263,93 @@ def test_cli_grant_rejects_a_condition_that_does_not_compile(
     code = main(["grant", "--tenant", "t", "editor", "doc:edit", "--condition", condition])
     assert code == 2
     assert "--condition does not compile" in capsys.readouterr().err
+
+
+# --- search ------------------------------------------------------------------------------
+
+
+def test_searches_decide_conditions_like_check() -> None:
+    inventory = [
+        ("t", "doc", "d1", '{"ownerID": "alice@t"}'),
+        ("t", "doc", "d2", '{"ownerID": "bob@t"}'),
+        ("t", "doc", "d3", "{}"),
+    ]
+    engine = _engine(
+        [("base", "doc:edit", OWNER), ("base", "doc:read", None), ("base", "doc:*", "context.ok")],
+        resources=inventory,
+    )
+    mine = engine.resources("t", "alice", "doc", "edit", NOW)
+    assert mine.ids == ("d1",)
+    assert not mine.all_resources
+    assert OWNER in mine.undecided  # d3 has no owner: undecided, left out
+    # An unconditional wildcard grant lists the inventory and keeps all_resources.
+    everything = engine.resources("t", "alice", "doc", "read", NOW)
+    assert everything.ids == ("d1", "d2", "d3")
+    assert everything.all_resources
+    # Without an inventory a wildcard-scoped conditional grant cannot be listed: said so.
+    bare = _engine([("base", "doc:edit", OWNER)])
+    assert bare.resources("t", "alice", "doc", "edit", NOW).undecided == (OWNER,)
+    assert bare.resources("t", "alice", "doc", "edit", NOW).ids == ()
+    # Subject search: who only a condition allows.
+    extra, undecided = engine.conditional_subjects("t", "doc", "d2", "edit", NOW)
+    assert extra == ["bob"]
+    assert undecided == ("context.ok",)  # alice's other candidate: no context given
+    assert engine.conditional_subjects("t", "doc", "d3", "edit", NOW)[1] == (OWNER,)
+    # Action search: named conditional actions decided; a conditional `doc:*` is undecided.
+    acts = engine.actions("t", "alice", "doc", "d1", NOW)
+    assert acts.actions == ("edit", "read")
+    assert acts.undecided == ("context.ok",)
+    assert engine.actions("t", "bob", "doc", "d1", NOW).actions == ("read",)
+
+
+async def test_inventory_backed_resource_search_over_http(
+    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient
+) -> None:
+    await pg.execute(SCENARIO)
+    client = await aiohttp_client(sidecar_app(Settings(verify_interval_seconds=3600), db_url))
+    async with asyncio.timeout(15):
+        while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110 -- behind HTTP
+            await asyncio.sleep(0.05)
+
+    async def search(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = await client.post(f"/access/v1/search/{kind}", json=body)
+        assert response.status == 200
+        result: dict[str, Any] = await response.json()
+        return result
+
+    subject = {"type": "user", "id": "alice", "properties": {"tenant": "t"}}
+    found = await search(
+        "resource",
+        {"subject": subject, "action": {"name": "edit"}, "resource": {"type": "document"}},
+    )
+    assert found["results"] == [{"type": "document", "id": "d1"}]
+    assert "all_resources" not in found["context"]
+    admin = await search(
+        "resource",
+        {
+            "subject": {**subject, "id": "root"},
+            "action": {"name": "edit"},
+            "resource": {"type": "document"},
+        },
+    )
+    assert [r["id"] for r in admin["results"]] == ["d1", "d2"]
+    assert admin["context"]["all_resources"] is True
+    who = await search(
+        "subject",
+        {
+            "subject": {"type": "user", "properties": {"tenant": "t"}},
+            "action": {"name": "edit"},
+            "resource": {"type": "document", "id": "d9", "properties": {"ownerID": "bob@t"}},
+        },
+    )
+    assert [r["id"] for r in who["results"]] == ["bob", "root"]
+    unknown = await search(
+        "subject",
+        {
+            "subject": {"type": "user", "properties": {"tenant": "t"}},
+            "action": {"name": "edit"},
+            "resource": {"type": "document", "id": "d9"},
+        },
+    )
+    assert [r["id"] for r in unknown["results"]] == ["root"]
+    assert unknown["context"]["undecided_conditions"] == [OWNER]

@@ -71,15 +71,26 @@ class ActionsResult:
 
     actions: tuple[str, ...]
     all_actions: bool
+    # Conditions that could not be decided with what the request gave (an error, or a
+    # conditional `type:*` / `*:*` grant whose actions cannot be listed): the answer may
+    # be incomplete for them.
+    undecided: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ResourcesResult:
     """Resource ids of one type a user may act on, sorted.
 
-    `ids` come from assignments scoped to one resource; `all_resources` is True when a
-    `*` or `type:*` scoped assignment grants the action on every resource of the type.
+    `ids` come from assignments scoped to one resource and, where a `*` or `type:*`
+    scoped grant applies, from the resource inventory (conditions evaluated per
+    resource); `all_resources` is True when such a grant is unconditional: it then
+    covers every resource of the type, listed in the inventory or not.
     """
 
     ids: tuple[str, ...]
     all_resources: bool
+    # Conditions that could not be decided with what the request gave (an error, or a
+    # conditional wildcard-scoped grant with no inventory of the type to list).
+    undecided: tuple[str, ...] = ()
+    # The inventory of the type was larger than a search examines (see `resources`).
+    truncated: bool = False

@@ -164,14 +164,36 @@ class Engine:
             return UNKNOWN_TENANT
         return evaluate.check(state, user, resource_type, resource_id, action, now, facts)
 
-    def actions(
-        self, tenant: str, user: str, resource_type: str, resource_id: str, now: float
+    def actions(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        resource_id: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
     ) -> ActionsResult:
         """Actions `check` allows the user on the resource (sorted; see ActionsResult)."""
         state = self._live(tenant)
         if state is None:
             return ActionsResult((), False)
-        return evaluate.actions(state, user, resource_type, resource_id, now)
+        return evaluate.actions(state, user, resource_type, resource_id, now, facts)
+
+    def conditional_subjects(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> tuple[list[str], tuple[str, ...]]:
+        """Users only a conditional grant allows (unsorted; `subjects` has the others) and
+        the conditions that could not be decided with the request's facts."""
+        state = self._live(tenant)
+        if state is None:
+            return [], ()
+        return evaluate.conditional_subjects(state, resource_type, resource_id, action, now, facts)
 
     def subjects(
         self, tenant: str, resource_type: str, resource_id: str, action: str, now: float
@@ -194,14 +216,20 @@ class Engine:
             return iter(())
         return evaluate.subject_chunks(state, resource_type, resource_id, action, now)
 
-    def resources(
-        self, tenant: str, user: str, resource_type: str, action: str, now: float
+    def resources(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
     ) -> ResourcesResult:
         """Resource ids `check` allows the user `action` on (see ResourcesResult)."""
         state = self._live(tenant)
         if state is None:
             return ResourcesResult((), False)
-        return evaluate.resources(state, user, resource_type, action, now)
+        return evaluate.resources(state, user, resource_type, action, now, facts)
 
     def digest(self, tenant: str) -> str:
         """The digest (`pdp.engine.digest`) of the rows held for the tenant; O(1).

@@ -43,6 +43,8 @@ from pdp.engine.grants import Grant, Grants, candidates, iter_grants, scope_rank
 from pdp.engine.tenant import TenantState, UserRec
 
 ACTIVE = "active"
+# Inventory resources a resource search examines at most (a condition costs ~10 us each).
+INVENTORY_LIMIT = 10_000
 # subjects(): scan all users once the candidates reach len(users) / _SCAN_SHARE. Per
 # user a scan costs under half of a candidate's (set building, lookup, and sorting
 # ids that come out of a set in no order): scanning is then no slower.
@@ -251,7 +253,14 @@ def _active(state: TenantState, user: str) -> UserRec | None:
     return rec if rec is not None and rec[0] == ACTIVE else None
 
 
-def actions(state: TenantState, user: str, rtype: str, rid: str, now: float) -> ActionsResult:
+def actions(  # noqa: PLR0917 -- mirrors Engine.actions
+    state: TenantState,
+    user: str,
+    rtype: str,
+    rid: str,
+    now: float,
+    facts: FactsSource = None,
+) -> ActionsResult:
     """Actions the user may do on (rtype, rid): exactly those `check` allows.
 
     Named actions come from `R:A` and `*:A` grants; `R:*` / `*:*` set `all_actions`.
@@ -274,16 +283,61 @@ def actions(state: TenantState, user: str, rtype: str, rid: str, now: float) -> 
                 named.add(perm[len(prefix) :])
             elif perm.startswith("*:"):
                 named.add(perm[2:])
-    return ActionsResult(tuple(sorted(named)), every)
+    undecided: set[str] = set()
+    if state.roles.cond_closure:
+        facts = facts() if callable(facts) else facts
+        _conditional_actions(state, (user, rec), (rtype, rid), now, facts, (named, undecided))
+    return ActionsResult(tuple(sorted(named)), every, tuple(sorted(undecided)))
 
 
-def resources(
-    state: TenantState, user: str, rtype: str, action: str, now: float
+def _conditional_actions(  # noqa: PLR0917 -- internal
+    state: TenantState,
+    who: tuple[str, UserRec],
+    what: tuple[str, str],
+    now: float,
+    facts: FactsSource,
+    out: tuple[set[str], set[str]],
+) -> None:
+    """Add the actions conditional grants allow (as `check` decides each) to out[0], and
+    the conditions that cannot be decided to out[1]."""
+    user, rec = who
+    rtype, rid = what
+    named, undecided = out
+    scopes, _ = _asked(rtype, rid, "*")
+    prefix = rtype + ":"
+    conds = state.roles.cond_closure
+    for role, scope, _expires in _live_grants(state, rec, now, scopes):
+        if scope not in scopes:
+            continue
+        for _holder, perm, cond in conds.get(role, ()):
+            if not perm.startswith((prefix, "*:")):
+                continue
+            name = perm.split(":", 1)[1]
+            if name == "*":
+                undecided.add(cond.text)  # which actions it allows depends on action.name
+            elif name not in named:
+                decision = check(state, user, rtype, rid, name, now, facts)
+                if decision.allowed:
+                    named.add(name)
+                elif decision.reason == "condition_error" and decision.condition:
+                    undecided.add(decision.condition)
+
+
+def resources(  # noqa: PLR0917 -- mirrors Engine.resources
+    state: TenantState,
+    user: str,
+    rtype: str,
+    action: str,
+    now: float,
+    facts: FactsSource = None,
+    limit: int = INVENTORY_LIMIT,
 ) -> ResourcesResult:
     """Ids of type `rtype` the user may do `action` on: exactly those `check` allows.
 
     Ids come from `rtype:id` scoped assignments; a `*` or `rtype:*` scoped one that
-    grants the action sets `all_resources` instead.
+    grants the action sets `all_resources` and lists the inventory's resources of the
+    type. Conditional grants are decided per resource as `check` decides them; at most
+    `limit` inventory resources are examined (`truncated` says when there were more).
     """
     rec = _active(state, user)
     if rec is None:
@@ -300,7 +354,70 @@ def resources(
             every = True
         elif scope.startswith(prefix):
             ids.add(scope[len(prefix) :])
-    return ResourcesResult(tuple(sorted(ids)), every)
+    inventory = state.resources.get(rtype, {})
+    truncated = len(inventory) > limit
+    listed = list(islice(inventory, limit))
+    if every:
+        ids.update(listed)
+    undecided: set[str] = set()
+    if state.roles.cond_closure:
+        facts = facts() if callable(facts) else facts
+        wildcard = _conditional_resources(
+            state, (user, rec), (rtype, action), now, facts, ids, undecided
+        )
+        if wildcard:
+            for rid in listed:
+                if rid not in ids:
+                    _decide_one(state, user, (rtype, rid, action), now, facts, ids, undecided)
+            if not inventory:
+                undecided.update(wildcard)
+    return ResourcesResult(tuple(sorted(ids)), every, tuple(sorted(undecided)), truncated)
+
+
+def _decide_one(  # noqa: PLR0917 -- internal
+    state: TenantState,
+    user: str,
+    what: tuple[str, str, str],
+    now: float,
+    facts: FactsSource,
+    ids: set[str],
+    undecided: set[str],
+) -> None:
+    decision = check(state, user, *what, now, facts)
+    if decision.allowed:
+        ids.add(what[1])
+    elif decision.reason == "condition_error" and decision.condition:
+        undecided.add(decision.condition)
+
+
+def _conditional_resources(  # noqa: PLR0917 -- internal
+    state: TenantState,
+    who: tuple[str, UserRec],
+    what: tuple[str, str],
+    now: float,
+    facts: FactsSource,
+    ids: set[str],
+    undecided: set[str],
+) -> set[str]:
+    """Decide the resources named by scoped conditional grants into `ids`; return the
+    conditions of wildcard-scoped ones (their resources come from the inventory)."""
+    user, rec = who
+    rtype, action = what
+    scopes, wanted = _asked(rtype, "*", action)
+    prefix = rtype + ":"
+    conds = state.roles.cond_closure
+    wildcard: set[str] = set()
+    for role, scope, _expires in _live_grants(state, rec, now):
+        texts = [c.text for _, perm, c in conds.get(role, ()) if perm in wanted]
+        if not texts:
+            continue
+        if scope in scopes:
+            wildcard.update(texts)
+        elif scope.startswith(prefix) and scope[len(prefix) :] not in ids:
+            _decide_one(
+                state, user, (rtype, scope[len(prefix) :], action), now, facts, ids, undecided
+            )
+    return wildcard
 
 
 def subjects(state: TenantState, rtype: str, rid: str, action: str, now: float) -> tuple[str, ...]:
@@ -315,6 +432,44 @@ def subjects(state: TenantState, rtype: str, rid: str, action: str, now: float) 
     out = [uid for chunk in subject_chunks(state, rtype, rid, action, now) for uid in chunk]
     out.sort()
     return tuple(out)
+
+
+def conditional_subjects(  # noqa: PLR0917 -- mirrors Engine.subjects
+    state: TenantState,
+    rtype: str,
+    rid: str,
+    action: str,
+    now: float,
+    facts: FactsSource = None,
+) -> tuple[list[str], tuple[str, ...]]:
+    """Users only a conditional grant allows (as `check` decides each; unsorted), and the
+    conditions that could not be decided with what the request gave.
+
+    The candidates are the holders of roles reaching a conditional grant of a wanted
+    permission, at the scopes covering the resource: cost follows them, not the tenant.
+    """
+    conds = state.roles.cond_closure
+    if not conds:
+        return [], ()
+    scopes, wanted = _asked(rtype, rid, action)
+    roles = [role for role, held in conds.items() if any(perm in wanted for _, perm, _ in held)]
+    if not roles:
+        return [], ()
+    distinct = tuple(dict.fromkeys(scopes))
+    groups = holders.union(holders.pools(state.group_holders, roles, distinct))
+    found = holders.pools(state.user_holders, roles, distinct)
+    found += [state.members[gid] for gid in groups if gid in state.members]
+    if callable(facts):
+        facts = facts()
+    out: list[str] = []
+    undecided: set[str] = set()
+    for uid in holders.union(found):
+        decision = check(state, uid, rtype, rid, action, now, facts)
+        if decision.allowed and decision.condition is not None:
+            out.append(uid)
+        elif decision.reason == "condition_error" and decision.condition:
+            undecided.add(decision.condition)
+    return out, tuple(sorted(undecided))
 
 
 def subject_chunks(

@@ -35,6 +35,7 @@ class RoleGraph:
 
     __slots__ = (
         "_dirty",
+        "_holder_paths",
         "_paths",
         "closure",
         "cond_closure",
@@ -55,6 +56,7 @@ class RoleGraph:
         self.closure: dict[str, frozenset[str]] = {}
         self._dirty: set[str] = set()
         self._paths: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._holder_paths: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def add_role(self, role: str) -> bool:
         return self._changed(role, _add(self.roles, role))
@@ -118,6 +120,7 @@ class RoleGraph:
         affected = self._ancestors(self._dirty)
         self._dirty = set()
         self._paths.clear()
+        self._holder_paths.clear()
         try:
             fresh = self._memo_closures(affected)
         except _CycleError:
@@ -233,8 +236,16 @@ class RoleGraph:
         return found
 
     def path_to(self, role: str, holder: str) -> tuple[str, ...]:
-        """Shortest inheritance chain from `role` down to `holder` (children in sorted order)."""
-        return self._search(role, holder, to_role=True)
+        """Shortest inheritance chain from `role` down to `holder` (children in sorted order).
+
+        Cached until the next settle that changed something.
+        """
+        key = (role, holder)
+        found = self._holder_paths.get(key)
+        if found is None:
+            found = self._search(role, holder, to_role=True)
+            self._holder_paths[key] = found
+        return found
 
     def _search(self, role: str, perm: str, *, to_role: bool = False) -> tuple[str, ...]:
         came_from: dict[str, str | None] = {role: None}

@@ -347,6 +347,13 @@ class AuthzenApi:
         total = 0
         if engine is not None and search.subject_type in self._user_types:
             found = await self._subjects(engine, search)
+            extra, undecided = engine.conditional_subjects(
+                search.tenant, search.resource_type, search.resource_id, search.action,
+                time.time(), search.facts,
+            )  # fmt: skip
+            if extra:
+                found = list(set(found).union(extra))
+            _say_undecided(context, undecided)
             total, end = len(found), search.page.offset + search.page.limit
             # Order only what this page needs: a first page of a huge answer is a
             # partial selection, not a sort of tens of thousands of ids.
@@ -382,11 +389,15 @@ class AuthzenApi:
         ids: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
             found = engine.resources(
-                search.tenant, search.user, search.resource_type, search.action, time.time()
-            )
+                search.tenant, search.user, search.resource_type, search.action, time.time(),
+                search.facts,
+            )  # fmt: skip
             ids = found.ids
             if found.all_resources:
                 context["all_resources"] = True
+            if found.truncated:
+                context["inventory_truncated"] = True
+            _say_undecided(context, found.undecided)
         render = _resource_renderer(search.resource_type)
         results, page = protocol.paged(ids, search.page, render)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
@@ -398,11 +409,12 @@ class AuthzenApi:
         if engine is not None and search.subject_type in self._user_types:
             found = engine.actions(
                 search.tenant, search.user, search.resource_type, search.resource_id,
-                time.time(),
+                time.time(), search.facts,
             )  # fmt: skip
             names = found.actions
             if found.all_actions:
                 context["all_actions"] = True
+            _say_undecided(context, found.undecided)
         results, page = protocol.paged(names, search.page, _render_action)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
@@ -410,6 +422,13 @@ class AuthzenApi:
 
     async def configuration(self, request: web.Request) -> web.Response:
         return web.Response(body=self._configuration, headers={"Content-Type": JSON_TYPE})
+
+
+def _say_undecided(context: JsonObject, undecided: tuple[str, ...]) -> None:
+    """Name the conditions a search could not decide with the properties it was given:
+    the results leave out what they would allow (fail closed), and say so."""
+    if undecided:
+        context["undecided_conditions"] = list(undecided)
 
 
 def _subject_renderer(stype: str) -> Callable[[str], JsonObject]:
