@@ -26,7 +26,7 @@ REV = Snapshot(1, 1)
 OWNER = "resource.properties.ownerID == subject.attributes.email"
 
 
-def _engine(perms: list[tuple[str, ...]], **extra: list[tuple[Any, ...]]) -> Engine:
+def _engine(perms: list[tuple[str | None, ...]], **extra: list[tuple[Any, ...]]) -> Engine:
     rows: dict[str, list[tuple[Any, ...]]] = {
         "tenants": [("t",)],
         "users": [
