@@ -7,6 +7,7 @@ kept in sync, decisions asked over HTTP.
 from __future__ import annotations
 
 import asyncio
+import textwrap
 from datetime import UTC, datetime
 from typing import Any
 
@@ -353,3 +354,111 @@ async def test_inventory_backed_resource_search_over_http(
     )
     assert [r["id"] for r in unknown["results"]] == ["root"]
     assert unknown["context"]["undecided_conditions"] == [OWNER]
+
+
+# --- forward-auth ---------------------------------------------------------------------------
+
+ROUTES = """
+routes:
+  - method: PUT
+    path: /teams/{team}/docs/{id}
+    resource: {type: doc, id: "{id}"}
+    action: edit
+"""
+
+
+async def test_forward_auth_requests_go_through_conditions(aiohttp_client: AiohttpClient) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pdp.gateway import parse_routes
+    from pdp.replica import Replica
+    from pdp.web.app import build_app
+    from pdp.web.forward_auth import Gateway, RouteBox
+    from tests.test_web_support import Clock, settings
+
+    # The path parameter `team` is a resource property; the method an action property.
+    team = (
+        "resource.properties.team == subject.attributes.team && action.properties.method == 'PUT'"
+    )
+    engine = Engine.build(
+        {
+            "tenants": [("acme",)],
+            "users": [("acme", "alice", "active", '{"team": "red"}')],
+            "roles": [("acme", "editor")],
+            "role_permissions": [("acme", "editor", "doc:edit", team)],
+            "user_roles": [("acme", "alice", "editor", "*", None)],
+        },
+        REV,
+    )
+    clock = Clock()
+    replica = Replica(clock=clock)
+    replica.install(engine, epoch="e", synced_at=clock())
+    app = build_app(
+        settings(forward_auth_mode="traefik"),
+        replica=replica,
+        registry=CollectorRegistry(),
+        gateway=Gateway(RouteBox(parse_routes(ROUTES))),
+    )
+    client = await aiohttp_client(app)
+
+    async def ask(uri: str) -> tuple[int, Any]:
+        headers = {"X-Forwarded-Method": "PUT", "X-Forwarded-Uri": uri, "X-User-Id": "alice"}
+        response = await client.get("/forward-auth", headers=headers)
+        body = await response.read()
+        return response.status, (await response.json()) if body else None
+
+    assert (await ask("/teams/red/docs/d1"))[0] == 200
+    status, body = await ask("/teams/blue/docs/d1")
+    assert status == 403
+    assert body["reason"] == "condition_false"
+
+
+# --- README: the worked examples, as written ---------------------------------------------
+
+
+def _readme_sql() -> list[str]:
+    from pathlib import Path
+
+    text = Path(__file__).parent.parent.joinpath("README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Conditions\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```sql\n")[1:]]
+    return [textwrap.dedent(b) for b in blocks]
+
+
+async def test_the_readme_examples_work_as_written(pg: asyncpg.Connection) -> None:
+    from sync import pg_queries as q
+
+    await pg.execute("""
+        INSERT INTO pdp.tenants (id) VALUES ('acme');
+        INSERT INTO pdp.users (tenant_id, id) VALUES ('acme', 'alice'), ('acme', 'bob'), ('acme', 'root');
+        INSERT INTO pdp.roles (tenant_id, id) VALUES ('acme', 'editor'), ('acme', 'admin'), ('acme', 'contractor');
+        INSERT INTO pdp.role_permissions VALUES ('acme', 'admin', 'document:edit', NULL);
+        INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES
+          ('acme', 'alice', 'editor'), ('acme', 'bob', 'editor'), ('acme', 'root', 'admin'),
+          ('acme', 'bob', 'contractor');
+    """)
+    blocks = _readme_sql()
+    assert len(blocks) == 3
+    for sql in blocks:
+        await pg.execute(sql)
+    rows = {e: [tuple(r) for r in await pg.fetch(sql, "acme")] for e, sql in q.TENANT_ROWS.items()}
+    engine = Engine.build(rows, REV)
+    at = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+
+    def allowed(user: str, rtype: str, action: str, facts: Facts | None = None) -> str:
+        decision = engine.check("acme", user, rtype, "d1", action, at, facts)
+        return "granted" if decision.allowed else decision.reason
+
+    assert allowed("alice", "document", "edit") == "granted"
+    assert allowed("bob", "document", "edit") == "condition_false"
+    assert allowed("root", "document", "edit") == "granted"
+    assert allowed("alice", "document", "delete", Facts(action={"mode": "soft"})) == "granted"
+    assert (
+        allowed("alice", "document", "delete", Facts(action={"mode": "hard"})) == "condition_false"
+    )
+    assert allowed("alice", "document", "delete") == "condition_error"
+    assert allowed("bob", "report", "read") == "granted"
+    later = engine.check(
+        "acme", "bob", "report", "r1", "read", datetime(2027, 2, 1, tzinfo=UTC).timestamp()
+    )
+    assert later.reason == "condition_false"
