@@ -38,8 +38,8 @@ def _tables(users: int) -> dict[str, list[Row]]:
     perms = [
         ("reader", "document:read", None),
         ("owner", "document:edit", "resource.properties.ownerID == subject.attributes.email"),
-        ("multi", "document:share", "resource.properties.a == 1"),
-        ("multi", "document:*", "resource.properties.b == 1"),
+        ("multi", "report:share", "resource.properties.a == 1"),
+        ("multi", "report:*", "resource.properties.b == 1"),
         ("multi", "*:share", "context.c == 1"),
     ]
     return {
@@ -69,7 +69,7 @@ def main() -> None:
             T, "u7", "document", "d1", "edit", NOW
         ),
         "three conditional candidates": lambda: engine.check(
-            T, "u7", "document", "d1", "share", NOW, three
+            T, "u7", "report", "r1", "share", NOW, three
         ),
     }
     assert all(fn().allowed for fn in rows.values())

@@ -9,8 +9,10 @@ counted (`compile_errors`, exported as `pdp_condition_errors_total`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ FALSE: Outcome = "false"
 ERROR: Outcome = "error"
 
 _CACHE_LIMIT = 10_000
+VARIABLES = frozenset(("subject", "resource", "action", "context", "now"))
+_NAMES = re.compile(r"\b(subject|resource|action|context|now)\b")
 _EMPTY: dict[str, Any] = {}
 _UTC = dt.UTC
 
@@ -48,6 +52,9 @@ class Condition:
     text: str
     program: Any  # cel.Expression, or None when `error` is set
     error: str | None = None
+    # The variables the text may name (a superset: a word in a string literal counts
+    # too); an activation needs only these.
+    uses: frozenset[str] = frozenset()
 
 
 _cache: dict[str, Condition] = {}
@@ -63,7 +70,7 @@ def _compile(text: str) -> Condition:
     returns = program.return_type()
     if not any(returns == ok for ok in _BOOLEAN_OK):
         return Condition(text, None, f"the expression returns {returns.name()}, not a bool")
-    return Condition(text, program)
+    return Condition(text, program, None, frozenset(_NAMES.findall(text)))
 
 
 def _first_line(message: str) -> str:
@@ -103,15 +110,21 @@ def compile_errors() -> int:
     return len(_failed)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> Mapping[str, Any]:
+    # Shared between checks: callers only read it (a merge makes a new dict).
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return _EMPTY
+    return value if isinstance(value, dict) else _EMPTY
+
+
 def _attrs(raw: str | Mapping[str, Any] | None) -> Mapping[str, Any]:
     if raw is None:
         return _EMPTY
     if isinstance(raw, str):
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return _EMPTY
-        return value if isinstance(value, dict) else _EMPTY
+        return _EMPTY if raw == "{}" else _parse(raw)
     return raw
 
 
@@ -142,29 +155,36 @@ def activation(  # noqa: PLR0917 -- the request's parts, positional on purpose
     resource_attributes: Attributes,
     action: str,
     now: float,
+    uses: frozenset[str] = VARIABLES,
 ) -> Any:
     """The values a condition sees (see the package docstring), ready for `evaluate`.
 
     Stored attributes may be the JSON text of a jsonb column. Built once per check and
-    shared by every candidate grant's evaluation.
+    shared by every candidate grant's evaluation; only the variables in `uses` (the
+    union of the candidates' `Condition.uses`) are converted: the conversion is most of
+    a condition's cost.
     """
     f = facts or NO_FACTS
-    r_attrs = _attrs(resource_attributes)
-    r_props: Mapping[str, Any] = f.resource or _EMPTY
-    if r_attrs:
-        r_props = {**r_attrs, **r_props}
-    data = {
-        "subject": {
+    data: dict[str, Any] = {}
+    if "subject" in uses:
+        data["subject"] = {
             "type": f.subject_type,
             "id": user,
             "properties": f.subject or _EMPTY,
             "attributes": _attrs(user_attributes),
-        },
-        "resource": {"type": rtype, "id": rid, "properties": r_props, "attributes": r_attrs},
-        "action": {"name": action, "properties": f.action or _EMPTY},
-        "context": f.context or _EMPTY,
-        "now": dt.datetime.fromtimestamp(now, _UTC),
-    }
+        }
+    if "resource" in uses:
+        r_attrs = _attrs(resource_attributes)
+        r_props: Mapping[str, Any] = f.resource or _EMPTY
+        if r_attrs:
+            r_props = {**r_attrs, **r_props}
+        data["resource"] = {"type": rtype, "id": rid, "properties": r_props, "attributes": r_attrs}
+    if "action" in uses:
+        data["action"] = {"name": action, "properties": f.action or _EMPTY}
+    if "context" in uses:
+        data["context"] = f.context or _EMPTY
+    if "now" in uses:
+        data["now"] = dt.datetime.fromtimestamp(now, _UTC)
     try:
         return _ENV.Activation(data)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -166,6 +166,9 @@ def _conditional(  # noqa: PLR0917 -- internal, positional on purpose
     rtype, rid, action = what
     if callable(facts):
         facts = facts()
+    uses = found[0][5].uses
+    for cand in found[1:]:
+        uses |= cand[5].uses
     values = conditions.activation(
         facts,
         who[0],
@@ -175,6 +178,7 @@ def _conditional(  # noqa: PLR0917 -- internal, positional on purpose
         state.resource_attributes(rtype, rid),
         action,
         now,
+        uses,
     )
     failed: tuple[_Candidate, conditions.Outcome, str | None] | None = None
     for cand in found:
