@@ -47,10 +47,12 @@ class Decision:
             out["role"] = self.role
         if self.path:
             out["path"] = list(self.path)
-        for name in ("permission", "via_group", "scope", "expires_at", "condition", "error"):
+        for name in ("permission", "via_group", "scope", "expires_at", "condition"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.error is not None:
+            out["detail"] = self.error  # `error` in a context is a bad request's object
         return out
 
 
