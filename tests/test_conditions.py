@@ -462,3 +462,18 @@ async def test_the_readme_examples_work_as_written(pg: asyncpg.Connection) -> No
         "acme", "bob", "report", "r1", "read", datetime(2027, 2, 1, tzinfo=UTC).timestamp()
     )
     assert later.reason == "condition_false"
+
+
+def test_a_wildcard_condition_that_reads_nothing_of_the_resource_covers_every_one() -> None:
+    window = "now < timestamp('2026-06-01T12:30:00Z')"
+    engine = _engine([("base", "doc:edit", window), ("base", "img:*", window)])
+    found = engine.resources("t", "alice", "doc", "edit", NOW)
+    assert found.all_resources
+    assert found.undecided == ()
+    assert not engine.resources("t", "alice", "doc", "edit", NOW + 3600).all_resources
+    acts = engine.actions("t", "alice", "img", "1", NOW)
+    assert acts.all_actions
+    assert acts.undecided == ()
+    later = engine.actions("t", "alice", "img", "1", NOW + 3600)
+    assert not later.all_actions
+    assert later.undecided == ()  # false for every action alike: decided

@@ -291,6 +291,18 @@ def actions(  # noqa: PLR0917 -- mirrors Engine.actions
     if state.roles.cond_closure:
         facts = facts() if callable(facts) else facts
         _conditional_actions(state, (user, rec), (rtype, rid), now, facts, (named, undecided))
+        if undecided and not every:
+            # A conditional `type:*` grant whose condition reads nothing of the action.
+            probe = check(state, user, rtype, rid, "\x00", now, facts)
+            reads = (
+                ()
+                if probe.condition is None
+                else conditions.compile_condition(probe.condition).uses
+            )
+            if probe.condition is not None and "action" not in reads:
+                every = probe.allowed  # decided for every action alike
+                if probe.reason != "condition_error":
+                    undecided.discard(probe.condition)
     return ActionsResult(tuple(sorted(named)), every, tuple(sorted(undecided)))
 
 
@@ -369,7 +381,14 @@ def resources(  # noqa: PLR0917 -- mirrors Engine.resources
         wildcard = _conditional_resources(
             state, (user, rec), (rtype, action), now, facts, ids, undecided
         )
-        if wildcard:
+        if (
+            wildcard
+            and not every
+            and _covers_every_resource(state, user, rtype, action, now, facts)
+        ):
+            every = True
+            ids.update(listed)
+        if wildcard and not every:
             for rid in listed:
                 if rid not in ids:
                     _decide_one(state, user, (rtype, rid, action), now, facts, ids, undecided)
@@ -392,6 +411,17 @@ def _decide_one(  # noqa: PLR0917 -- internal
         ids.add(what[1])
     elif decision.reason == "condition_error" and decision.condition:
         undecided.add(decision.condition)
+
+
+def _covers_every_resource(  # noqa: PLR0917 -- internal
+    state: TenantState, user: str, rtype: str, action: str, now: float, facts: FactsSource
+) -> bool:
+    """Whether a wildcard-scoped conditional grant whose condition reads nothing of the
+    resource (a time window, say) holds: it then allows every resource of the type."""
+    probe = check(state, user, rtype, "\x00", action, now, facts)  # no `type:id` scope is NUL
+    if not probe.allowed or probe.condition is None:
+        return False
+    return "resource" not in conditions.compile_condition(probe.condition).uses
 
 
 def _conditional_resources(  # noqa: PLR0917 -- internal
