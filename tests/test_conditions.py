@@ -7,20 +7,33 @@ kept in sync, decisions asked over HTTP.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import textwrap
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from pdp import conditions
 from pdp.conditions import Facts
 from pdp.config import Settings
-from pdp.engine import Engine, Snapshot
+from pdp.engine import Engine, Row, Snapshot
 from pdp.sidecar import sidecar_app
 from sync.pg_fallback import PgFallback
+from tests.test_engine_property import (
+    ACTIONS,
+    NOWS,
+    RESOURCES,
+    TENANTS,
+    USERS,
+    model_of,
+    rows,
+    tables_of,
+)
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
 REV = Snapshot(1, 1)
@@ -477,3 +490,49 @@ def test_a_wildcard_condition_that_reads_nothing_of_the_resource_covers_every_on
     later = engine.actions("t", "alice", "img", "1", NOW + 3600)
     assert not later.all_actions
     assert later.undecided == ()  # false for every action alike: decided
+
+
+# --- reverse queries agree with check, conditions included (property test) ----------------
+
+REVERSE_CONDITIONS = [
+    None,
+    None,
+    "resource.properties.a == 1",  # from the inventory (`{"a": 1}`)
+    "resource.id == '1'",
+    "subject.id == 'u1'",
+    "action.name == 'read'",
+    "now < timestamp('1970-01-01T00:00:12Z')",  # open at 10, closed at 15
+    "context.flag",  # never given: an error
+]
+
+
+@settings(deadline=None, max_examples=80)
+@given(rows(), st.lists(st.sampled_from(REVERSE_CONDITIONS), min_size=30, max_size=30))
+def test_reverse_queries_agree_with_check_under_conditions(
+    data: list[tuple[str, Row]], picks: list[str | None]
+) -> None:
+    conditioned = []
+    for i, (entity, row) in enumerate(data):
+        pick = picks[i % len(picks)]
+        conditioned.append((entity, (*row[:3], pick) if entity == "role_permissions" else row))
+    engine = Engine.build(tables_of(model_of(conditioned)), REV)
+    for tenant, now in itertools.product((*TENANTS, "t9"), NOWS):
+        for (rtype, rid), action in itertools.product(RESOURCES, ACTIONS):
+            allowed = {u for u in USERS if engine.check(tenant, u, rtype, rid, action, now).allowed}
+            found = set(engine.subjects(tenant, rtype, rid, action, now))
+            found |= set(engine.conditional_subjects(tenant, rtype, rid, action, now)[0])
+            assert found == allowed, (tenant, rtype, rid, action, now)
+        for user, (rtype, rid) in itertools.product(USERS, RESOURCES):
+            result = engine.actions(tenant, user, rtype, rid, now)
+            for action in (*ACTIONS, "zzz"):
+                ok = engine.check(tenant, user, rtype, rid, action, now).allowed
+                listed = action in result.actions or result.all_actions
+                assert listed <= ok, (tenant, user, rtype, rid, action)  # never more than check
+                assert ok <= listed or bool(result.undecided), (tenant, user, rtype, rid, action)
+        for user, rtype, action in itertools.product(USERS, ("doc", "img"), ACTIONS):
+            found_r = engine.resources(tenant, user, rtype, action, now)
+            for rid in ("1", "2", "zzz"):
+                ok = engine.check(tenant, user, rtype, rid, action, now).allowed
+                assert (rid in found_r.ids) <= ok, (tenant, user, rtype, rid, action)
+                covered = rid in found_r.ids or found_r.all_resources
+                assert ok <= covered or bool(found_r.undecided), (tenant, user, rtype, rid, action)
