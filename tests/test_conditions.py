@@ -536,3 +536,22 @@ def test_reverse_queries_agree_with_check_under_conditions(
                 assert (rid in found_r.ids) <= ok, (tenant, user, rtype, rid, action)
                 covered = rid in found_r.ids or found_r.all_resources
                 assert ok <= covered or bool(found_r.undecided), (tenant, user, rtype, rid, action)
+
+
+def test_conditional_subjects_come_in_pieces_that_add_up() -> None:
+    users = [(f"u{i:03d}", "active", f'{{"n": {i}}}') for i in range(450)]
+    engine = Engine.build(
+        {
+            "tenants": [("t",)],
+            "users": [("t", *u) for u in users],
+            "roles": [("t", "r")],
+            "role_permissions": [("t", "r", "doc:read", "subject.attributes.n % 3 == 0")],
+            "user_roles": [("t", u[0], "r", "*", None) for u in users],
+        },
+        REV,
+    )
+    pieces = list(engine.conditional_subject_chunks("t", "doc", "1", "read", NOW))
+    assert len(pieces) == 3  # 200 candidates a piece
+    ids = sorted(uid for allowed, _ in pieces for uid in allowed)
+    assert ids == sorted(engine.conditional_subjects("t", "doc", "1", "read", NOW)[0])
+    assert ids == [f"u{i:03d}" for i in range(0, 450, 3)]

@@ -216,6 +216,26 @@ class Engine:
             return iter(())
         return evaluate.subject_chunks(state, resource_type, resource_id, action, now)
 
+    def conditional_subject_chunks(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> Iterator[tuple[list[str], set[str]]]:
+        """`conditional_subjects` in pieces (allowed users, undecided conditions).
+
+        Only valid while `version` stays the same: stop iterating once it moves.
+        """
+        state = self._live(tenant)
+        if state is None:
+            return iter(())
+        return evaluate.conditional_subject_chunks(
+            state, resource_type, resource_id, action, now, facts
+        )
+
     def resources(  # noqa: PLR0917 -- the request's parts
         self,
         tenant: str,

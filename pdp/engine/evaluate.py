@@ -482,28 +482,54 @@ def conditional_subjects(  # noqa: PLR0917 -- mirrors Engine.subjects
     The candidates are the holders of roles reaching a conditional grant of a wanted
     permission, at the scopes covering the resource: cost follows them, not the tenant.
     """
+    out: list[str] = []
+    undecided: set[str] = set()
+    for allowed, unsure in conditional_subject_chunks(state, rtype, rid, action, now, facts):
+        out.extend(allowed)
+        undecided.update(unsure)
+    return out, tuple(sorted(undecided))
+
+
+def conditional_subject_chunks(  # noqa: PLR0917 -- mirrors Engine.subjects
+    state: TenantState,
+    rtype: str,
+    rid: str,
+    action: str,
+    now: float,
+    facts: FactsSource = None,
+    *,
+    size: int = 200,
+) -> Iterator[tuple[list[str], set[str]]]:
+    """`conditional_subjects` in pieces of at most `size` candidates decided each.
+
+    A candidate costs a condition evaluation (tens of us): a caller gives other work a
+    turn between pieces. Like `subject_chunks`, it reads the tenant's live dicts and
+    must not be resumed after any change to the engine.
+    """
     conds = state.roles.cond_closure
     if not conds:
-        return [], ()
+        return
     scopes, wanted = _asked(rtype, rid, action)
     roles = [role for role, held in conds.items() if any(perm in wanted for _, perm, _ in held)]
     if not roles:
-        return [], ()
+        return
     distinct = tuple(dict.fromkeys(scopes))
     groups = holders.union(holders.pools(state.group_holders, roles, distinct))
     found = holders.pools(state.user_holders, roles, distinct)
     found += [state.members[gid] for gid in groups if gid in state.members]
     if callable(facts):
         facts = facts()
-    out: list[str] = []
-    undecided: set[str] = set()
-    for uid in holders.union(found):
-        decision = check(state, uid, rtype, rid, action, now, facts)
-        if decision.allowed and decision.condition is not None:
-            out.append(uid)
-        elif decision.reason == "condition_error" and decision.condition:
-            undecided.add(decision.condition)
-    return out, tuple(sorted(undecided))
+    candidates = iter(holders.union(found))
+    while piece := list(islice(candidates, size)):
+        out: list[str] = []
+        undecided: set[str] = set()
+        for uid in piece:
+            decision = check(state, uid, rtype, rid, action, now, facts)
+            if decision.allowed and decision.condition is not None:
+                out.append(uid)
+            elif decision.reason == "condition_error" and decision.condition:
+                undecided.add(decision.condition)
+        yield out, undecided
 
 
 def subject_chunks(
