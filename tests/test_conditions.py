@@ -555,3 +555,21 @@ def test_conditional_subjects_come_in_pieces_that_add_up() -> None:
     ids = sorted(uid for allowed, _ in pieces for uid in allowed)
     assert ids == sorted(engine.conditional_subjects("t", "doc", "1", "read", NOW)[0])
     assert ids == [f"u{i:03d}" for i in range(0, 450, 3)]
+
+
+def test_resource_search_pauses_between_pieces_of_inventory() -> None:
+    inventory = [("t", "doc", f"d{i:03d}", f'{{"n": {i}}}') for i in range(450)]
+    engine = _engine([("base", "doc:read", "resource.attributes.n % 2 == 0")], resources=inventory)
+    steps = engine.resource_steps("t", "alice", "doc", "read", NOW)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result = done.value
+            break
+        pauses += 1
+    assert pauses == 2  # after 200 and 400 resources
+    assert result == engine.resources("t", "alice", "doc", "read", NOW)
+    assert result.ids == tuple(f"d{i:03d}" for i in range(0, 450, 2))
+    assert list(engine.resource_steps("t9", "alice", "doc", "read", NOW)) == []  # no tenant

@@ -8,7 +8,7 @@ before or after a batch, never part of one.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
@@ -251,6 +251,22 @@ class Engine:
             return ResourcesResult((), False)
         return evaluate.resources(state, user, resource_type, action, now, facts)
 
+    def resource_steps(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> Generator[None, None, ResourcesResult]:
+        """`resources` in steps (see `evaluate.resource_steps`): the generator's return
+        value is the result. Only valid while `version` stays the same."""
+        state = self._live(tenant)
+        if state is None:
+            return _no_resources()
+        return evaluate.resource_steps(state, user, resource_type, action, now, facts)
+
     def digest(self, tenant: str) -> str:
         """The digest (`pdp.engine.digest`) of the rows held for the tenant; O(1).
 
@@ -258,3 +274,8 @@ class Engine:
         """
         state = self._tenants.get(tenant)
         return EMPTY if state is None else state.digest()
+
+
+def _no_resources() -> Generator[None, None, ResourcesResult]:
+    return ResourcesResult((), False)
+    yield  # a generator that returns at once

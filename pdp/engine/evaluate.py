@@ -24,8 +24,9 @@ naming the first such grant.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import islice
+from typing import cast
 
 from pdp import conditions
 from pdp.engine import holders
@@ -355,6 +356,28 @@ def resources(  # noqa: PLR0917 -- mirrors Engine.resources
     type. Conditional grants are decided per resource as `check` decides them; at most
     `limit` inventory resources are examined (`truncated` says when there were more).
     """
+    steps = resource_steps(state, user, rtype, action, now, facts, limit)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(ResourcesResult, done.value)
+
+
+def resource_steps(  # noqa: PLR0912, PLR0917 -- mirrors Engine.resources, one pass
+    state: TenantState,
+    user: str,
+    rtype: str,
+    action: str,
+    now: float,
+    facts: FactsSource = None,
+    limit: int = INVENTORY_LIMIT,
+    *,
+    size: int = 200,
+) -> Generator[None, None, ResourcesResult]:
+    """`resources` as a generator that pauses after every `size` inventory resources
+    decided by a condition (its return value is the result), so a caller can give other
+    work a turn. It reads the tenant's live dicts: do not resume it after a change."""
     rec = _active(state, user)
     if rec is None:
         return ResourcesResult((), False)
@@ -389,9 +412,11 @@ def resources(  # noqa: PLR0917 -- mirrors Engine.resources
             every = True
             ids.update(listed)
         if wildcard and not every:
-            for rid in listed:
+            for done, rid in enumerate(listed, start=1):
                 if rid not in ids:
                     _decide_one(state, user, (rtype, rid, action), now, facts, ids, undecided)
+                if done % size == 0:
+                    yield
             if not inventory:
                 undecided.update(wildcard)
     return ResourcesResult(tuple(sorted(ids)), every, tuple(sorted(undecided)), truncated)

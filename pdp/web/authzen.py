@@ -27,7 +27,7 @@ from aiohttp import web
 
 from pdp import protocol
 from pdp.config import Settings
-from pdp.engine import Decision, Engine, Snapshot
+from pdp.engine import Decision, Engine, ResourcesResult, Snapshot
 from pdp.errors import DependencyError, RequestError
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
@@ -399,15 +399,29 @@ class AuthzenApi:
                 return found, tuple(sorted(undecided))
         return engine.conditional_subjects(*args, now, search.facts)
 
+    async def _resources(self, engine: Engine, search: protocol.ResourceSearch) -> ResourcesResult:
+        """The resource search, with a turn for other requests between pieces of
+        inventory decided by conditions; in one go if the engine changes meanwhile."""
+        args = (search.tenant, search.user, search.resource_type, search.action)
+        now = time.time()
+        version = engine.version
+        steps = engine.resource_steps(*args, now, search.facts)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: ResourcesResult = done.value
+                return result
+            await asyncio.sleep(0)
+            if engine.version != version:
+                return engine.resources(*args, now, search.facts)
+
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
-            found = engine.resources(
-                search.tenant, search.user, search.resource_type, search.action, time.time(),
-                search.facts,
-            )  # fmt: skip
+            found = await self._resources(engine, search)
             ids = found.ids
             if found.all_resources:
                 context["all_resources"] = True
