@@ -261,6 +261,55 @@ def _add_api_key(sub: Any) -> None:
     create.set_defaults(handler=_cmd_api_key_create)
 
 
+_GRANT = """
+INSERT INTO pdp.role_permissions (tenant_id, role_id, permission, condition)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, role_id, permission) DO UPDATE SET condition = EXCLUDED.condition
+RETURNING pg_current_xact_id()::text
+"""
+
+
+async def _write_grant(url: str, args: argparse.Namespace) -> str:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(url)
+    try:
+        revision: str = await conn.fetchval(
+            _GRANT, args.tenant, args.role, args.permission, args.condition
+        )
+    finally:
+        await conn.close()
+    return revision
+
+
+def _cmd_grant(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.conditions import validate  # noqa: PLC0415
+
+    if args.condition is not None:
+        problem = validate(args.condition)
+        if problem is not None:
+            raise UserError(f"--condition does not compile: {problem}")
+    with database_url(settings) as url:
+        revision = asyncio.run(_write_grant(url, args))
+    print(f"revision={revision}")
+    return 0
+
+
+def _add_grant(sub: Any) -> None:
+    p = sub.add_parser(
+        "grant",
+        help="give a role a permission, optionally under a CEL condition",
+        description="Upserts one pdp.role_permissions row. A --condition that does not\n"
+        "compile is rejected before anything is written (exit 2).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tenant", required=True, help="the tenant id")
+    p.add_argument("role", help="the role id (it must exist)")
+    p.add_argument("permission", help="type:action, `*` allowed on either side")
+    p.add_argument("--condition", help="a CEL expression that must be true for the grant")
+    p.set_defaults(handler=_cmd_grant)
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_migrate,
     _add_seed,
@@ -268,6 +317,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_prune,
     _add_api_key,
     _add_db,
+    _add_grant,
 ]
 
 

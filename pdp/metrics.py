@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from pdp import conditions
 from pdp.readiness import Health
 
 # A check answers in ~10 us from memory; a slow batch or a consistency wait can take 100 ms+.
@@ -207,6 +208,11 @@ class Metrics:
         for (route, status), n in sorted(self._requests.items()):
             requests.add_metric([route, str(status)], n)
         yield requests
+        yield CounterMetricFamily(
+            "pdp_condition_errors",
+            "Distinct grant conditions that do not compile (they never grant)",
+            value=conditions.compile_errors(),
+        )
         yield self._duration_family()
         yield from self._replica_families()
 
@@ -265,6 +271,7 @@ class _ScrapeCollector:
         return [
             CounterMetricFamily("pdp_decisions", ""),
             CounterMetricFamily("pdp_http_requests", ""),
+            CounterMetricFamily("pdp_condition_errors", ""),
             HistogramMetricFamily("pdp_decision_duration_seconds", ""),
             GaugeMetricFamily("pdp_ready", ""),
             GaugeMetricFamily("pdp_sync_staleness_seconds", ""),

@@ -15,6 +15,7 @@ Searches answer the same cases with no results and the reason in `context`.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from pdp import protocol
 from pdp.config import Settings
-from pdp.engine import Decision, Engine, Snapshot
+from pdp.engine import Decision, Engine, ResourcesResult, Snapshot
 from pdp.errors import DependencyError, RequestError, UnsupportedEncoding
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
@@ -39,6 +40,7 @@ JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
 _BODY_CACHE_LIMIT = 4096
 _UNSUPPORTED = "unsupported_subject_type"
+_SEARCH_ATTEMPTS = 3  # a piecewise computation restarted when the engine changes
 
 
 class Consistency(enum.Enum):
@@ -184,7 +186,7 @@ class AuthzenApi:
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
                     query.tenant, query.user, query.resource_type, query.resource_id,
-                    query.action, time.time(),
+                    query.action, time.time(), query.facts,
                 )  # fmt: skip
                 body = self._body_of(decision, engine.revision)
                 self._metrics.decided("evaluation", decision.allowed, time.perf_counter() - started)
@@ -237,8 +239,9 @@ class AuthzenApi:
             return False, {"reason": "revision_unavailable"}
         try:
             allowed = await self._fallback(
-                query.tenant, query.user, query.resource_type, query.resource_id, query.action
-            )
+                query.tenant, query.user, query.resource_type, query.resource_id, query.action,
+                query.facts(),
+            )  # fmt: skip
         except DependencyError:
             log.warning("consistent fallback check failed; denying", exc_info=True)
             return False, {"reason": "revision_unavailable", "error": "the SQL check failed"}
@@ -253,8 +256,9 @@ class AuthzenApi:
         if engine is None:
             return False, dict(blocked or {"reason": "not_ready"})
         decision = engine.check(
-            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
-        )
+            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now,
+            query.facts,
+        )  # fmt: skip
         return decision.allowed, decision.to_context()
 
     # --- evaluations -----------------------------------------------------------------
@@ -304,7 +308,7 @@ class AuthzenApi:
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
-                    entry.action, now,
+                    entry.action, now, entry.facts,
                 )  # fmt: skip
                 if not reasons:
                     result = _BARE[decision.allowed]
@@ -360,6 +364,13 @@ class AuthzenApi:
             if engine is not None and search.subject_type in self._user_types:
                 question = (search.tenant, search.resource_type, search.resource_id, search.action)
                 ids = await self._searcher.subjects(engine, question, meter)
+                # Who only a conditional grant allows depends on the request's
+                # properties: decided per request, never cached with the question.
+                extra, undecided = await self._conditional_subjects(engine, search)
+                if extra:
+                    with meter.timing():
+                        ids = tuple(sorted(set(ids).union(extra)))
+                _say_undecided(context, undecided)
             with meter.timing():
                 render = _subject_renderer(search.subject_type)
                 results, page = protocol.paged(ids, search.page, render)
@@ -367,17 +378,54 @@ class AuthzenApi:
                 response = json_response(payload, stale=stale)
         return response
 
+    async def _conditional_subjects(
+        self, engine: Engine, search: protocol.SubjectSearch
+    ) -> tuple[list[str], tuple[str, ...]]:
+        """Who only a conditional grant allows, in pieces with a turn between them (a
+        condition costs tens of us); restarted like `_subjects` if the engine changes."""
+        args = (search.tenant, search.resource_type, search.resource_id, search.action)
+        now = time.time()
+        for _ in range(_SEARCH_ATTEMPTS):
+            version, found, undecided = engine.version, [], set()
+            for allowed, unsure in engine.conditional_subject_chunks(*args, now, search.facts):
+                found.extend(allowed)
+                undecided.update(unsure)
+                await asyncio.sleep(0)
+                if engine.version != version:
+                    break
+            else:
+                return found, tuple(sorted(undecided))
+        return engine.conditional_subjects(*args, now, search.facts)
+
+    async def _resources(self, engine: Engine, search: protocol.ResourceSearch) -> ResourcesResult:
+        """The resource search, with a turn for other requests between pieces of
+        inventory decided by conditions; in one go if the engine changes meanwhile."""
+        args = (search.tenant, search.user, search.resource_type, search.action)
+        now = time.time()
+        version = engine.version
+        steps = engine.resource_steps(*args, now, search.facts)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: ResourcesResult = done.value
+                return result
+            await asyncio.sleep(0)
+            if engine.version != version:
+                return engine.resources(*args, now, search.facts)
+
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
-            found = engine.resources(
-                search.tenant, search.user, search.resource_type, search.action, time.time()
-            )
+            found = await self._resources(engine, search)
             ids = found.ids
             if found.all_resources:
                 context["all_resources"] = True
+            if found.truncated:
+                context["inventory_truncated"] = True
+            _say_undecided(context, found.undecided)
         render = _resource_renderer(search.resource_type)
         results, page = protocol.paged(ids, search.page, render)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
@@ -389,11 +437,12 @@ class AuthzenApi:
         if engine is not None and search.subject_type in self._user_types:
             found = engine.actions(
                 search.tenant, search.user, search.resource_type, search.resource_id,
-                time.time(),
+                time.time(), search.facts,
             )  # fmt: skip
             names = found.actions
             if found.all_actions:
                 context["all_actions"] = True
+            _say_undecided(context, found.undecided)
         results, page = protocol.paged(names, search.page, _render_action)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
@@ -401,6 +450,13 @@ class AuthzenApi:
 
     async def configuration(self, request: web.Request) -> web.Response:
         return web.Response(body=self._configuration, headers={"Content-Type": JSON_TYPE})
+
+
+def _say_undecided(context: JsonObject, undecided: tuple[str, ...]) -> None:
+    """Name the conditions a search could not decide with the properties it was given:
+    the results leave out what they would allow (fail closed), and say so."""
+    if undecided:
+        context["undecided_conditions"] = list(undecided)
 
 
 def _subject_renderer(stype: str) -> Callable[[str], JsonObject]:
