@@ -15,7 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+import asyncpg
 
 from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment
 from pdp.errors import DependencyError, PdpError, UserError
@@ -25,6 +27,7 @@ from pdp.pg.errors import describe_database_error, is_database_error
 
 log = logging.getLogger("pdp")
 
+_T = TypeVar("_T")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -238,12 +241,77 @@ def _add_api_key(sub: Any) -> None:
     create.set_defaults(handler=_cmd_api_key_create)
 
 
+def _parsed(flag: str, parse: Callable[[str], _T], text: str) -> _T:
+    """parse(text); a ValueError becomes `pdp: error: FLAG: ...`."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def _cmd_admin_token(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin import token_store, tokens  # noqa: PLC0415
+
+    if args.action == "create":  # checked before any connection is made
+        scopes = _parsed("--scopes", tokens.parse_scopes, args.scopes)
+        expires = None if args.expires is None else _parsed(
+            "--expires", tokens.parse_duration, args.expires
+        )  # fmt: skip
+
+    async def run(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            if args.action == "create":
+                made = await token_store.create(conn, args.name, scopes, args.tenant, expires)
+                log.info("created admin token %r (id %s)", args.name, made.id)
+                print(made.text)  # the only time it is shown: the database keeps its digest
+            elif args.action == "list":
+                for info in await token_store.list_all(conn):
+                    print(info.line())
+            else:
+                await token_store.revoke(conn, args.name)
+                log.info("revoked admin token %r", args.name)
+        finally:
+            await conn.close()
+
+    with database_url(settings) as url:
+        asyncio.run(run(url))
+    return 0
+
+
+def _add_admin(sub: Any) -> None:
+    p = sub.add_parser(
+        "admin",
+        help="the admin API's tokens",
+        description="Admin tokens are stored in PostgreSQL as the SHA-256 of their secret;\n"
+        "a token is printed once, when it is created. Runs as the database owner.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
+    token = what.add_parser("token", help="create, list or revoke admin tokens")
+    actions = token.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    create = actions.add_parser("create", help="make a token, store its digest, print it once")
+    create.add_argument("--name", required=True, help="who holds it (the actor of its writes)")
+    create.add_argument(
+        "--scopes", required=True, metavar="S[,S]", help="read, write, admin (comma-separated)"
+    )
+    create.add_argument("--tenant", metavar="T", help="bind it to one tenant (default: platform)")
+    create.add_argument("--expires", metavar="DURATION", help="e.g. 30d, 12h (default: never)")
+    actions.add_parser("list", help="every token, without secrets")
+    revoke = actions.add_parser("revoke", help="revoke a token by name (the next request fails)")
+    revoke.add_argument("--name", required=True)
+    p.set_defaults(handler=_cmd_admin_token)
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_migrate,
     _add_seed,
     _add_serve,
     _add_prune,
     _add_api_key,
+    _add_admin,
 ]
 
 
