@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 
-from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment
+from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment, redact_url
 from pdp.errors import DependencyError, PdpError, UserError
 from pdp.pg import migrate, seed, seed_data
 from pdp.pg.embedded import database_url
@@ -279,6 +279,16 @@ def _cmd_admin_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_admin_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin.service import serve  # noqa: PLC0415
+
+    if settings.admin_database_url:
+        log.info("admin API database: %s", redact_url(settings.admin_database_url))
+        return serve(settings, settings.admin_database_url)
+    with database_url(settings) as url:
+        return serve(settings, url)
+
+
 def _add_admin(sub: Any) -> None:
     p = sub.add_parser(
         "admin",
@@ -300,9 +310,14 @@ def _add_admin(sub: Any) -> None:
     create.add_argument("--tenant", metavar="T", help="bind it to one tenant (default: platform)")
     create.add_argument("--expires", metavar="DURATION", help="e.g. 30d, 12h (default: never)")
     actions.add_parser("list", help="every token, without secrets")
+    serve = what.add_parser(
+        "serve",
+        help="run the admin API (PDP_ADMIN_HOST:PDP_ADMIN_PORT; off until a token exists)",
+    )
+    serve.set_defaults(handler=_cmd_admin_serve)
     revoke = actions.add_parser("revoke", help="revoke a token by name (the next request fails)")
     revoke.add_argument("--name", required=True)
-    p.set_defaults(handler=_cmd_admin_token)
+    token.set_defaults(handler=_cmd_admin_token)
 
 
 COMMANDS: list[Callable[[Any], None]] = [

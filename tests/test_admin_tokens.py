@@ -78,7 +78,12 @@ def test_scopes_imply_the_lesser_ones() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("30d", timedelta(days=30)), ("12h", timedelta(hours=12)), ("90m", timedelta(minutes=90)), ("3600s", timedelta(hours=1))],
+    [
+        ("30d", timedelta(days=30)),
+        ("12h", timedelta(hours=12)),
+        ("90m", timedelta(minutes=90)),
+        ("3600s", timedelta(hours=1)),
+    ],
 )
 def test_durations(text: str, expected: timedelta) -> None:
     assert tokens.parse_duration(text) == expected
@@ -102,9 +107,24 @@ async def _tenant(pg: asyncpg.Connection, tenant: str = "acme") -> None:
     await pg.execute("INSERT INTO pdp.tenants (id) VALUES ($1)", tenant)
 
 
-async def test_create_prints_the_token_once_and_stores_only_its_digest(db_url: str, pg: asyncpg.Connection) -> None:
+async def test_create_prints_the_token_once_and_stores_only_its_digest(
+    db_url: str, pg: asyncpg.Connection
+) -> None:
     await _tenant(pg)
-    result = _pdp(db_url, "admin", "token", "create", "--name", "ci", "--scopes", "read,write", "--tenant", "acme", "--expires", "30d")
+    result = _pdp(
+        db_url,
+        "admin",
+        "token",
+        "create",
+        "--name",
+        "ci",
+        "--scopes",
+        "read,write",
+        "--tenant",
+        "acme",
+        "--expires",
+        "30d",
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout.strip()
     assert TOKEN_LINE.match(text)
@@ -115,25 +135,34 @@ async def test_create_prints_the_token_once_and_stores_only_its_digest(db_url: s
     assert row["id"] == token_id
     assert bytes(row["secret_sha256"]) == hashlib.sha256(secret.encode()).digest()
     assert (row["scopes"], row["tenant_id"]) == (["read", "write"], "acme")
-    assert timedelta(days=29, hours=23) < row["expires_at"] - row["created_at"] <= timedelta(days=30)
+    assert (
+        timedelta(days=29, hours=23) < row["expires_at"] - row["created_at"] <= timedelta(days=30)
+    )
     dumped = await pg.fetchval("SELECT string_agg(t::text, '') FROM pdp.admin_tokens t")
     assert secret not in dumped  # the secret itself is nowhere in the table
 
 
-async def test_list_shows_no_secret_and_revoke_takes_effect(db_url: str, pg: asyncpg.Connection) -> None:
+async def test_list_shows_no_secret_and_revoke_takes_effect(
+    db_url: str, pg: asyncpg.Connection
+) -> None:
     made = _pdp(db_url, "admin", "token", "create", "--name", "platform", "--scopes", "admin")
     assert made.returncode == 0, made.stderr
     token_id, secret = tokens.split(made.stdout.strip()) or ("", "")
     listed = _pdp(db_url, "admin", "token", "list")
     assert listed.returncode == 0, listed.stderr
-    assert re.search(rf"^platform\tid={token_id}\tscopes=admin\ttenant=\*\t.*\tactive$", listed.stdout, re.M)
+    assert re.search(
+        rf"^platform\tid={token_id}\tscopes=admin\ttenant=\*\t.*\tactive$", listed.stdout, re.M
+    )
     assert secret not in listed.stdout
 
     stored = await token_store.lookup(pg, token_id)
     assert isinstance(tokens.verify(stored, secret, datetime.now(UTC)), Principal)
     revoked = _pdp(db_url, "admin", "token", "revoke", "--name", "platform")
     assert revoked.returncode == 0, revoked.stderr
-    assert tokens.verify(await token_store.lookup(pg, token_id), secret, datetime.now(UTC)) == "revoked"
+    assert (
+        tokens.verify(await token_store.lookup(pg, token_id), secret, datetime.now(UTC))
+        == "revoked"
+    )
     assert _pdp(db_url, "admin", "token", "list").stdout.rstrip().endswith("revoked")
     again = _pdp(db_url, "admin", "token", "revoke", "--name", "platform")
     assert again.returncode == 2
@@ -159,13 +188,18 @@ def test_create_refuses_bad_input_in_one_line(db_url: str, args: list[str], mess
 
 
 async def test_a_name_is_taken_once(db_url: str) -> None:
-    assert _pdp(db_url, "admin", "token", "create", "--name", "dup", "--scopes", "read").returncode == 0
+    assert (
+        _pdp(db_url, "admin", "token", "create", "--name", "dup", "--scopes", "read").returncode
+        == 0
+    )
     again = _pdp(db_url, "admin", "token", "create", "--name", "dup", "--scopes", "read")
     assert again.returncode == 2
     assert "an admin token named 'dup' exists" in again.stderr
 
 
-async def test_the_admin_role_looks_up_through_the_function_only(db_url: str, pg: asyncpg.Connection) -> None:
+async def test_the_admin_role_looks_up_through_the_function_only(
+    db_url: str, pg: asyncpg.Connection
+) -> None:
     made = await token_store.create(pg, "looked-up", ("read",))
     async with pg.transaction():
         await pg.execute("SET LOCAL ROLE pdp_admin")
@@ -174,7 +208,9 @@ async def test_the_admin_role_looks_up_through_the_function_only(db_url: str, pg
         assert stored.name == "looked-up"
         assert await token_store.lookup(pg, "000000000000") is None
     # The lookup recorded the use (at most once a minute).
-    assert await pg.fetchval("SELECT last_used_at IS NOT NULL FROM pdp.admin_tokens WHERE id = $1", made.id)
+    assert await pg.fetchval(
+        "SELECT last_used_at IS NOT NULL FROM pdp.admin_tokens WHERE id = $1", made.id
+    )
     assert await token_store.any_active(pg)
     await token_store.revoke(pg, "looked-up")
     assert not await token_store.any_active(pg)

@@ -29,10 +29,15 @@ TENANT_TABLES = (
 
 @pytest.fixture
 async def two_tenants(db_url: str, pg: asyncpg.Connection) -> asyncpg.Connection:
-    await pg_seed.load(db_url, synthetic(SeedSpec(tenants=2, users=60, roles=8, tenant_prefix="iso")))
+    await pg_seed.load(
+        db_url, synthetic(SeedSpec(tenants=2, users=60, roles=8, tenant_prefix="iso"))
+    )
     # Captured changes of both tenants, so change_log holds rows of each as well.
     for tenant in (A, B):
-        await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = (SELECT min(id) FROM pdp.users WHERE tenant_id = $1)", tenant)
+        await pg.execute(
+            "UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = (SELECT min(id) FROM pdp.users WHERE tenant_id = $1)",
+            tenant,
+        )
     for table in TENANT_TABLES:
         for tenant in (A, B):
             n = await pg.fetchval(f"SELECT count(*) FROM pdp.{table} WHERE tenant_id = $1", tenant)
@@ -41,7 +46,9 @@ async def two_tenants(db_url: str, pg: asyncpg.Connection) -> asyncpg.Connection
 
 
 @contextlib.asynccontextmanager
-async def acting(pg: asyncpg.Connection, role: str, **settings: str) -> AsyncIterator[asyncpg.Connection]:
+async def acting(
+    pg: asyncpg.Connection, role: str, **settings: str
+) -> AsyncIterator[asyncpg.Connection]:
     """One transaction in `role` (SET LOCAL ROLE), with pdp.* settings as the admin API sets them."""
     async with pg.transaction():
         await pg.execute(f"SET LOCAL ROLE {role}")
@@ -56,7 +63,9 @@ async def owner_count(pg: asyncpg.Connection, table: str, tenant: str) -> int:
 
 
 @pytest.mark.parametrize("table", TENANT_TABLES)
-async def test_the_admin_role_sees_and_changes_only_its_tenant(two_tenants: asyncpg.Connection, table: str) -> None:
+async def test_the_admin_role_sees_and_changes_only_its_tenant(
+    two_tenants: asyncpg.Connection, table: str
+) -> None:
     pg = two_tenants
     mine, theirs = await owner_count(pg, table, A), await owner_count(pg, table, B)
     async with acting(pg, "pdp_admin", tenant=A):
@@ -64,16 +73,30 @@ async def test_the_admin_role_sees_and_changes_only_its_tenant(two_tenants: asyn
         assert await pg.fetchval(f"SELECT count(*) FROM pdp.{table} WHERE tenant_id = $1", B) == 0
         assert await pg.fetchval(f"SELECT count(DISTINCT tenant_id) FROM pdp.{table}") == 1
         if table != "change_log":  # the change log is append-only for the admin role
-            assert await pg.execute(f"UPDATE pdp.{table} SET tenant_id = tenant_id WHERE tenant_id = $1", B) == "UPDATE 0"
-            assert await pg.execute(f"DELETE FROM pdp.{table} WHERE tenant_id = $1", B) == "DELETE 0"
+            assert (
+                await pg.execute(
+                    f"UPDATE pdp.{table} SET tenant_id = tenant_id WHERE tenant_id = $1", B
+                )
+                == "UPDATE 0"
+            )
+            assert (
+                await pg.execute(f"DELETE FROM pdp.{table} WHERE tenant_id = $1", B) == "DELETE 0"
+            )
     assert await owner_count(pg, table, B) == theirs
     # Positive control: the same statements do reach the rows of the tenant that is set.
     if table not in ("change_log", "users"):
         async with acting(pg, "pdp_admin", tenant=B):
-            assert await pg.execute(f"UPDATE pdp.{table} SET tenant_id = tenant_id WHERE tenant_id = $1", B) == f"UPDATE {theirs}"
+            assert (
+                await pg.execute(
+                    f"UPDATE pdp.{table} SET tenant_id = tenant_id WHERE tenant_id = $1", B
+                )
+                == f"UPDATE {theirs}"
+            )
 
 
-async def test_rows_cannot_be_written_into_or_moved_to_another_tenant(two_tenants: asyncpg.Connection) -> None:
+async def test_rows_cannot_be_written_into_or_moved_to_another_tenant(
+    two_tenants: asyncpg.Connection,
+) -> None:
     pg = two_tenants
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
         async with acting(pg, "pdp_admin", tenant=A):
@@ -85,11 +108,15 @@ async def test_rows_cannot_be_written_into_or_moved_to_another_tenant(two_tenant
     # Positive control: its own tenant takes the same insert (captured, with the actor).
     async with acting(pg, "pdp_admin", tenant=A, actor="admin-token-a"):
         await pg.execute("INSERT INTO pdp.roles (tenant_id, id) VALUES ($1, 'newcomer')", A)
-    row = await pg.fetchrow("SELECT tenant_id, actor FROM pdp.change_log WHERE entity = 'roles' AND key->>'id' = 'newcomer'")
+    row = await pg.fetchrow(
+        "SELECT tenant_id, actor FROM pdp.change_log WHERE entity = 'roles' AND key->>'id' = 'newcomer'"
+    )
     assert (row["tenant_id"], row["actor"]) == (A, "admin-token-a")
 
 
-async def test_no_setting_sees_nothing_and_platform_sees_only_tenants(two_tenants: asyncpg.Connection) -> None:
+async def test_no_setting_sees_nothing_and_platform_sees_only_tenants(
+    two_tenants: asyncpg.Connection,
+) -> None:
     pg = two_tenants
     async with acting(pg, "pdp_admin"):
         for table in (*TENANT_TABLES, "tenants"):
@@ -103,15 +130,22 @@ async def test_no_setting_sees_nothing_and_platform_sees_only_tenants(two_tenant
     assert await pg.fetchval("SELECT count(*) FROM pdp.tenants") == 2
 
 
-@pytest.mark.parametrize("statement", ["TRUNCATE pdp.users CASCADE", "SELECT * FROM pdp.admin_tokens", "SELECT * FROM pdp.sync_meta"])
-async def test_what_the_admin_role_may_not_do(two_tenants: asyncpg.Connection, statement: str) -> None:
+@pytest.mark.parametrize(
+    "statement",
+    ["TRUNCATE pdp.users CASCADE", "SELECT * FROM pdp.admin_tokens", "SELECT * FROM pdp.sync_meta"],
+)
+async def test_what_the_admin_role_may_not_do(
+    two_tenants: asyncpg.Connection, statement: str
+) -> None:
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
         async with acting(two_tenants, "pdp_admin", tenant=A):
             await two_tenants.execute(statement)
 
 
 @pytest.mark.parametrize("table", [*TENANT_TABLES, "tenants"])
-async def test_the_sidecar_role_reads_everything(two_tenants: asyncpg.Connection, table: str) -> None:
+async def test_the_sidecar_role_reads_everything(
+    two_tenants: asyncpg.Connection, table: str
+) -> None:
     pg = two_tenants
     total = await pg.fetchval(f"SELECT count(*) FROM pdp.{table}")
     async with acting(pg, "pdp_sidecar"):
@@ -129,7 +163,9 @@ async def test_the_sidecar_role_reads_everything(two_tenants: asyncpg.Connection
         "SELECT * FROM pdp.admin_token_lookup('000000000000')",
     ],
 )
-async def test_the_sidecar_role_writes_nothing(two_tenants: asyncpg.Connection, statement: str) -> None:
+async def test_the_sidecar_role_writes_nothing(
+    two_tenants: asyncpg.Connection, statement: str
+) -> None:
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
         async with acting(two_tenants, "pdp_sidecar"):
             await two_tenants.execute(statement)
@@ -150,12 +186,19 @@ async def test_a_sidecar_logged_in_as_a_pdp_sidecar_member_loads_and_follows(
     try:
         async with sync_harness.running(_as_user(db_url, login)) as sidecar:
             await sync_harness.assert_equal(pg, sidecar.replica, checks=500)
-            user = await pg.fetchval("SELECT min(id) FROM pdp.users WHERE tenant_id = $1 AND status = 'active'", A)
-            await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = $2", A, user)
+            user = await pg.fetchval(
+                "SELECT min(id) FROM pdp.users WHERE tenant_id = $1 AND status = 'active'", A
+            )
+            await pg.execute(
+                "UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = $2", A, user
+            )
             await sync_harness.assert_equal(pg, sidecar.replica, checks=500)
             engine = sidecar.replica.engine
             assert engine is not None
-            assert engine.check(A, user, "document", "d1", "read", time.time()).reason == "user_disabled"
+            assert (
+                engine.check(A, user, "document", "d1", "read", time.time()).reason
+                == "user_disabled"
+            )
     finally:
         await pg.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", login

@@ -91,7 +91,10 @@ def tenant_policies(table: str, tenant_column: str = "tenant_id") -> list[str]:
 
 def drop_tenant_policies(table: str) -> list[str]:
     return [
-        *(f"DROP POLICY {p} ON pdp.{table}" for p in ("admin_tenant", "admin_base", "sidecar_read")),
+        *(
+            f"DROP POLICY {p} ON pdp.{table}"
+            for p in ("admin_tenant", "admin_base", "sidecar_read")
+        ),
         f"ALTER TABLE pdp.{table} DISABLE ROW LEVEL SECURITY",
     ]
 
@@ -124,6 +127,14 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 $fn$"""
 
 
+ACTIVE = """
+CREATE FUNCTION pdp.admin_tokens_active() RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT count(*) FROM pdp.admin_tokens
+    WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now());
+$fn$"""
+
+
 def upgrade() -> None:
     op.execute(_create_role(SIDECAR))
     op.execute(_create_role(ADMIN))
@@ -144,9 +155,13 @@ def upgrade() -> None:
     op.execute(LOOKUP)
     op.execute("REVOKE ALL ON FUNCTION pdp.admin_token_lookup(text) FROM PUBLIC")
     op.execute(f"GRANT EXECUTE ON FUNCTION pdp.admin_token_lookup(text) TO {ADMIN}")
+    op.execute(ACTIVE)
+    op.execute("REVOKE ALL ON FUNCTION pdp.admin_tokens_active() FROM PUBLIC")
+    op.execute(f"GRANT EXECUTE ON FUNCTION pdp.admin_tokens_active() TO {ADMIN}")
 
 
 def downgrade() -> None:
+    op.execute("DROP FUNCTION pdp.admin_tokens_active()")
     op.execute("DROP FUNCTION pdp.admin_token_lookup(text)")
     op.execute("DROP TABLE pdp.admin_tokens")
     for table in (*REPLICATED, "change_log"):

@@ -101,9 +101,4 @@ async def lookup(conn: asyncpg.Connection, token_id: str) -> StoredToken | None:
 
 async def any_active(conn: asyncpg.Connection) -> bool:
     """Whether the admin API has anyone to serve (it stays off otherwise)."""
-    return bool(
-        await conn.fetchval(
-            "SELECT EXISTS (SELECT FROM pdp.admin_tokens WHERE revoked_at IS NULL"
-            " AND (expires_at IS NULL OR expires_at > now()))"
-        )
-    )
+    return bool(await conn.fetchval("SELECT pdp.admin_tokens_active()"))

@@ -1,0 +1,319 @@
+"""The admin API against a real PostgreSQL: auth, every kind's CRUD, errors, isolation, paging."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from pdp.admin import token_store
+from pdp.admin.app import build_admin_app
+from pdp.admin.store import AdminStore, create_pool
+
+A, B = "acme", "globex"
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def admin(db_url: str, pg: asyncpg.Connection) -> AsyncIterator[Client]:
+    for tenant in (A, B):
+        await pg.execute("INSERT INTO pdp.tenants (id) VALUES ($1)", tenant)
+    await pg.execute("INSERT INTO pdp.users (tenant_id, id) VALUES ($1, 'bob-of-globex')", B)
+    pool = await create_pool(db_url)
+    client = TestClient(TestServer(build_admin_app(AdminStore(pool))))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+        await pool.close()
+
+
+MakeToken = Callable[..., Awaitable[dict[str, str]]]
+
+
+@pytest.fixture
+def token(pg: asyncpg.Connection) -> MakeToken:
+    """Headers carrying a fresh token: token(scopes, tenant=None, name=...)."""
+    made = 0
+
+    async def make(scopes: str = "read,write", tenant: str | None = A, name: str | None = None) -> dict[str, str]:
+        nonlocal made
+        made += 1
+        new = await token_store.create(pg, name or f"t{made}", tuple(scopes.split(",")), tenant)
+        return {"Authorization": f"Bearer {new.text}"}
+
+    return make
+
+
+async def _json(resp: Any, status: int) -> Any:
+    body = await resp.json()
+    assert resp.status == status, body
+    return body
+
+
+# --- authentication ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Basic abc", "Bearer ", "Bearer pdpa_nope", "Bearer pdpa_000000000000_" + "a" * 43],
+)
+async def test_no_valid_token_is_401(admin: Client, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    resp = await admin.get(f"/admin/v1/tenants/{A}/users", headers=headers)
+    body = await _json(resp, 401)
+    assert body["error"] == "unauthorized"
+    assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+
+async def test_revocation_and_expiry_take_effect_on_the_next_request(
+    admin: Client, token: MakeToken, pg: asyncpg.Connection
+) -> None:
+    headers = await token("read", name="soon-gone")
+    await _json(await admin.get(f"/admin/v1/tenants/{A}/users", headers=headers), 200)
+    await token_store.revoke(pg, "soon-gone")
+    body = await _json(await admin.get(f"/admin/v1/tenants/{A}/users", headers=headers), 401)
+    assert body["message"] == "token revoked"
+    expiring = await token("read", name="expiring")
+    await _json(await admin.get(f"/admin/v1/tenants/{A}/users", headers=expiring), 200)
+    await pg.execute("UPDATE pdp.admin_tokens SET expires_at = now() - interval '1 second' WHERE name = 'expiring'")
+    body = await _json(await admin.get(f"/admin/v1/tenants/{A}/users", headers=expiring), 401)
+    assert body["message"] == "token expired"
+
+
+async def test_scopes(admin: Client, token: MakeToken) -> None:
+    reader = await token("read")
+    body = await _json(await admin.post(f"/admin/v1/tenants/{A}/roles", json={"id": "r"}, headers=reader), 403)
+    assert "'write'" in body["message"]
+    writer = await token("write")
+    await _json(await admin.post(f"/admin/v1/tenants/{A}/roles", json={"id": "r"}, headers=writer), 201)
+    await _json(await admin.get(f"/admin/v1/tenants/{A}/roles/r", headers=writer), 200)  # write implies read
+    body = await _json(await admin.post("/admin/v1/tenants", json={"id": "new"}, headers=writer), 403)
+    assert "platform token" in body["message"]
+
+
+async def test_a_token_never_appears_in_a_log_line(admin: Client, token: MakeToken, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    headers = await token("read")
+    secret = headers["Authorization"].removeprefix("Bearer ")
+    for path in (f"/admin/v1/tenants/{A}/users", f"/admin/v1/tenants/{A}/nope", "/admin/v1/tenants/x/roles/%00"):
+        await admin.get(path, headers=headers)
+    await admin.get(f"/admin/v1/tenants/{A}/users", headers={"Authorization": headers["Authorization"][:-1] + "x"})
+    assert caplog.records  # the positive control: the requests did log (aiohttp's access log)
+    assert all(secret not in r.getMessage() and secret[:-1] not in r.getMessage() for r in caplog.records)
+
+
+# --- the kinds --------------------------------------------------------------------------
+
+
+async def test_the_whole_model_through_the_api(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("write", name="ops@acme")
+    t = f"/admin/v1/tenants/{A}"
+    steps: list[tuple[str, str, dict[str, Any]]] = [
+        ("post", "/users", {"id": "alice", "attributes": {"email": "alice@acme.test"}}),
+        ("post", "/users", {"id": "carol", "status": "disabled"}),
+        ("post", "/groups", {"id": "eng", "description": "Engineering"}),
+        ("post", "/groups/eng/members", {"user_id": "carol"}),
+        ("post", "/roles", {"id": "viewer"}),
+        ("post", "/roles", {"id": "editor", "description": "edits documents"}),
+        ("post", "/roles/editor/inherits", {"inherits_id": "viewer"}),
+        ("post", "/roles/viewer/permissions", {"permission": "document:read"}),
+        ("post", "/roles/editor/permissions", {"permission": "document:write"}),
+        ("post", "/users/alice/roles", {"role_id": "editor", "scope": "document:roadmap"}),
+        ("post", "/groups/eng/roles", {"role_id": "viewer", "expires_at": "2030-01-01T00:00:00+00:00"}),
+    ]
+    revisions = []
+    for method, path, body in steps:
+        answer = await _json(await getattr(admin, method)(t + path, json=body, headers=h), 201)
+        assert answer["data"]["tenant_id"] == A
+        revisions.append(int(answer["revision"]))
+    assert revisions == sorted(revisions)
+    # What the API wrote is what pdp.check sees, recorded with the token's name as actor.
+    assert await pg.fetchval("SELECT pdp.check($1, 'alice', 'document', 'roadmap', 'read')", A)
+    assert not await pg.fetchval("SELECT pdp.check($1, 'alice', 'document', 'other', 'read')", A)
+    actors = await pg.fetch("SELECT DISTINCT actor FROM pdp.change_log WHERE tenant_id = $1 AND entity <> 'tenants'", A)
+    assert [r["actor"] for r in actors] == ["ops@acme"]
+    last = await pg.fetchval("SELECT max(txid)::text FROM pdp.change_log")
+    assert revisions[-1] == int(last)
+
+    got = await admin.get(f"{t}/users/alice", headers=h)
+    alice = await _json(got, 200)
+    assert alice["data"]["attributes"] == {"email": "alice@acme.test"}
+    assert got.headers["ETag"].startswith('"')
+    assignment = await _json(await admin.get(f"{t}/users/alice/roles/editor?scope=document:roadmap", headers=h), 200)
+    assert assignment["data"]["scope"] == "document:roadmap"
+    listed = await _json(await admin.get(f"{t}/roles/editor/permissions", headers=h), 200)
+    assert [r["permission"] for r in listed["data"]] == ["document:write"]
+    members = await _json(await admin.get(f"{t}/groups/eng/members", headers=h), 200)
+    assert [r["user_id"] for r in members["data"]] == ["carol"]
+    disabled = await _json(await admin.get(f"{t}/users?status=disabled", headers=h), 200)
+    assert [r["id"] for r in disabled["data"]] == ["carol"]
+
+    patched = await _json(await admin.patch(f"{t}/users/carol", json={"status": "active"}, headers=h), 200)
+    assert patched["data"]["status"] == "active"
+    await _json(await admin.patch(f"{t}/groups/eng/roles/viewer", json={"expires_at": None}, headers=h), 200)
+    assert await pg.fetchval("SELECT expires_at FROM pdp.group_roles WHERE tenant_id = $1", A) is None
+    await _json(await admin.delete(f"{t}/roles/editor/permissions/document:write", headers=h), 200)
+    await _json(await admin.delete(f"{t}/users/alice/roles/editor?scope=document:roadmap", headers=h), 200)
+    assert not await pg.fetchval("SELECT pdp.check($1, 'alice', 'document', 'roadmap', 'read')", A)
+    await _json(await admin.delete(f"{t}/users/alice/roles/editor?scope=document:roadmap", headers=h), 404)
+
+
+async def test_etag_and_if_match(admin: Client, token: MakeToken) -> None:
+    h = await token("write")
+    t = f"/admin/v1/tenants/{A}"
+    await _json(await admin.post(f"{t}/roles", json={"id": "r", "description": "one"}, headers=h), 201)
+    first = (await admin.get(f"{t}/roles/r", headers=h)).headers["ETag"]
+    changed = await admin.patch(f"{t}/roles/r", json={"description": "two"}, headers={**h, "If-Match": first})
+    await _json(changed, 200)
+    second = changed.headers["ETag"]
+    assert second != first
+    stale = await _json(await admin.patch(f"{t}/roles/r", json={"description": "three"}, headers={**h, "If-Match": first}), 412)
+    assert stale["error"] == "precondition_failed"
+    await _json(await admin.delete(f"{t}/roles/r", headers={**h, "If-Match": first}), 412)
+    await _json(await admin.delete(f"{t}/roles/r", headers={**h, "If-Match": second}), 200)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field", "message"),
+    [
+        ("/roles/ghost/permissions", {"permission": "document:read"}, 422, "role_id", "unknown role 'ghost'"),
+        ("/users/ghost/roles", {"role_id": "viewer"}, 422, "user_id", "unknown user 'ghost'"),
+        ("/roles/viewer/permissions", {"permission": "no colon"}, 422, "permission", "role_permissions_permission_check"),
+        ("/users/u1/roles", {"role_id": "viewer", "scope": "bad scope"}, 422, "scope", "user_roles_scope_check"),
+        ("/users/u1/roles", {"role_id": "viewer", "expires_at": "tomorrow"}, 422, "expires_at", "ISO 8601"),
+        ("/users", {"id": "u1"}, 409, None, "already exists"),
+        ("/users", {"id": ""}, 422, "id", "non-empty"),
+        ("/users", {"id": "x" * 257}, 422, "id", "at most 256"),
+        ("/users", {"id": "u2", "status": "gone"}, 422, "status", "'active' or 'disabled'"),
+        ("/users", {"id": "u2", "attributes": []}, 422, "attributes", "JSON object"),
+        ("/users", {"id": "u2", "color": "red"}, 422, "color", "unknown field 'color'"),
+        ("/roles/viewer/inherits", {"inherits_id": "viewer"}, 422, None, "cycle"),
+    ],
+)
+async def test_refused_writes_name_the_field_and_write_nothing(
+    admin: Client, token: MakeToken, pg: asyncpg.Connection,
+    path: str, body: dict[str, Any], status: int, field: str | None, message: str,
+) -> None:  # fmt: skip
+    h = await token("write")
+    t = f"/admin/v1/tenants/{A}"
+    await _json(await admin.post(f"{t}/users", json={"id": "u1"}, headers=h), 201)
+    await _json(await admin.post(f"{t}/roles", json={"id": "viewer"}, headers=h), 201)
+    before = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+    answer = await _json(await admin.post(t + path, json=body, headers=h), status)
+    assert message in answer["message"]
+    assert answer.get("field") == field
+    assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before
+
+
+async def test_cycles_are_refused_with_their_path(admin: Client, token: MakeToken) -> None:
+    h = await token("write")
+    t = f"/admin/v1/tenants/{A}"
+    for role in ("a", "b", "c"):
+        await _json(await admin.post(f"{t}/roles", json={"id": role}, headers=h), 201)
+    await _json(await admin.post(f"{t}/roles/a/inherits", json={"inherits_id": "b"}, headers=h), 201)
+    await _json(await admin.post(f"{t}/roles/b/inherits", json={"inherits_id": "c"}, headers=h), 201)
+    answer = await _json(await admin.post(f"{t}/roles/c/inherits", json={"inherits_id": "a"}, headers=h), 422)
+    assert "c -> a -> b -> c" in answer["message"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "error"),
+    [
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"data": b"[1]", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"data": b"id=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, "unsupported_media_type"),
+        ({"data": io.BytesIO(b"x" * (1024 * 1024 + 1)), "headers": {"Content-Type": "application/json"}}, 413, "payload_too_large"),
+    ],
+)
+async def test_bad_bodies(admin: Client, token: MakeToken, kwargs: dict[str, Any], status: int, error: str) -> None:
+    h = await token("write")
+    answer = await _json(await admin.post(f"/admin/v1/tenants/{A}/users", **{**kwargs, "headers": {**h, **kwargs["headers"]}}), status)
+    assert answer["error"] == error
+
+
+# --- isolation -------------------------------------------------------------------------
+
+
+async def test_another_tenant_is_indistinguishable_from_none(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("read,write", tenant=A)
+    for tenant in (B, "no-such-tenant"):
+        for method, path, body in [
+            ("get", "/users", None), ("get", "/users/bob-of-globex", None),
+            ("post", "/users", {"id": "mole"}), ("patch", "/users/bob-of-globex", {"status": "disabled"}),
+            ("delete", "/users/bob-of-globex", None), ("get", "/users?after=WyJhIl0", None),
+        ]:  # fmt: skip
+            kwargs: dict[str, Any] = {"headers": h} if body is None else {"headers": h, "json": body}
+            answer = await _json(await getattr(admin, method)(f"/admin/v1/tenants/{tenant}{path}", **kwargs), 404)
+            assert answer == {"error": "not_found", "message": f"unknown tenant {tenant!r}"}
+        answer = await _json(await admin.get(f"/admin/v1/tenants/{tenant}", headers=h), 404)
+        assert answer["message"] == f"unknown tenant {tenant!r}"
+    assert await pg.fetchval("SELECT status FROM pdp.users WHERE tenant_id = $1", B) == "active"
+    assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE id = 'mole'") == 0
+    listed = await _json(await admin.get("/admin/v1/tenants", headers=h), 200)
+    assert [t["id"] for t in listed["data"]] == [A]
+
+
+async def test_a_platform_token_manages_tenants(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("admin", tenant=None)
+    listed = await _json(await admin.get("/admin/v1/tenants", headers=h), 200)
+    assert [t["id"] for t in listed["data"]] == [A, B]
+    made = await _json(await admin.post("/admin/v1/tenants", json={"id": "initech", "name": "Initech"}, headers=h), 201)
+    assert made["data"]["name"] == "Initech"
+    await _json(await admin.post("/admin/v1/tenants", json={"id": "initech"}, headers=h), 409)
+    await _json(await admin.post("/admin/v1/tenants/initech/users", json={"id": "peter"}, headers=h), 201)
+    await _json(await admin.delete("/admin/v1/tenants/initech", headers=h), 200)
+    assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE tenant_id = 'initech'") == 0
+    await _json(await admin.delete("/admin/v1/tenants/initech", headers=h), 404)
+
+
+# --- paging ----------------------------------------------------------------------------
+
+
+async def test_keyset_pages_cover_the_list_once(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    await pg.executemany("INSERT INTO pdp.users (tenant_id, id) VALUES ($1, $2)", [(A, f"u{i:02}") for i in range(25)])
+    h = await token("read")
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        query = "?limit=10" + (f"&after={after}" if after else "")
+        page = await _json(await admin.get(f"/admin/v1/tenants/{A}/users{query}", headers=h), 200)
+        seen += [u["id"] for u in page["data"]]
+        pages += 1
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == [f"u{i:02}" for i in range(25)]
+    assert pages == 3
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "after=garbage", "after=WyJhIiwiYiJd", "colour=red"])
+async def test_bad_list_parameters(admin: Client, token: MakeToken, query: str) -> None:
+    h = await token("read")
+    answer = await _json(await admin.get(f"/admin/v1/tenants/{A}/users?{query}", headers=h), 400)
+    assert answer["error"] == "bad_request"
+    assert answer["field"] in ("limit", "after", "colour")
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def test_admin_serve_stays_off_without_a_token(db_url: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pdp", "admin", "serve"], env={**clean, "PDP_DATABASE_URL": db_url},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "the admin API stays off: no active admin token exists" in result.stderr
+    assert "Traceback" not in result.stderr
