@@ -317,3 +317,68 @@ def test_admin_serve_stays_off_without_a_token(db_url: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "the admin API stays off: no active admin token exists" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- bulk ------------------------------------------------------------------------------
+
+
+async def test_bulk_applies_everything_in_one_transaction(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("write")
+    operations = [
+        {"op": "create", "kind": "users", "key": {"id": "dora"}},
+        {"op": "create", "kind": "roles", "key": {"id": "auditor"}, "fields": {"description": "reads all"}},
+        {"op": "create", "kind": "role_permissions", "key": {"role_id": "auditor", "permission": "*:read"}},
+        {"op": "create", "kind": "user_roles", "key": {"user_id": "dora", "role_id": "auditor"}},
+        {"op": "update", "kind": "users", "key": {"id": "dora"}, "fields": {"attributes": {"team": "risk"}}},
+    ]
+    answer = await _json(await admin.post(f"/admin/v1/tenants/{A}/bulk", json={"operations": operations}, headers=h), 200)
+    assert [r["kind"] for r in answer["results"]] == ["users", "roles", "role_permissions", "user_roles", "users"]
+    assert answer["results"][3]["data"]["scope"] == "*"
+    txids = await pg.fetch("SELECT DISTINCT txid::text FROM pdp.change_log WHERE tenant_id = $1 AND entity <> 'tenants'", A)
+    assert [r[0] for r in txids] == [answer["revision"]]
+    assert await pg.fetchval("SELECT pdp.check($1, 'dora', 'invoice', 'i1', 'read')", A)
+
+
+@pytest.mark.parametrize(
+    ("bad", "status", "field", "message"),
+    [
+        ({"op": "create", "kind": "user_roles", "key": {"user_id": "dora", "role_id": "ghost"}}, 422, "operations[2].role_id", "unknown role 'ghost'"),
+        ({"op": "create", "kind": "users", "key": {"id": "dora"}}, 409, "operations[2]", "already exists"),
+        ({"op": "delete", "kind": "roles", "key": {"id": "ghost"}}, 404, "operations[2]", "no roles with id='ghost'"),
+        ({"op": "upsert", "kind": "users", "key": {"id": "x"}}, 400, "operations[2].op", "must be 'create'"),
+        ({"op": "create", "kind": "tenants", "key": {"id": "x"}}, 400, "operations[2].kind", "must be one of"),
+        ({"op": "create", "kind": "users", "key": {"id": ""}}, 422, "operations[2].id", "non-empty"),
+        ({"op": "update", "kind": "users", "key": {"id": "dora"}, "fields": {}}, 422, "operations[2]", "nothing to change"),
+        ("create users", 400, "operations[2]", "must be an object"),
+    ],
+)
+async def test_a_bulk_that_fails_anywhere_writes_nothing(
+    admin: Client, token: MakeToken, pg: asyncpg.Connection, bad: object, status: int, field: str, message: str
+) -> None:
+    h = await token("write")
+    operations = [
+        {"op": "create", "kind": "users", "key": {"id": "dora"}},
+        {"op": "create", "kind": "roles", "key": {"id": "auditor"}},
+        bad,
+    ]
+    before = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+    answer = await _json(await admin.post(f"/admin/v1/tenants/{A}/bulk", json={"operations": operations}, headers=h), status)
+    assert answer["field"] == field
+    assert message in answer["message"]
+    assert answer["message"].startswith("operations[2]")
+    assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before
+    assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE id = 'dora'") == 0
+
+
+@pytest.mark.parametrize("body", [{}, {"operations": []}, {"operations": "x"}, {"operations": [{}] * 1001}])
+async def test_bulk_needs_a_list_of_operations(admin: Client, token: MakeToken, body: dict[str, Any]) -> None:
+    answer = await _json(await admin.post(f"/admin/v1/tenants/{A}/bulk", json=body, headers=await token("write")), 400)
+    assert answer["field"] == "operations"
+
+
+async def test_bulk_into_another_tenant_is_a_404_and_writes_nothing(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("write", tenant=A)
+    operations = [{"op": "delete", "kind": "users", "key": {"id": "bob-of-globex"}}]
+    answer = await _json(await admin.post(f"/admin/v1/tenants/{B}/bulk", json={"operations": operations}, headers=h), 404)
+    assert answer["message"] == f"unknown tenant {B!r}"
+    assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE tenant_id = $1", B) == 1

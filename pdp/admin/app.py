@@ -23,12 +23,20 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from pdp.admin import tokens
 from pdp.admin.kinds import BY_NAME, KINDS, AdminError, Kind, check_fields, check_id
-from pdp.admin.store import AdminStore, Written, etag, not_found, parse_page_token
+from pdp.admin.store import (
+    AdminStore,
+    Written,
+    database_error,
+    etag,
+    not_found,
+    parse_page_token,
+)
 from pdp.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -241,6 +249,86 @@ def _handlers(kind: Kind) -> dict[str, Route]:  # noqa: PLR0915  (five small clo
     return handlers
 
 
+# --- bulk: many operations, one transaction -------------------------------------------
+
+MAX_OPERATIONS = 1000
+
+
+def _operation(raw: object, index: int) -> tuple[str, Kind, dict[str, str], dict[str, Any], Any]:
+    where = f"operations[{index}]"
+    if not isinstance(raw, dict):
+        raise RequestError(f"{where} must be an object", where)
+    op, kind_name = raw.get("op"), raw.get("kind")
+    if op not in ("create", "update", "delete"):
+        raise RequestError(f"{where}.op must be 'create', 'update' or 'delete'", f"{where}.op")
+    kind = BY_NAME.get(kind_name) if isinstance(kind_name, str) else None
+    if kind is None:
+        raise RequestError(f"{where}.kind must be one of {', '.join(BY_NAME)}", f"{where}.kind")
+    given = raw.get("key", {})
+    if not isinstance(given, dict):
+        raise RequestError(f"{where}.key must be an object", f"{where}.key")
+    defaults = dict(kind.query_defaults)
+    key = {c: check_id(c, given.get(c, defaults.get(c))) for c in kind.key}
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict):
+        raise RequestError(f"{where}.fields must be an object", f"{where}.fields")
+    checked = {} if op == "delete" else check_fields(kind, fields, partial=op == "update")
+    return op, kind, key, checked, raw.get("if_match")
+
+
+async def _bulk(request: web.Request) -> web.StreamResponse:
+    tenant = _tenant(request)
+    body = await _body(request)
+    raw = body.get("operations")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_OPERATIONS:
+        raise RequestError(f"operations must be a list of 1 to {MAX_OPERATIONS}", "operations")
+    operations = []
+    for index, item in enumerate(raw):
+        try:
+            operations.append(_operation(item, index))
+        except RequestError as exc:
+            raise _at(exc, index) from None
+    store = request.app[STORE]
+    results = []
+    async with store.transaction(_principal(request), tenant) as conn:
+        if not await store.tenant_visible(conn, tenant):
+            raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
+        written = None
+        for index, (op, kind, key, fields, if_match) in enumerate(operations):
+            try:
+                async with conn.transaction():  # a savepoint: the error names its operation
+                    if op == "create":
+                        written = await store.create(conn, kind, tenant, key, fields)
+                    elif op == "update":
+                        written = await store.update(
+                            conn, kind, tenant, key, fields, if_match=if_match
+                        )
+                    else:
+                        written = await store.delete(conn, kind, tenant, key, if_match=if_match)
+            except asyncpg.PostgresError as exc:
+                raise _at(database_error(exc), index) from None
+            except RequestError as exc:
+                raise _at(exc, index) from None
+            results.append({"op": op, "kind": kind.name, "data": written.row})
+        assert written is not None
+    headers = {"X-PDP-Revision": written.revision}
+    return web.json_response({"revision": written.revision, "results": results}, headers=headers)
+
+
+def _at(exc: Exception, index: int) -> Exception:
+    """The error of operation `index`, saying so; nothing of the bulk was written."""
+    if not isinstance(exc, RequestError):
+        return exc
+    where = f"operations[{index}]"
+    field = exc.field if exc.field and exc.field.startswith(where) else (
+        f"{where}.{exc.field}" if exc.field else where
+    )  # fmt: skip
+    message = exc.message if exc.message.startswith(where) else f"{where}: {exc.message}"
+    if isinstance(exc, AdminError):
+        return AdminError(exc.status, exc.error, message, field)
+    return RequestError(message, field)
+
+
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -317,6 +405,7 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_post(tenants, _tenant_create)
     app.router.add_get(tenants + "/{tenant}", _tenant_get)
     app.router.add_delete(tenants + "/{tenant}", _tenant_delete)
+    app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
     for kind in KINDS:
         handlers = _handlers(kind)
         base = tenants + "/{tenant}"
