@@ -320,6 +320,68 @@ def _add_admin(sub: Any) -> None:
     token.set_defaults(handler=_cmd_admin_token)
 
 
+def _cmd_policy(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin import policy, policy_store  # noqa: PLC0415
+    from pdp.admin.store import connect  # noqa: PLC0415
+
+    text = None
+    if args.command in ("plan", "apply"):
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {args.file}: {exc}") from None
+
+    async def run(url: str) -> None:
+        conn = await connect(url)
+        try:
+            async with conn.transaction():
+                if text is None:  # export
+                    state = await policy_store.read_state(conn, args.tenant)
+                    known = await conn.fetchval(
+                        "SELECT 1 FROM pdp.tenants WHERE id = $1", args.tenant
+                    )
+                    if known is None:
+                        raise UserError(f"unknown tenant {args.tenant!r}")
+                    sys.stdout.write(policy.export(args.tenant, state))
+                    return
+                actor = getattr(args, "actor", None) or Path(args.file).name
+                await conn.execute("SELECT set_config('pdp.actor', $1, true)", actor)
+                outcome = await policy_store.plan_or_apply(
+                    conn, text, args.file, tenant=args.tenant, write=args.command == "apply"
+                )
+        finally:
+            await conn.close()
+        found = outcome.to_json()
+        for line in found["changes"] or ["no changes"]:
+            print(line)
+        if found["effect"]:
+            print("effect:")
+            for line in found["effect"]:
+                print(f"  {line}")
+        if outcome.revision is not None:
+            print(f"revision {outcome.revision}")
+
+    with database_url(settings) as url:
+        asyncio.run(run(url))
+    return 0
+
+
+def _add_policy(sub: Any) -> None:
+    for name, does in (
+        ("plan", "print what applying FILE would change, and who gains or loses what"),
+        ("apply", "write FILE's changes in one transaction and print the revision"),
+    ):
+        p = sub.add_parser(name, help=does, description=f"Policy as code: {does}.")
+        p.add_argument("file", metavar="FILE", help="the tenant's policy (YAML or JSON)")
+        p.add_argument("--tenant", metavar="T", help="the tenant (default: the file's 'tenant')")
+        if name == "apply":
+            p.add_argument("--actor", help="recorded as the writer (default: the file's name)")
+        p.set_defaults(handler=_cmd_policy)
+    p = sub.add_parser("export", help="write a tenant's policy (YAML) to stdout")
+    p.add_argument("--tenant", required=True, metavar="T")
+    p.set_defaults(handler=_cmd_policy)
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_migrate,
     _add_seed,
@@ -327,6 +389,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_prune,
     _add_api_key,
     _add_admin,
+    _add_policy,
 ]
 
 

@@ -382,3 +382,57 @@ async def test_bulk_into_another_tenant_is_a_404_and_writes_nothing(admin: Clien
     answer = await _json(await admin.post(f"/admin/v1/tenants/{B}/bulk", json={"operations": operations}, headers=h), 404)
     assert answer["message"] == f"unknown tenant {B!r}"
     assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE tenant_id = $1", B) == 1
+
+
+# --- policy as code --------------------------------------------------------------------
+
+POLICY = """\
+tenant: acme
+roles:
+  viewer:
+    permissions: [document:read]
+users:
+  alice:
+    roles: [{role: viewer}]
+"""
+
+
+async def test_policy_put_plans_applies_and_exports(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = {**await token("write", name="policy-bot"), "Content-Type": "application/yaml"}
+    url = f"/admin/v1/tenants/{A}/policy"
+    planned = await _json(await admin.put(url + "?dry_run=true", data=POLICY, headers=h), 200)
+    assert planned["applied"] is False
+    assert planned["revision"] is None
+    assert "+ roles id='viewer'" in planned["changes"]
+    assert planned["effect"] == ["+ alice document:read on *"]
+    assert await pg.fetchval("SELECT count(*) FROM pdp.roles WHERE tenant_id = $1", A) == 0
+
+    applied = await admin.put(url, data=POLICY, headers=h)
+    body = await _json(applied, 200)
+    assert body["applied"] is True
+    assert applied.headers["X-PDP-Revision"] == body["revision"]
+    assert await pg.fetchval("SELECT pdp.check($1, 'alice', 'document', 'd', 'read')", A)
+    assert await pg.fetchval("SELECT DISTINCT actor FROM pdp.change_log WHERE entity = 'roles'") == "policy-bot"
+
+    exported = await admin.get(url, headers=h)
+    assert exported.status == 200
+    assert exported.content_type == "application/yaml"
+    again = await _json(await admin.put(url, data=await exported.text(), headers=h), 200)
+    assert again == {"tenant": A, "changes": [], "effect": [], "applied": False, "revision": None}
+
+
+@pytest.mark.parametrize(
+    ("tenant", "document", "status", "message"),
+    [
+        (B, POLICY.replace("acme", "globex"), 404, "unknown tenant 'globex'"),
+        (A, POLICY.replace("acme", "globex"), 422, "policy:1:9: tenant: is 'globex', not 'acme'"),
+        (A, "tenant: acme\nroles:\n  viewer:\n    grants: []\n", 422, "policy:4:5: roles.viewer.grants: unknown key"),
+        (A, "tenant: acme\nroles: {}\nusers:\n  zed:\n    roles: [ghost]\n", 422, "cannot apply '+ user_roles user_id='zed', role_id='ghost', scope='*''"),
+    ],
+)
+async def test_policy_put_refusals(admin: Client, token: MakeToken, pg: asyncpg.Connection, tenant: str, document: str, status: int, message: str) -> None:
+    h = {**await token("write", tenant=A), "Content-Type": "application/yaml"}
+    before = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+    answer = await _json(await admin.put(f"/admin/v1/tenants/{tenant}/policy", data=document, headers=h), status)
+    assert message in answer["message"]
+    assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before

@@ -27,8 +27,9 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pdp.admin import tokens
+from pdp.admin import policy, policy_store, tokens
 from pdp.admin.kinds import BY_NAME, KINDS, AdminError, Kind, check_fields, check_id
+from pdp.admin.policy import PolicyError
 from pdp.admin.store import (
     AdminStore,
     Written,
@@ -329,6 +330,51 @@ def _at(exc: Exception, index: int) -> Exception:
     return RequestError(message, field)
 
 
+# --- policy as code ------------------------------------------------------------------
+
+_POLICY_TYPES = frozenset(
+    {"application/yaml", "application/x-yaml", "text/yaml", "application/json"}
+)
+
+
+async def _policy_put(request: web.Request) -> web.StreamResponse:
+    tenant = _tenant(request)
+    if request.content_type not in _POLICY_TYPES:
+        raise AdminError(
+            415, "unsupported_media_type", "send the policy as application/yaml or JSON"
+        )
+    dry_run = request.query.get("dry_run", "false")
+    if dry_run not in ("true", "false"):
+        raise RequestError("dry_run must be true or false", "dry_run")
+    try:
+        text = (await request.read()).decode()
+    except UnicodeDecodeError:
+        raise RequestError("the policy is not UTF-8") from None
+    store = request.app[STORE]
+    try:
+        async with store.transaction(_principal(request), tenant) as conn:
+            outcome = await policy_store.plan_or_apply(
+                conn, text, "policy", tenant=tenant, write=dry_run == "false"
+            )
+    except policy_store.UnknownTenant:
+        raise AdminError(404, "not_found", f"unknown tenant {tenant!r}") from None
+    except PolicyError as exc:
+        raise AdminError(422, "unprocessable", str(exc)) from None
+    body = outcome.to_json()
+    headers = {} if outcome.revision is None else {"X-PDP-Revision": outcome.revision}
+    return web.json_response(body, headers=headers)
+
+
+async def _policy_get(request: web.Request) -> web.StreamResponse:
+    tenant = _tenant(request)
+    store = request.app[STORE]
+    async with store.transaction(_principal(request), tenant) as conn:
+        if not await store.tenant_visible(conn, tenant):
+            raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
+        state = await policy_store.read_state(conn, tenant)
+    return web.Response(text=policy.export(tenant, state), content_type="application/yaml")
+
+
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -406,6 +452,8 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_get(tenants + "/{tenant}", _tenant_get)
     app.router.add_delete(tenants + "/{tenant}", _tenant_delete)
     app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
+    app.router.add_put(tenants + "/{tenant}/policy", _policy_put)
+    app.router.add_get(tenants + "/{tenant}/policy", _policy_get)
     for kind in KINDS:
         handlers = _handlers(kind)
         base = tenants + "/{tenant}"

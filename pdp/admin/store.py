@@ -76,6 +76,13 @@ async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def connect(url: str) -> asyncpg.Connection:
+    """One connection with the admin side's codecs (jsonb as Python objects)."""
+    conn = await asyncpg.connect(url)
+    await _init(conn)
+    return conn
+
+
 async def create_pool(url: str) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(url, min_size=1, max_size=8, init=_init)
     assert pool is not None
