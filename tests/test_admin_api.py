@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -436,3 +442,54 @@ async def test_policy_put_refusals(admin: Client, token: MakeToken, pg: asyncpg.
     answer = await _json(await admin.put(f"/admin/v1/tenants/{tenant}/policy", data=document, headers=h), status)
     assert message in answer["message"]
     assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before
+
+
+async def test_two_writers_with_one_etag_one_wins(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("write")
+    t = f"/admin/v1/tenants/{A}"
+    await _json(await admin.post(f"{t}/roles", json={"id": "shared"}, headers=h), 201)
+    seen = (await admin.get(f"{t}/roles/shared", headers=h)).headers["ETag"]
+    answers = await asyncio.gather(*(
+        admin.patch(f"{t}/roles/shared", json={"description": f"writer {n}"}, headers={**h, "If-Match": seen})
+        for n in range(2)
+    ))  # fmt: skip
+    assert sorted(a.status for a in answers) == [200, 412]
+    winner = next(a for a in answers if a.status == 200)
+    stored = await pg.fetchval("SELECT description FROM pdp.roles WHERE tenant_id = $1 AND id = 'shared'", A)
+    assert (await winner.json())["data"]["description"] == stored
+
+
+def test_admin_serve_answers_and_stops_on_sigterm(db_url: str) -> None:
+    async def token_text() -> str:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute("INSERT INTO pdp.tenants (id) VALUES ('acme')")
+            return (await token_store.create(conn, "serve-test", ("read",), "acme")).text
+        finally:
+            await conn.close()
+
+    text = asyncio.run(token_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    env = {**clean, "PDP_DATABASE_URL": db_url, "PDP_ADMIN_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "pdp", "admin", "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/admin/v1/tenants", headers={"Authorization": f"Bearer {text}"})
+                with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310 (http://127.0.0.1)
+                    assert json.loads(resp.read())["data"][0]["id"] == "acme"
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "pdp admin serve did not answer within 30 s"
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert text not in stderr
+    assert f"admin API on http://127.0.0.1:{port}/admin/v1/" in stderr
