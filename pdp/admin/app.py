@@ -27,8 +27,8 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pdp.admin import policy, policy_store, tokens
-from pdp.admin.kinds import BY_NAME, KINDS, AdminError, Kind, check_fields, check_id
+from pdp.admin import openapi, policy, policy_store, tokens
+from pdp.admin.kinds import BY_NAME, KINDS, MAX_ID, AdminError, Kind, check_fields, check_id
 from pdp.admin.policy import PolicyError
 from pdp.admin.store import (
     AdminStore,
@@ -116,7 +116,7 @@ def _principal(request: web.Request) -> tokens.Principal:
 
 def _tenant(request: web.Request) -> str:
     """The path's tenant, if this token may name it (else the 404 any unknown tenant gets)."""
-    tenant = request.match_info["tenant"]
+    tenant = _param("tenant", request.match_info["tenant"])
     bound = _principal(request).tenant_id
     if bound is not None and tenant != bound:
         raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
@@ -155,17 +155,26 @@ def _limit(request: web.Request) -> int:
 
 
 def _item_key(kind: Kind, request: web.Request) -> dict[str, str]:
-    key = {c: check_id(c, request.match_info[c]) for c in kind.path_key}
+    key = {c: _param(c, request.match_info[c]) for c in kind.path_key}
     defaults = dict(kind.query_defaults)
     for column in kind.query_key:
-        key[column] = check_id(column, request.query.get(column, defaults.get(column)))
+        key[column] = _param(column, request.query.get(column, defaults.get(column)))
     return {c: key[c] for c in kind.key}
+
+
+def _param(name: str, value: str | None) -> str:
+    """A path or query parameter naming an id: a malformed one is a 400 (bodies: 422)."""
+    if value is None or not value or len(value) > MAX_ID or "\x00" in value:
+        raise RequestError(
+            f"{name} must be a non-empty string of at most {MAX_ID} characters", name
+        )
+    return value
 
 
 def _handlers(kind: Kind) -> dict[str, Route]:  # noqa: PLR0915  (five small closures)
     async def list_(request: web.Request) -> web.StreamResponse:
         tenant = _tenant(request)
-        filters = {c: check_id(c, request.match_info[c]) for c in kind.parent_key}
+        filters = {c: _param(c, request.match_info[c]) for c in kind.parent_key}
         allowed = set(kind.key) | {f.name for f in kind.fields if f.type in ("text", "status")}
         for name, value in request.query.items():
             if name in ("limit", "after"):
@@ -174,7 +183,7 @@ def _handlers(kind: Kind) -> dict[str, Route]:  # noqa: PLR0915  (five small clo
                 raise RequestError(
                     f"unknown filter {name!r} (filters: {', '.join(sorted(allowed))})", name
                 )
-            filters[name] = check_id(name, value)
+            filters[name] = _param(name, value)
         after = request.query.get("after")
         key = None if after is None else parse_page_token(after, len(kind.key))
         store = request.app[STORE]
@@ -189,7 +198,7 @@ def _handlers(kind: Kind) -> dict[str, Route]:  # noqa: PLR0915  (five small clo
     async def create(request: web.Request) -> web.StreamResponse:
         tenant = _tenant(request)
         body = await _body(request)
-        key = {c: check_id(c, request.match_info[c]) for c in kind.parent_key}
+        key = {c: _param(c, request.match_info[c]) for c in kind.parent_key}
         defaults = dict(kind.query_defaults)
         for column in kind.key:
             if column in key:
@@ -412,6 +421,11 @@ async def _tenant_get(request: web.Request) -> web.StreamResponse:
 async def _tenant_create(request: web.Request) -> web.StreamResponse:
     principal = _platform(request, "admin")
     body = await _body(request)
+    unknown = sorted(set(body) - {"id", "name"})
+    if unknown:
+        raise AdminError(
+            422, "unprocessable", f"unknown field {unknown[0]!r} (writable: id, name)", unknown[0]
+        )
     tenant = check_id("id", body.get("id"))
     name = body.get("name", "")
     if not isinstance(name, str):
@@ -443,6 +457,10 @@ def _tenant_json(row: Any) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "created_at": row["created_at"].isoformat()}
 
 
+async def _openapi(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=openapi.document_yaml(), content_type="application/yaml")
+
+
 def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=max_body_bytes)
     app[STORE] = store
@@ -451,6 +469,7 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_post(tenants, _tenant_create)
     app.router.add_get(tenants + "/{tenant}", _tenant_get)
     app.router.add_delete(tenants + "/{tenant}", _tenant_delete)
+    app.router.add_get(f"{PREFIX}/openapi.yaml", _openapi)
     app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
     app.router.add_put(tenants + "/{tenant}/policy", _policy_put)
     app.router.add_get(tenants + "/{tenant}/policy", _policy_get)
