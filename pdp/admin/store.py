@@ -111,10 +111,10 @@ class AdminStore:
         """
         platform = platform and principal is not None and principal.tenant_id is None
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL ROLE pdp_admin")
+            # One round trip: set_config('role', ...) is SET LOCAL ROLE.
             await conn.execute(
-                "SELECT set_config('pdp.tenant', $1, true), set_config('pdp.platform', $2, true),"
-                " set_config('pdp.actor', $3, true)",
+                "SELECT set_config('role', 'pdp_admin', true), set_config('pdp.tenant', $1, true),"
+                " set_config('pdp.platform', $2, true), set_config('pdp.actor', $3, true)",
                 tenant or "", "on" if platform else "", principal.name if principal else "",
             )  # fmt: skip
             try:
@@ -127,7 +127,9 @@ class AdminStore:
     async def lookup_token(self, token_id: str) -> Any:
         from pdp.admin import token_store  # noqa: PLC0415
 
-        async with self.transaction(None, None) as conn:
+        # One statement, no transaction: the function is SECURITY DEFINER, and the
+        # login (a pdp_admin member, or the owner) may execute it.
+        async with self._pool.acquire() as conn:
             return await token_store.lookup(conn, token_id)
 
     # --- rows -------------------------------------------------------------------------
