@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pdp.admin import token_store
 from pdp.admin.app import build_admin_app
+from pdp.admin.kinds import KINDS, Kind
 from pdp.admin.store import AdminStore, create_pool
 
 A, B = "acme", "globex"
@@ -493,3 +494,34 @@ def test_admin_serve_answers_and_stops_on_sigterm(db_url: str) -> None:
     assert proc.returncode == 0, stderr
     assert text not in stderr
     assert f"admin API on http://127.0.0.1:{port}/admin/v1/" in stderr
+
+
+def _item_path(kind: Kind) -> str:
+    path = kind.item
+    for column in kind.path_key:
+        path = path.replace("{" + column + "}", "x")
+    return path
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+async def test_every_endpoint_of_every_kind_hides_another_tenant(
+    admin: Client, token: MakeToken, pg: asyncpg.Connection, kind: Kind
+) -> None:
+    h = await token("read,write", tenant=A)
+    before = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+    collection = kind.collection
+    for column in kind.parent_key:
+        collection = collection.replace("{" + column + "}", "x")
+    body = {c: "x" for c in kind.key if c not in kind.parent_key}
+    calls: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("get", collection, None), ("post", collection, body),
+        ("get", _item_path(kind), None), ("delete", _item_path(kind), None),
+    ]  # fmt: skip
+    if kind.fields:
+        calls.append(("patch", _item_path(kind), {kind.fields[0].name: None if kind.fields[0].nullable else "active"}))
+    for tenant in (B, "no-such-tenant"):
+        for method, path, payload in calls:
+            kwargs: dict[str, Any] = {"headers": h} if payload is None else {"headers": h, "json": payload}
+            answer = await _json(await getattr(admin, method)(f"/admin/v1/tenants/{tenant}{path}", **kwargs), 404)
+            assert answer == {"error": "not_found", "message": f"unknown tenant {tenant!r}"}, (method, path)
+    assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before
