@@ -1,7 +1,7 @@
 """HTTP benchmark: pdp's AuthZEN endpoint against a bare aiohttp handler, driven by wrk.
 
     .venv/bin/python loadtests/bench_http.py [--users 100000] [--duration 15]
-        [--connections 64] [--batch 100] [--no-uvloop]
+        [--connections 64] [--batch 100] [--conditional-share 0.2] [--no-uvloop]
 
 Each server runs in its own process on 127.0.0.1 (random port), pinned to the last
 CPU when there are several, with wrk pinned to the others (1 thread). The two
@@ -74,8 +74,14 @@ end
 # --- the pdp server process --------------------------------------------------------
 
 
-def _engine_rows(users: int) -> dict[str, list[tuple[Any, ...]]]:
-    """seed_data's synthetic tenant in the engine's row format (column prefix, epoch floats)."""
+# The condition a `--conditional-share` of the grants carry; bodies then give
+# `resource.properties.level` (1-5), so about 3 in 5 conditional decisions allow.
+CONDITION = "resource.properties.level <= 3"
+
+
+def _engine_rows(users: int, conditional: float = 0.0) -> dict[str, list[tuple[Any, ...]]]:
+    """seed_data's synthetic tenant in the engine's row format (column prefix, epoch floats);
+    a `conditional` share of the role_permissions rows carry CONDITION."""
     from pdp.engine import COLUMNS  # noqa: PLC0415 -- server process only
     from pdp.pg import seed_data  # noqa: PLC0415 -- server process only
 
@@ -89,10 +95,18 @@ def _engine_rows(users: int) -> dict[str, list[tuple[Any, ...]]]:
             tuple(v.timestamp() if isinstance(v, datetime) else v for v in row[:width])
             for row in it
         ]
+    if conditional:
+        rng = random.Random(11)
+        rows["role_permissions"] = [
+            (*row[:3], CONDITION if rng.random() < conditional else None)
+            for row in rows["role_permissions"]
+        ]
     return rows
 
 
-def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
+def _bodies(
+    users: int, count: int, batch: int, conditional: float = 0.0
+) -> tuple[list[str], list[str]]:
     """Single and batch request bodies over real user ids and resource ids."""
     from pdp.pg import seed_data  # noqa: PLC0415 -- server process only
 
@@ -100,13 +114,16 @@ def _bodies(users: int, count: int, batch: int) -> tuple[list[str], list[str]]:
     resources = max(100, users // 5)
 
     def entry() -> dict[str, Any]:
+        resource: dict[str, Any] = {
+            "type": rng.choice(seed_data.RESOURCE_TYPES),
+            "id": str(int(resources ** rng.random())),
+        }
+        if conditional:
+            resource["properties"] = {"level": rng.randint(1, 5)}
         return {
             "subject": {"type": "user", "id": seed_data.user_id(rng.randint(1, users))},
             "action": {"name": rng.choice(seed_data.ACTIONS)},
-            "resource": {
-                "type": rng.choice(seed_data.RESOURCE_TYPES),
-                "id": str(int(resources ** rng.random())),
-            },
+            "resource": resource,
         }
 
     entries = [entry() for _ in range(count)]
@@ -131,11 +148,14 @@ def _forward_auth_lines(singles: list[str]) -> list[str]:
     return lines
 
 
-async def _serve_pdp(users: int, workdir: Path, batch: int, routes: int) -> None:
+async def _serve_pdp(
+    users: int, workdir: Path, batch: int, routes: int, conditional: float = 0.0
+) -> None:
     from aiohttp import web  # noqa: PLC0415 -- server process only
     from prometheus_client import CollectorRegistry  # noqa: PLC0415 -- server process only
 
     from loadtests.route_tables import routes_yaml  # noqa: PLC0415 -- server process only
+    from pdp.conditions import Facts  # noqa: PLC0415 -- server process only
     from pdp.config import Settings  # noqa: PLC0415 -- server process only
     from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- server process only
     from pdp.gateway import parse_routes  # noqa: PLC0415 -- server process only
@@ -144,7 +164,7 @@ async def _serve_pdp(users: int, workdir: Path, batch: int, routes: int) -> None
     from pdp.web.forward_auth import Gateway, RouteBox  # noqa: PLC0415 -- server process only
 
     started = time.perf_counter()
-    engine = Engine.build(_engine_rows(users), Snapshot(1, 1))
+    engine = Engine.build(_engine_rows(users, conditional), Snapshot(1, 1))
     replica = Replica(clock=time.monotonic)
     # Bench runs far past max_staleness with no sync worker: serve, never "stale".
     replica.install(engine, epoch="bench", synced_at=time.monotonic())
@@ -154,15 +174,18 @@ async def _serve_pdp(users: int, workdir: Path, batch: int, routes: int) -> None
     )  # fmt: skip
     gateway = Gateway(RouteBox(parse_routes(routes_yaml(routes))))
     app = build_app(settings, replica=replica, registry=CollectorRegistry(), gateway=gateway)
-    singles, batches = _bodies(users, 2000, batch)
+    singles, batches = _bodies(users, 2000, batch, conditional)
     (workdir / "single.jsonl").write_text("\n".join(singles) + "\n")
     (workdir / "forward.tsv").write_text("\n".join(_forward_auth_lines(singles)) + "\n")
     (workdir / "batch.jsonl").write_text("\n".join(batches) + "\n")
-    allowed = sum(
+    decisions = [
         engine.check(TENANT, b["subject"]["id"], b["resource"]["type"], b["resource"]["id"],
-                     b["action"]["name"], time.time()).allowed
+                     b["action"]["name"], time.time(),
+                     Facts(resource=b["resource"].get("properties")))
         for b in map(json.loads, singles)
-    )  # fmt: skip
+    ]  # fmt: skip
+    allowed = sum(d.allowed for d in decisions)
+    by_condition = sum(d.condition is not None for d in decisions)
     gc.collect()
     gc.freeze()  # as a service would after loading: keep the collector off the long-lived heap
     runner = web.AppRunner(app, access_log=None)
@@ -170,8 +193,8 @@ async def _serve_pdp(users: int, workdir: Path, batch: int, routes: int) -> None
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     load = time.perf_counter() - started
-    print(f"INFO load {load:.1f}s, {allowed / len(singles):.0%} of single bodies allowed",
-          flush=True)  # fmt: skip
+    print(f"INFO load {load:.1f}s, {allowed / len(singles):.0%} of single bodies allowed, "
+          f"{by_condition / len(singles):.0%} decided by a condition", flush=True)  # fmt: skip
     print(f"PORT {runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
 
@@ -266,7 +289,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         single_bodies, batch_bodies = work / "single.jsonl", work / "batch.jsonl"
         pdp, pdp_port, info = _start(
             [*me, "--serve", "--users", str(args.users), "--batch", str(args.batch),
-             "--routes", str(args.routes), "--workdir", tmp, *loop_flag], server_cpus,
+             "--routes", str(args.routes), "--workdir", tmp,
+             "--conditional-share", str(args.conditional_share), *loop_flag], server_cpus,
         )  # fmt: skip
         bare, bare_port, _ = _start(
             [sys.executable, str(HERE / "bare_app.py"), *loop_flag], server_cpus
@@ -306,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--routes", type=int, default=500, help="forward-auth route table size")
+    parser.add_argument(
+        "--conditional-share", type=float, default=0.0,
+        help="share of grants carrying a condition (bodies then give resource properties)",
+    )  # fmt: skip
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -317,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     from loadtests.bare_app import run_loop  # noqa: PLC0415 -- server process only
 
     run_loop(
-        _serve_pdp(args.users, args.workdir, args.batch, args.routes), uvloop=not args.no_uvloop
+        _serve_pdp(args.users, args.workdir, args.batch, args.routes, args.conditional_share),
+        uvloop=not args.no_uvloop,
     )
 
 

@@ -148,6 +148,7 @@ class Proc:
     log: Path
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    preexec_fn: Callable[[], None] | None = None  # e.g. a resource limit of the child
     popen: subprocess.Popen[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +156,7 @@ class Proc:
             self.popen = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=None if self.env is None else dict(self.env), cwd=self.cwd,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=self.preexec_fn,  # noqa: PLW1509
             )  # fmt: skip
 
     def tail(self, lines: int = 30) -> str:

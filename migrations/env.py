@@ -12,8 +12,8 @@ import os
 
 from alembic import context
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from pdp.pg.alchemy import async_engine
 from pdp.pg.migrate import include_name
 from pdp.pg.schema import SCHEMA, metadata
 
@@ -24,10 +24,15 @@ def _url() -> str:
     url = config.attributes.get("url") or os.environ.get("PDP_DATABASE_URL")
     if not url:
         raise RuntimeError("PDP_DATABASE_URL is not set and no URL was passed to alembic")
-    scheme, _, rest = str(url).partition("://")
-    if scheme in ("postgres", "postgresql"):
-        return f"postgresql+asyncpg://{rest}"
     return str(url)
+
+
+def _offline_url() -> str:
+    # Offline mode renders SQL for the dialect only; the query (sslmode, host) is not needed.
+    scheme, _, rest = _url().partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+asyncpg://{rest.partition('?')[0]}"
+    return _url()
 
 
 def _configure(connection: Connection | None = None, **kw: object) -> None:
@@ -42,7 +47,7 @@ def _configure(connection: Connection | None = None, **kw: object) -> None:
 
 
 def run_migrations_offline() -> None:
-    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    _configure(url=_offline_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
     with context.begin_transaction():
         context.run_migrations()
 
@@ -56,7 +61,7 @@ def _run_sync(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_async_engine(_url())
+    engine = async_engine(_url())
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_run_sync)

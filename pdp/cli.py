@@ -207,6 +207,29 @@ def _add_prune(sub: Any) -> None:
     p.set_defaults(handler=_cmd_prune)
 
 
+def _cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
+    # Left running: the URL printed must keep working after this command exits (the
+    # next command to exit as the server's last user stops it).
+    with database_url(settings, keep_running=True) as url:
+        print(url)
+    return 0
+
+
+def _add_db(sub: Any) -> None:
+    p = sub.add_parser(
+        "db",
+        help="the database the commands use (url)",
+        description="`pdp db url` prints the PostgreSQL URL every pdp command uses:\n"
+        "PDP_DATABASE_URL when set (as given, password included), else the\n"
+        "embedded server's, which it starts or reuses and leaves running.\n"
+        'e.g. psql "$(pdp db url)"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    url = actions.add_parser("url", help="print the URL (starting the embedded server if needed)")
+    url.set_defaults(handler=_cmd_db_url)
+
+
 def _cmd_api_key_create(args: argparse.Namespace, settings: Settings) -> int:
     from pdp.web.api_keys import key_line, new_key  # noqa: PLC0415
 
@@ -380,6 +403,53 @@ def _add_policy(sub: Any) -> None:
     p = sub.add_parser("export", help="write a tenant's policy (YAML) to stdout")
     p.add_argument("--tenant", required=True, metavar="T")
     p.set_defaults(handler=_cmd_policy)
+_GRANT = """
+INSERT INTO pdp.role_permissions (tenant_id, role_id, permission, condition)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, role_id, permission) DO UPDATE SET condition = EXCLUDED.condition
+RETURNING pg_current_xact_id()::text
+"""
+
+
+async def _write_grant(url: str, args: argparse.Namespace) -> str:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(url)
+    try:
+        revision: str = await conn.fetchval(
+            _GRANT, args.tenant, args.role, args.permission, args.condition
+        )
+    finally:
+        await conn.close()
+    return revision
+
+
+def _cmd_grant(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.conditions import validate  # noqa: PLC0415
+
+    if args.condition is not None:
+        problem = validate(args.condition)
+        if problem is not None:
+            raise UserError(f"--condition does not compile: {problem}")
+    with database_url(settings) as url:
+        revision = asyncio.run(_write_grant(url, args))
+    print(f"revision={revision}")
+    return 0
+
+
+def _add_grant(sub: Any) -> None:
+    p = sub.add_parser(
+        "grant",
+        help="give a role a permission, optionally under a CEL condition",
+        description="Upserts one pdp.role_permissions row. A --condition that does not\n"
+        "compile is rejected before anything is written (exit 2).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tenant", required=True, help="the tenant id")
+    p.add_argument("role", help="the role id (it must exist)")
+    p.add_argument("permission", help="type:action, `*` allowed on either side")
+    p.add_argument("--condition", help="a CEL expression that must be true for the grant")
+    p.set_defaults(handler=_cmd_grant)
 
 
 COMMANDS: list[Callable[[Any], None]] = [
@@ -390,6 +460,8 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_api_key,
     _add_admin,
     _add_policy,
+    _add_db,
+    _add_grant,
 ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pdp.errors import ConfigError
 
@@ -88,12 +88,32 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"must be zero or a positive number of seconds, got {value:g}")
+    return value
+
+
 def _postgres_url(text: str) -> str:
     scheme, sep, _ = text.partition("://")
     if not sep or scheme not in ("postgresql", "postgres"):
         # Never echo the value: it may hold a password.
         raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    _check_ports(text)
     return text
+
+
+def _check_ports(url: str) -> None:
+    """Every port of a (multi-host) PostgreSQL URL is 1-65535 (never echoed: a URL
+    without `@` would put a password where the port goes)."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2].split(",")
+    ports = [h.rpartition("]")[2].rpartition(":")[2] if ":" in h else "" for h in hosts]
+    ports += [p for k, v in parse_qsl(parts.query) if k == "port" for p in v.split(",")]
+    for port in filter(None, ports):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("the URL's port is not a TCP port (1-65535)")
 
 
 def _http_url(text: str) -> str:
@@ -230,6 +250,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
     Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
+    # --- the HTTP edge (pdp.web.http_edge) ---
+    Option(
+        "request_read_timeout_seconds", "PDP_REQUEST_READ_TIMEOUT_SECONDS", _positive_seconds,
+        "a request (line, headers, body) not read within this gets 408 and is closed",
+        "--request-read-timeout", "SECONDS",
+    ),
+    Option(
+        "keepalive_timeout_seconds", "PDP_KEEPALIVE_TIMEOUT_SECONDS", _positive_seconds,
+        "idle keep-alive connections are closed after this", "--keepalive-timeout", "SECONDS",
+    ),
+    Option(
+        "max_connections", "PDP_MAX_CONNECTIONS", _positive_int,
+        "open connections at most (default: derived from the file limit)",
+        "--max-connections", "N",
+    ),
+    Option(
+        "drain_seconds", "PDP_DRAIN_SECONDS", _non_negative_seconds,
+        "on SIGTERM, /readyz answers 503 and requests are served this long before stopping",
+        "--drain-seconds", "SECONDS",
+    ),
     Option(
         "base_url", "PDP_BASE_URL", _http_url, "base URL advertised in the AuthZEN metadata",
         "--base-url", "URL",
@@ -281,6 +321,10 @@ OPTIONS: tuple[Option, ...] = (
         "consistency_wait_ms", "PDP_CONSISTENCY_WAIT_MS", _non_negative_int,
         "how long X-PDP-Min-Revision waits before asking PostgreSQL",
         "--consistency-wait-ms", "MS",
+    ),
+    Option(
+        "search_concurrency", "PDP_SEARCH_CONCURRENCY", _positive_int,
+        "subject searches computing at once (the others wait; checks never do)",
     ),
     Option(
         "poll_interval_seconds", "PDP_POLL_INTERVAL_SECONDS", _positive_seconds,
@@ -373,6 +417,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     backlog: int = 1024
+    request_read_timeout_seconds: float = 5.0
+    keepalive_timeout_seconds: float = 75.0
+    max_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
+    drain_seconds: float = 5.0
     base_url: str | None = None
     default_tenant: str | None = None
     tls_cert_file: Path | None = None
@@ -385,6 +433,7 @@ class Settings:
     max_staleness_seconds: float = 5.0
     stale_mode: str = "deny"
     consistency_wait_ms: int = 200
+    search_concurrency: int = 1
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from pdp import conditions
 from pdp.readiness import Health
 
 # A check answers in ~10 us from memory; a slow batch or a consistency wait can take 100 ms+.
@@ -40,7 +41,8 @@ class Metrics:
     """Every pdp metric, registered on `registry`.
 
     Hot path (web layer): `decided`, `decided_batch`, `http_request`: plain int
-    arithmetic, no locks. Sync layer: `observe_propagation`, `changes_applied`,
+    arithmetic, no locks. HTTP edge: `connection_rejected`. Sync layer:
+    `observe_propagation`, `changes_applied`,
     `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `set_consistent`,
     `forget_tenant`, `tenant_reloaded`, `decision_log_dropped`. Supervisor:
     `worker_restarted`, `worker_up`. Call `watch(health)` once so the scrape-time
@@ -113,6 +115,11 @@ class Metrics:
             ["worker"],
             registry=registry,
         )
+        self.connections_rejected = Counter(
+            "pdp_http_connections_rejected",
+            "Connections refused at PDP_MAX_CONNECTIONS (no idle keep-alive one to close)",
+            registry=registry,
+        )
         registry.register(_ScrapeCollector(self))
 
     # --- hot path (never awaits, never locks) ----------------------------------------
@@ -133,6 +140,10 @@ class Metrics:
     def http_request(self, route: str, status: int) -> None:
         """Count one HTTP response; `route` is a route template, never a raw path."""
         self._requests[route, status] += 1
+
+    def connection_rejected(self) -> None:
+        """Count one connection refused at the connection cap (rare: not the hot path)."""
+        self.connections_rejected.inc()
 
     # --- sync layer -----------------------------------------------------------------
 
@@ -197,6 +208,11 @@ class Metrics:
         for (route, status), n in sorted(self._requests.items()):
             requests.add_metric([route, str(status)], n)
         yield requests
+        yield CounterMetricFamily(
+            "pdp_condition_errors",
+            "Distinct grant conditions that do not compile (they never grant)",
+            value=conditions.compile_errors(),
+        )
         yield self._duration_family()
         yield from self._replica_families()
 
@@ -255,6 +271,7 @@ class _ScrapeCollector:
         return [
             CounterMetricFamily("pdp_decisions", ""),
             CounterMetricFamily("pdp_http_requests", ""),
+            CounterMetricFamily("pdp_condition_errors", ""),
             HistogramMetricFamily("pdp_decision_duration_seconds", ""),
             GaugeMetricFamily("pdp_ready", ""),
             GaugeMetricFamily("pdp_sync_staleness_seconds", ""),

@@ -16,13 +16,22 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from pdp.conditions import Facts
 from pdp.engine import Engine, RowChange, Snapshot
 
 
 class Fallback(Protocol):
     """A fully consistent check answered by PostgreSQL (`pdp.check`)."""
 
-    async def __call__(self, tenant: str, user: str, rtype: str, rid: str, action: str) -> bool: ...
+    async def __call__(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        rtype: str,
+        rid: str,
+        action: str,
+        facts: Facts | None = None,
+    ) -> bool: ...
 
 
 class Replica:

@@ -11,23 +11,34 @@ the last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator
+from ssl import SSLContext
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
-from pdp.errors import ConfigError
+from pdp.errors import ConfigError, PdpError
 from pdp.metrics import Metrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
 from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
-from pdp.web.app import GATEWAY, CleanupContext, build_app
+from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
+from pdp.web.http_edge import (
+    EdgeLimits,
+    EdgeRunner,
+    EdgeServer,
+    default_max_connections,
+    raise_file_limit,
+)
 from pdp.web.tls import server_context
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
@@ -36,6 +47,7 @@ from sync.service import SyncService
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_SECONDS = 5.0  # after the drain: how long requests in flight may still take
 SYNC_WORKER = "sync"
 VERIFIER_WORKER = "verifier"
 
@@ -147,24 +159,109 @@ def _event_loop_policy() -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run the sidecar until SIGINT/SIGTERM."""
+    """Run the sidecar until SIGINT/SIGTERM, then drain (`PDP_DRAIN_SECONDS`) and stop.
+
+    Raises PdpError "cannot listen on HOST:PORT: reason" when the address cannot be bound.
+    """
     _event_loop_policy()
     ssl_context = server_context(settings)  # bad files fail here, before anything starts
     _warn_if_open(settings)
+    max_connections = settings.max_connections or default_max_connections(raise_file_limit())
+    limits = EdgeLimits(settings.request_read_timeout_seconds, max_connections)
     with database_url(settings) as url:
         app = sidecar_app(settings, url)
         reload_routes_on_sighup(app)
-        scheme = "https" if ssl_context is not None else "http"
-        log.info("serving the check API on %s://%s:%d", scheme, settings.host, settings.port)
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            ssl_context=ssl_context,
-            # Gateways open many connections at once; aiohttp's default queue is 128.
-            backlog=settings.backlog,
-            access_log=None,
-            print=None,
-            shutdown_timeout=5,
-        )
+        asyncio.run(_serve(app, settings, ssl_context, limits))
     return 0
+
+
+async def _serve(
+    app: web.Application, settings: Settings, ssl_context: SSLContext | None, limits: EdgeLimits
+) -> None:
+    runner = EdgeRunner(
+        app, limits, app[METRICS],
+        access_log=None,
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        lingering_time=settings.request_read_timeout_seconds,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+    )  # fmt: skip
+    stop = _stop_signals()
+    try:
+        if not await _set_up(runner, stop):
+            return
+        # Gateways open many connections at once; aiohttp's default queue is 128.
+        site = web.TCPSite(
+            runner, settings.host, settings.port, ssl_context=ssl_context,
+            backlog=settings.backlog,
+        )  # fmt: skip
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
+        scheme = "https" if ssl_context is not None else "http"
+        log.info(
+            "serving the check API on %s://%s:%d (at most %d connections)",
+            scheme, settings.host, _bound_port(runner, settings.port), limits.max_connections,
+        )  # fmt: skip
+        signame = await stop.get()
+        await _drain(app, runner, stop, signame, settings.drain_seconds)
+    finally:
+        await runner.cleanup()
+
+
+async def _set_up(runner: web.AppRunner, stop: asyncio.Queue[str]) -> bool:
+    """Start the app (its workers) unless a stop signal comes first (then False)."""
+    setup = asyncio.ensure_future(runner.setup())
+    signalled = asyncio.ensure_future(stop.get())
+    await asyncio.wait({setup, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if setup.done():
+        signalled.cancel()
+        setup.result()  # raises what the start raised
+        return True
+    setup.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await setup
+    log.info("%s before the sidecar had started: stopping", signalled.result())
+    return False
+
+
+def _stop_signals() -> asyncio.Queue[str]:
+    """A queue that receives the name of each SIGTERM/SIGINT from now on."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, queue.put_nowait, sig.name)
+    return queue
+
+
+async def _drain(
+    app: web.Application, runner: web.AppRunner, stop: asyncio.Queue[str], signame: str,
+    seconds: float,
+) -> None:  # fmt: skip
+    """Not ready from now on; keep serving `seconds` (a second signal cuts it short),
+    each answer closing its connection so that clients' pools reconnect elsewhere."""
+    app[HEALTH].drain()
+    if isinstance(runner.server, EdgeServer):
+        runner.server.drain()
+    log.info(
+        "%s: draining: /readyz answers 503, requests are served for %gs more, "
+        "then those in flight finish and pdp exits",
+        signame, seconds,
+    )  # fmt: skip
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.get(), seconds)
+
+
+def _reason(exc: OSError) -> str:
+    """`exc` in a few words ("address already in use"); asyncio wraps the bind error's
+    text in its own sentence, which names the address again."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return str(exc.strerror or exc)
+    return os.strerror(exc.errno).lower()
+
+
+def _bound_port(runner: web.AppRunner, asked: int) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    return asked

@@ -12,7 +12,10 @@ class SyncOptions:
     max_batch_keys: int = 50_000  # a batch naming more keys reloads everything instead
     heartbeat: float = 5.0  # listener liveness probe period (and its timeout)
     backoff_initial: float = 0.1
-    backoff_max: float = 10.0
+    # Reconnect pacing while PostgreSQL is unreachable. The cap bounds recovery: once
+    # the server answers again the next attempt is at most this far away (a longer cap
+    # grew to 5-6 s of extra staleness after an outage). Jitter still spreads a fleet.
+    backoff_max: float = 1.0
     connect_timeout: float = 5.0
     # Client-side bounds: a half-open link raises nothing, so a read must time out.
     read_timeout: float = 10.0

@@ -27,11 +27,17 @@ LIMIT $2
 """
 
 
+def _column(col: str) -> str:
+    """A column as the engine's row format has it: epoch seconds, jsonb as its text."""
+    if col == "expires_at":
+        return f"extract(epoch FROM t.{col})::float8"
+    if col == "attributes":
+        return f"t.{col}::text"
+    return f"t.{col}"
+
+
 def _select(entity: str) -> str:
-    cols = [
-        f"extract(epoch FROM t.{col})::float8" if col == "expires_at" else f"t.{col}"
-        for col in COLUMNS[entity]
-    ]
+    cols = [_column(col) for col in COLUMNS[entity]]
     return f"SELECT {', '.join(cols)} FROM pdp.{entity} t"
 
 
@@ -67,7 +73,7 @@ def _digest(entity: str) -> str:
                 "coalesce(round(extract(epoch FROM t.expires_at) * 1000000)::bigint::text, '')"
             )
         else:
-            fields.append(f"coalesce(t.{col}, '')")
+            fields.append(f"coalesce({_column(col)}, '')")
     line = f"'{entity}|' || " + " || '|' || ".join(fields)
     return f"SELECT {line} AS line FROM pdp.{entity} t WHERE t.{_tenant_column(entity)} = $1"
 
@@ -85,10 +91,7 @@ TENANT_DIGEST = (
 
 
 def _json_columns(entity: str) -> str:
-    return ", ".join(
-        f"extract(epoch FROM t.{col})::float8" if col == "expires_at" else f"t.{col}"
-        for col in COLUMNS[entity]
-    )
+    return ", ".join(_column(col) for col in COLUMNS[entity])
 
 
 def _json_rows(entity: str) -> str:

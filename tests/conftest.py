@@ -18,13 +18,13 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from hypothesis import settings
 
 from pdp.pg import migrate
+from tests.pg_url import with_database
 
 pytest_plugins = ["tests.loop_guard"]
 
@@ -60,8 +60,7 @@ ADMIN_URL = _admin_url()
 
 def database_url(name: str) -> str:
     """ADMIN_URL pointed at database `name` (query such as ?host=/socket/dir kept)."""
-    parts = urlsplit(ADMIN_URL)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    return with_database(ADMIN_URL, name)
 
 
 async def _admin(sql: str) -> None:

@@ -9,25 +9,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    """Listens on 127.0.0.1 and forwards to `target_host:target_port`, or to the Unix
+    socket `unix_path` when given (a TCP way into a socket-only server)."""
+
+    def __init__(self, target_host: str, target_port: int, unix_path: str | None = None) -> None:
         self.target = (target_host, target_port)
+        self.unix_path = unix_path
         self.mode = "open"
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.port = 0
+        self.accepted: list[float] = []  # monotonic time of every connection accepted
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def refuse(self) -> None:
+        """Cut every connection and stop listening: connects are refused (RST on SYN),
+        what a stopped server looks like, until `listen_again`."""
         self.cut()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+            self._server = None
+
+    async def listen_again(self) -> None:
+        """Listen on the same port again and forward (after `refuse`)."""
+        self.restore()
+        await self.start()
+
+    async def stop(self) -> None:
+        await self.refuse()
 
     def cut(self) -> None:
         """Close every connection now and refuse new ones until `restore`."""
@@ -45,11 +62,15 @@ class TcpProxy:
         self.mode = "open"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.append(time.monotonic())
         if self.mode == "cut":
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if self.unix_path is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.unix_path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return

@@ -525,3 +525,27 @@ async def test_every_endpoint_of_every_kind_hides_another_tenant(
             answer = await _json(await getattr(admin, method)(f"/admin/v1/tenants/{tenant}{path}", **kwargs), 404)
             assert answer == {"error": "not_found", "message": f"unknown tenant {tenant!r}"}, (method, path)
     assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == before
+
+
+async def test_conditions_are_compiled_on_write_and_the_inventory_is_managed(admin: Client, token: MakeToken, pg: asyncpg.Connection) -> None:
+    h = await token("write")
+    t = f"/admin/v1/tenants/{A}"
+    await _json(await admin.post(f"{t}/roles", json={"id": "editor"}, headers=h), 201)
+    bad = await _json(await admin.post(f"{t}/roles/editor/permissions", json={"permission": "document:edit", "condition": "resource.properties.ownerID =="}, headers=h), 422)
+    assert bad["field"] == "condition"
+    assert bad["message"].startswith("condition does not compile")
+    ownership = "resource.properties.ownerID == subject.attributes.email"
+    made = await _json(await admin.post(f"{t}/roles/editor/permissions", json={"permission": "document:edit", "condition": ownership}, headers=h), 201)
+    assert made["data"]["condition"] == ownership
+    await _json(await admin.patch(f"{t}/roles/editor/permissions/document:edit", json={"condition": "true ="}, headers=h), 422)
+    await _json(await admin.patch(f"{t}/roles/editor/permissions/document:edit", json={"condition": None}, headers=h), 200)
+    assert await pg.fetchval("SELECT condition FROM pdp.role_permissions WHERE tenant_id = $1", A) is None
+
+    await _json(await admin.post(f"{t}/resources", json={"type": "document", "id": "d1", "attributes": {"ownerID": "alice@acme"}}, headers=h), 201)
+    got = await _json(await admin.get(f"{t}/resources/document/d1", headers=h), 200)
+    assert got["data"]["attributes"] == {"ownerID": "alice@acme"}
+    await _json(await admin.patch(f"{t}/resources/document/d1", json={"attributes": {"ownerID": "bob@acme"}}, headers=h), 200)
+    assert await pg.fetchval("SELECT attributes->>'ownerID' FROM pdp.resources WHERE tenant_id = $1", A) == "bob@acme"
+    bad_type = await _json(await admin.post(f"{t}/resources", json={"type": "no spaces", "id": "x"}, headers=h), 422)
+    assert bad_type["field"] == "type"
+    await _json(await admin.delete(f"{t}/resources/document/d1", headers=h), 200)

@@ -133,8 +133,8 @@ async def test_explain_names_the_path(acme: asyncpg.Connection) -> None:
         "SELECT * FROM pdp.explain('acme', 'greta', 'report', 'r1', 'approve', $1)", T0
     )
     assert [tuple(r) for r in rows] == [
-        ("deep1", ["deep1", "deep2", "deep3", "deep4"], "report:approve", "ops", "*", FUTURE)
-    ]
+        ("deep1", ["deep1", "deep2", "deep3", "deep4"], "report:approve", "ops", "*", FUTURE, None)
+    ]  # the last column: the grant's condition (NULL: unconditional)
     rows = await acme.fetch(
         "SELECT role_id, path, permission, via_group, scope "
         "FROM pdp.explain('acme', 'alice', 'document', 'd1', 'read', $1)", T0

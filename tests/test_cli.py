@@ -12,6 +12,7 @@ import pytest
 
 from pdp.cli import build_parser
 from pdp.errors import ConfigError
+from tests.pg_url import with_database, with_password
 
 
 def _pdp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -77,7 +78,7 @@ def test_database_down() -> None:
 
 
 def test_missing_database(db_url: str) -> None:
-    missing = db_url.rsplit("/", 1)[0] + "/pdp_no_such_database"
+    missing = with_database(db_url, "pdp_no_such_database")
     result = _pdp("migrate", PDP_DATABASE_URL=missing)
     assert result.returncode == 1
     assert 'database "pdp_no_such_database" does not exist' in _one_error_line(result)
@@ -90,7 +91,7 @@ def test_migrate_sql_needs_no_server() -> None:
 
 
 def test_migrate_logs_the_url_without_password(db_url: str) -> None:
-    url = db_url.replace("postgres@", "postgres:pw@", 1)
+    url = with_password(db_url, "pw")
     assert ":pw@" in url
     result = _pdp("migrate", PDP_DATABASE_URL=url)
     assert result.returncode == 0, result.stderr
@@ -106,6 +107,10 @@ SERVE_FLAG_CASES = [
     ("--host", "bad host", "not a host name", "::1", "::1"),
     ("--port", "70000", "not a TCP port", "9000", 9000),
     ("--backlog", "0", "must be a positive integer", "64", 64),
+    ("--request-read-timeout", "0", "must be a positive number of seconds", "2.5", 2.5),
+    ("--keepalive-timeout", "-3", "must be a positive number of seconds", "30", 30.0),
+    ("--max-connections", "0", "must be a positive integer", "500", 500),
+    ("--drain-seconds", "-1", "must be zero or a positive number of seconds", "0", 0.0),
     ("--base-url", "ftp://x", "must be an http:// or https:// URL", "https://pdp.example", "https://pdp.example"),
     ("--default-tenant", "x" * 257, "1 to 256 characters", "acme", "acme"),
     ("--subject-types", "user,,identity", "comma-separated list of names", "user, principal", ("user", "principal")),

@@ -92,7 +92,10 @@ def test_row_format_table() -> None:
         "role_permissions": 3,
         "user_roles": 4,
         "group_roles": 4,
+        "resources": 3,
     }
+    assert COLUMNS["role_permissions"] == ("tenant_id", "role_id", "permission", "condition")
+    assert COLUMNS["resources"] == ("tenant_id", "type", "id", "attributes")
     assert COLUMNS["user_roles"] == ("tenant_id", "user_id", "role_id", "scope", "expires_at")
     assert all(KEY_WIDTH[e] <= len(cols) for e, cols in COLUMNS.items())
 
@@ -128,7 +131,10 @@ def expected_digest(data: dict[str, list[Row]], tenant: str) -> str:
             if row[0] != tenant:
                 continue
             fields = []
-            for name, value in zip(COLUMNS[entity], row, strict=True):
+            # Left-off trailing columns are NULL, attributes then the default `{}`.
+            defaults = {"attributes": "{}"}
+            full = (*row, *(defaults.get(c) for c in COLUMNS[entity][len(row) :]))
+            for name, value in zip(COLUMNS[entity], full, strict=True):
                 if value is None:
                     fields.append("")
                 elif name == "expires_at":
@@ -176,6 +182,7 @@ def test_counts_and_tenants() -> None:
         "role_permissions": 1,
         "user_roles": 1,
         "group_roles": 1,
+        "resources": 0,
         "assignments": 2,
     }
     assert engine.revision == REV

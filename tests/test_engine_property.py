@@ -39,6 +39,7 @@ ROW = {
     "role_permissions": st.tuples(_s(TENANTS), _s(ROLES), _s(PERMS)),
     "user_roles": st.tuples(_s(TENANTS), _s(USERS), _s(ROLES), _s(SCOPES), _s(EXPIRES)),
     "group_roles": st.tuples(_s(TENANTS), _s(GROUPS), _s(ROLES), _s(SCOPES), _s(EXPIRES)),
+    "resources": st.tuples(_s(TENANTS), _s(("doc", "img")), _s(("1", "2")), _s(("{}", '{"a": 1}'))),
 }
 # Mostly tenant-1 rows, so that tenants are dense enough to grant things.
 ROW_CHOICE = st.sampled_from([e for e in COLUMNS for _ in range(1 if e == "tenants" else 3)])

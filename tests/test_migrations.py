@@ -47,8 +47,8 @@ async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     await migrate.upgrade(empty_db_url)
     first = await _objects(empty_db_url)
     assert first["tables"] == len(metadata.tables)
-    # 9 captured tables x 4 capture triggers + 2 cycle-guard triggers.
-    assert first["triggers"] == 9 * 4 + 2
+    # 10 captured tables x 4 capture triggers + 2 cycle-guard triggers.
+    assert first["triggers"] == 10 * 4 + 2
     await migrate.downgrade(empty_db_url, "base")
     assert await _objects(empty_db_url) == {"tables": 0, "functions": 0, "triggers": 0}
     await migrate.upgrade(empty_db_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -47,6 +48,7 @@ def _fails(text: str) -> str:
         ("roles: {}\n", "f.yaml:1:1: document: names no tenant"),
         ("tenant: t\nroles: []\n", "f.yaml:2:8: roles: must be a mapping"),
         ("tenant: t\nroles: {}\ncolour: red\n", "f.yaml:3:1: colour: unknown key"),
+        ("tenant: t\nroles:\n  r:\n    permissions: [{permission: d:read, condition: 'now <'}]\n", "f.yaml:4:51: roles.r.permissions[0].condition: does not compile"),
     ],
 )  # fmt: skip
 def test_errors_name_the_position(text: str, message: str) -> None:
@@ -192,3 +194,22 @@ async def test_concurrent_applies_of_one_tenant_end_in_one_of_them(seeded: async
     assert roles in ({"only-0"}, {"only-1"})
     grants = {r[0] for r in await seeded.fetch("SELECT permission FROM pdp.role_permissions WHERE tenant_id = $1", TENANT)}
     assert grants == {f"doc{next(iter(roles))[-1]}:read"}
+
+
+async def test_conditional_grants_round_trip(seeded: asyncpg.Connection, db_url: str, tmp_path: Path) -> None:
+    document = yaml.safe_load(_pdp(db_url, "export", "--tenant", TENANT).stdout)
+    role = next(iter(document["roles"]))
+    condition = 'action.properties.mode == "soft"'
+    document["roles"][role].setdefault("permissions", []).append({"permission": "doc:delete", "condition": condition})
+    path = tmp_path / "cond.yaml"
+    path.write_text(yaml.safe_dump(document))
+    applied = _pdp(db_url, "apply", str(path))
+    assert applied.returncode == 0, applied.stderr
+    assert f"+ role_permissions role_id={role!r}, permission='doc:delete' {{\"condition\": {json.dumps(condition)}}}" in applied.stdout
+    stored = await seeded.fetchval("SELECT condition FROM pdp.role_permissions WHERE tenant_id = $1 AND permission = 'doc:delete'", TENANT)
+    assert stored == condition
+    exported = _pdp(db_url, "export", "--tenant", TENANT).stdout
+    assert {"permission": "doc:delete", "condition": condition} in yaml.safe_load(exported)["roles"][role]["permissions"]
+    path.write_text(exported)
+    again = _pdp(db_url, "apply", str(path))
+    assert again.stdout.strip() == "no changes"

@@ -23,7 +23,7 @@ from tests import sync_harness
 A, B = "iso-1", "iso-2"
 TENANT_TABLES = (
     "users", "groups", "group_members", "roles", "role_inherits",
-    "role_permissions", "user_roles", "group_roles", "change_log",
+    "role_permissions", "user_roles", "group_roles", "resources", "change_log",
 )  # fmt: skip
 
 
@@ -34,6 +34,7 @@ async def two_tenants(db_url: str, pg: asyncpg.Connection) -> asyncpg.Connection
     )
     # Captured changes of both tenants, so change_log holds rows of each as well.
     for tenant in (A, B):
+        await pg.execute("INSERT INTO pdp.resources (tenant_id, type, id) VALUES ($1, 'document', 'd1')", tenant)
         await pg.execute(
             "UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = (SELECT min(id) FROM pdp.users WHERE tenant_id = $1)",
             tenant,

@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.sidecar import sidecar_app
+from tests.pg_url import proxied
 from tests.tcp_proxy import TcpProxy
 
 MAX_STALENESS = 1.0
@@ -41,14 +41,8 @@ async def proxy(db_url: str, pg: asyncpg.Connection) -> AsyncIterator[tuple[TcpP
            INSERT INTO pdp.role_permissions VALUES ('t', 'reader', 'doc:read');
            INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES ('t', 'u', 'reader');"""
     )
-    target = urlsplit(db_url)
-    tcp = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await tcp.start()
-    via = db_url.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{tcp.port}")
-    try:
+    async with proxied(db_url) as (tcp, via):
         yield tcp, via
-    finally:
-        await tcp.stop()
 
 
 async def _until(predicate: Callable[[], Awaitable[bool]], within: float) -> float:

@@ -21,6 +21,7 @@ import pytest
 from pdp.replica import Replica
 from sync import pg_read, pg_retention
 from tests.conftest import DatabaseFactory
+from tests.pg_url import proxied
 from tests.sync_harness import (
     MAX_STALENESS,
     TENANT,
@@ -297,31 +298,24 @@ async def test_half_open_listener_is_detected_by_the_heartbeat(
     seeded: str, pg: asyncpg.Connection
 ) -> None:
     """Traffic silently dropped (no FIN/RST): only the heartbeat can notice."""
-    from urllib.parse import urlsplit
+    async with (
+        proxied(seeded) as (proxy, via_proxy),
+        running(via_proxy, heartbeat=0.3) as sidecar,
+    ):
+        await settle(pg, sidecar.replica)
+        assert sidecar.service is not None
+        listener = sidecar.service.listener
+        before = listener.connections
+        sidecar.monitoring = False
+        proxy.blackhole()
+        # Heartbeat period + probe timeout, with margin.
+        await asyncio.wait_for(listener.disconnected.wait(), 5)
+        proxy.cut()  # the dead links go; new connections flow again
+        proxy.restore()
+        async with asyncio.timeout(10):
+            await listener.connected.wait()
+        assert listener.connections > before
+        sidecar.monitoring = True
+        await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000007'", TENANT)
+        await assert_equal(pg, sidecar.replica)
 
-    from tests.tcp_proxy import TcpProxy
-
-    target = urlsplit(seeded)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    via_proxy = seeded.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
-    try:
-        async with running(via_proxy, heartbeat=0.3) as sidecar:
-            await settle(pg, sidecar.replica)
-            assert sidecar.service is not None
-            listener = sidecar.service.listener
-            before = listener.connections
-            sidecar.monitoring = False
-            proxy.blackhole()
-            # Heartbeat period + probe timeout, with margin.
-            await asyncio.wait_for(listener.disconnected.wait(), 5)
-            proxy.cut()  # the dead links go; new connections flow again
-            proxy.restore()
-            async with asyncio.timeout(10):
-                await listener.connected.wait()
-            assert listener.connections > before
-            sidecar.monitoring = True
-            await pg.execute("UPDATE pdp.users SET status = 'disabled' WHERE tenant_id = $1 AND id = 'user-000007'", TENANT)
-            await assert_equal(pg, sidecar.replica)
-    finally:
-        await proxy.stop()

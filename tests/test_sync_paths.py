@@ -36,6 +36,7 @@ INSERT INTO pdp.role_inherits VALUES ('t', 'editor', 'viewer');
 INSERT INTO pdp.role_permissions VALUES ('t', 'viewer', 'doc:read'), ('t', 'editor', 'doc:write');
 INSERT INTO pdp.user_roles (tenant_id, user_id, role_id, scope) VALUES ('t', 'alice', 'viewer', '*');
 INSERT INTO pdp.group_roles (tenant_id, group_id, role_id, scope) VALUES ('t', 'eng', 'editor', 'doc:*');
+INSERT INTO pdp.resources VALUES ('t', 'doc', '1', '{"owner": "alice"}');
 """
 
 # One statement per entity that inserts, updates (in place, or moving a key) or
@@ -58,6 +59,10 @@ UPDATE pdp.user_roles SET scope = 'doc:1', expires_at = '2030-01-01Z' WHERE user
 INSERT INTO pdp.user_roles (tenant_id, user_id, role_id, scope) VALUES ('t', 'dave', 'admin', '*');
 UPDATE pdp.group_roles SET expires_at = '2030-06-01Z';
 INSERT INTO pdp.group_roles (tenant_id, group_id, role_id, scope) VALUES ('t', 'sec', 'viewer', '*');
+UPDATE pdp.resources SET attributes = '{"owner": "bob"}';
+INSERT INTO pdp.resources VALUES ('t', 'doc', '2');
+UPDATE pdp.role_permissions SET condition = 'resource.properties.owner == subject.id' WHERE role_id = 'viewer';
+UPDATE pdp.users SET attributes = '{"email": "bob@t"}' WHERE id = 'bob';
 """
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from pdp.protocol import codec
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app, settings
 
 EVALUATION = "/access/v1/evaluation"
@@ -153,6 +155,10 @@ CASES: list[tuple[str, Any, str | None, str | None]] = [
     # paging
     (RESOURCE, _with("page", "next", RESOURCE_SEARCH), JSON, "page"),
     (RESOURCE, _with("page.limit", -1, RESOURCE_SEARCH), JSON, "page.limit"),
+    (RESOURCE, _with("page.limit", 0, RESOURCE_SEARCH), JSON, "page.limit"),
+    (SUBJECT, _with("page.limit", 0, SUBJECT_SEARCH), JSON, "page.limit"),
+    (ACTION, _with("page.limit", 0.0, ACTION_SEARCH), JSON, "page.limit"),
+    (ACTION, _with("page.limit", True, ACTION_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.limit", "10", RESOURCE_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.limit", 2.5, RESOURCE_SEARCH), JSON, "page.limit"),
     (RESOURCE, _with("page.token", 3, RESOURCE_SEARCH), JSON, "page.token"),
@@ -261,3 +267,41 @@ async def test_handler_bug_is_500_json(
     assert await response.json() == {"error": "internal", "message": "internal error"}
     assert response.headers["X-Request-ID"] == "b"
     assert "unhandled error on POST /access/v1/evaluation" in caplog.text
+
+
+NOT_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 400 + b".0e9999"]
+
+
+@pytest.fixture(params=["orjson", "json"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both decoding paths in one install: orjson (the `fast` extra) and the standard
+    library's (a plain `pip install pdp`), swapped in where `loads` looks them up."""
+    assert codec.FAST, "the test install has the fast extra"
+    if request.param == "json":
+        monkeypatch.setattr(codec, "_loads", codec.plain_loads)
+        monkeypatch.setattr(codec, "_DECODE_ERRORS", codec.PLAIN_DECODE_ERRORS)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("number", NOT_NUMBERS, ids=lambda n: n.decode()[:12])
+async def test_a_number_json_cannot_carry_is_400_on_both_paths(
+    client: TestClient[Any, Any], decoder: str, number: bytes
+) -> None:
+    body = json.dumps(evaluation() | {"context": {"limit": "N"}}).encode()
+    raw = body.replace(b'"N"', number)
+    response = await client.post(EVALUATION, data=raw, headers={"Content-Type": JSON})
+    answer = await response.json()
+    assert response.status == 400, (decoder, answer)
+    assert answer["error"] == "bad_request"
+    assert "not valid JSON" in answer["message"]
+    # The same document with a finite number is a decision on both paths.
+    ok = await client.post(EVALUATION, data=body.replace(b'"N"', b"1e308"),
+                           headers={"Content-Type": JSON})  # fmt: skip
+    assert ok.status == 200, await ok.text()
+
+
+def test_both_decoders_read_the_same_numbers() -> None:
+    assert codec.FAST
+    for raw in [b"1e308", b"18446744073709551615", b"18446744073709551616",
+                b"-9223372036854775809", b"1.5e-400", b"[0.1, -0, 2]"]:  # fmt: skip
+        assert codec.plain_loads(raw) == orjson.loads(raw), raw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
 import yaml
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
@@ -88,3 +89,25 @@ async def test_state_under_app_keys_and_workers_in_cleanup_ctx(aiohttp_client: A
     assert events == ["start acme True"]
     await client.close()
     assert events == ["start acme True", "stop"]
+
+
+@pytest.mark.parametrize("default_tenant", [None, "acme"])
+async def test_openapi_document_requires_the_tenant_only_without_a_default(
+    aiohttp_client: AiohttpClient, default_tenant: str | None
+) -> None:
+    app = make_app(loaded_replica(Clock()), settings(default_tenant=default_tenant))
+    client = await aiohttp_client(app)
+    document = yaml.safe_load(await (await client.get("/openapi.yaml")).text())
+    schemas = document["components"]["schemas"]
+    searched = schemas["SubjectSearchRequest"]["properties"]["subject"]
+    token = schemas["PageRequest"]["properties"]["token"]
+    assert token["type"] == "string"
+    assert "answered 400" in token["description"]
+    if default_tenant is None:
+        assert schemas["SubjectProperties"]["required"] == ["tenant"]
+        assert schemas["Subject"]["required"] == ["type", "id", "properties"]
+        assert searched["required"] == ["type", "properties"]
+    else:
+        assert "required" not in schemas["SubjectProperties"]
+        assert schemas["Subject"]["required"] == ["type", "id"]
+        assert searched["required"] == ["type"]

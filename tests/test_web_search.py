@@ -1,60 +1,65 @@
-"""Subject search on a large answer yields to other requests and stays of one state."""
+"""Subject search on a large answer yields to other requests, stays of one state, computes
+one at a time and answers repeats from a cache that a change invalidates."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from pdp.config import Settings
 from pdp.engine import Engine, RowChange, Snapshot
-from pdp.metrics import Metrics
-from pdp.protocol import Page, SubjectSearch
-from pdp.replica import Replica
-from pdp.web.authzen import AuthzenApi
+from pdp.web.subject_search import CACHE_SECONDS, Question, SubjectSearcher
 
-USERS = 2_500  # more than two pieces of 1,000
+USERS = 2_500  # more than two pieces of 1,000 (ten of the searcher's 250)
+
+
+def _tables() -> dict[str, list[tuple[Any, ...]]]:
+    users = [("t", f"u{i:05d}", "active") for i in range(USERS)]
+    return {
+        "tenants": [("t",)],
+        "users": users,
+        "roles": [("t", "reader")],
+        "role_permissions": [("t", "reader", "doc:read")],
+        "user_roles": [("t", uid, "reader", "*", None) for _, uid, _ in users],
+    }
 
 
 def _engine() -> Engine:
-    users = [("t", f"u{i:05d}", "active") for i in range(USERS)]
-    return Engine.build(
-        {
-            "tenants": [("t",)],
-            "users": users,
-            "roles": [("t", "reader")],
-            "role_permissions": [("t", "reader", "doc:read")],
-            "user_roles": [("t", uid, "reader", "*", None) for _, uid, _ in users],
-        },
-        Snapshot(1, 1),
-    )
+    return Engine.build(_tables(), Snapshot(1, 1))
 
 
-def _api(engine: Engine) -> AuthzenApi:
-    replica = Replica()
-    replica.install(engine, "e", time.monotonic())
-    return AuthzenApi(Settings(), replica, Metrics(CollectorRegistry()), None)
+QUESTION = ("t", "doc", "1", "read")
 
 
-SEARCH = SubjectSearch(
-    tenant="t", subject_type="user", resource_type="doc", resource_id="1", action="read",
-    page=Page(0, 100, ""),
-)
+async def _ask(searcher: SubjectSearcher, engine: Engine, question: Question) -> tuple[str, ...]:
+    async with searcher.turn() as meter:
+        return await searcher.subjects(engine, question, meter)
+
+
+class Clock:
+    """A monotonic clock the test moves (the cache's time bound)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_chunks_are_the_answer_in_pieces() -> None:
     engine = _engine()
     pieces = list(engine.subject_chunks("t", "doc", "1", "read", time.time()))
-    assert len(pieces) == 3
+    assert len(pieces) == 4  # an empty one after the groups (a turn), then three of 1,000
+    assert pieces[0] == []
     assert sorted(uid for piece in pieces for uid in piece) == list(
         engine.subjects("t", "doc", "1", "read", time.time())
     )
 
 
-async def test_other_work_runs_between_pieces_and_a_change_restarts_the_walk() -> None:
+async def test_other_work_runs_between_slices_and_a_change_restarts_the_walk() -> None:
     engine = _engine()
-    api = _api(engine)
+    searcher = SubjectSearcher(slice_seconds=0.0)  # a turn after every piece
     turns = 0
 
     async def meanwhile() -> None:
@@ -67,8 +72,98 @@ async def test_other_work_runs_between_pieces_and_a_change_restarts_the_walk() -
             await asyncio.sleep(0)
 
     other = asyncio.create_task(meanwhile())
-    found = await api._subjects(engine, SEARCH)
+    found = await _ask(searcher, engine, QUESTION)
     await other
     assert turns == 2, "the search never gave the loop a turn"
     assert len(found) == USERS - 1  # the answer is of the state after the change
     assert "u00000" not in found
+    assert found == engine.subjects(*QUESTION, time.time())
+
+
+async def test_the_answer_is_the_engines_sorted_answer() -> None:
+    engine = _engine()
+    for budget in (0.0, 0.001, 10.0):
+        searcher = SubjectSearcher(slice_seconds=budget)
+        for question in [QUESTION, ("t", "doc", "2", "write"), ("nope", "doc", "1", "read")]:
+            expected = engine.subjects(*question, time.time())
+            assert await _ask(searcher, engine, question) == expected
+
+
+async def test_the_cache_answers_repeats_and_a_change_or_time_invalidates_it() -> None:
+    engine = _engine()
+    clock = Clock()
+    searcher = SubjectSearcher(clock=clock)
+    first = await _ask(searcher, engine, QUESTION)
+    for _ in range(5):  # a client paging: the same question at the same state
+        assert await _ask(searcher, engine, QUESTION) is first
+    assert searcher.computed == 1
+    engine.apply([RowChange.upsert("users", ("t", "u00007", "disabled"))], Snapshot(3, 3))
+    changed = await _ask(searcher, engine, QUESTION)
+    assert searcher.computed == 2
+    assert "u00007" in first
+    assert "u00007" not in changed
+    assert await _ask(searcher, engine, QUESTION) is changed
+    clock.now += CACHE_SECONDS + 0.01  # an assignment may have expired meanwhile
+    assert await _ask(searcher, engine, QUESTION) == changed
+    assert searcher.computed == 3
+    # Another engine (a full reload) is another state, even at the same version.
+    other = _engine()
+    assert await _ask(searcher, other, QUESTION) == other.subjects(*QUESTION, time.time())
+    assert searcher.computed == 4
+
+
+async def test_one_search_computes_at_a_time_and_waiters_reuse_its_answer() -> None:
+    engine = _engine()
+    searcher = SubjectSearcher(concurrency=1, slice_seconds=0.0)
+    answers = await asyncio.gather(*(_ask(searcher, engine, QUESTION) for _ in range(4)))
+    assert searcher.computed == 1  # the three waiting found the first one's answer
+    assert all(answer is answers[0] for answer in answers)
+    distinct = [("t", "doc", str(i), "read") for i in range(3)]
+    counting = CountingEngine.build(_tables(), Snapshot(1, 1))
+    assert isinstance(counting, CountingEngine)
+    await asyncio.gather(*(_ask(searcher, counting, q) for q in distinct))
+    assert searcher.computed == 4
+    assert counting.most == 1, "two searches computed at once"
+
+
+class CountingEngine(Engine):
+    """An engine that counts the subject walks in progress (the most at once)."""
+
+    computing = 0
+    most = 0
+
+    def subject_chunks(self, *args: Any, **kw: Any) -> Iterator[list[str]]:
+        self.computing += 1
+        self.most = max(self.most, self.computing)
+        try:
+            yield from super().subject_chunks(*args, **kw)
+        finally:
+            self.computing -= 1
+
+
+async def test_a_turn_is_held_for_the_cool_down_its_cpu_earned() -> None:
+    """Searches together take at most `share` of the loop: after the answer the turn is
+    held for (1/share - 1) times the CPU spent, and the next search waits for it."""
+    engine = _engine()
+    searcher = SubjectSearcher(concurrency=1, share=0.25)
+    order: list[str] = []
+
+    async def first() -> None:
+        async with searcher.turn() as meter:
+            await searcher.subjects(engine, QUESTION, meter)
+            order.append("answered")
+            spent.append(meter.spent)
+        order.append("released")
+
+    async def second() -> None:
+        await asyncio.sleep(0)  # asks after the first has its turn
+        async with searcher.turn():
+            order.append("second")
+
+    spent: list[float] = []
+    started = time.monotonic()
+    await asyncio.gather(first(), second())
+    took = time.monotonic() - started
+    assert order == ["answered", "released", "second"]
+    assert spent[0] > 0
+    assert took >= spent[0] * 4 * 0.9, (took, spent)

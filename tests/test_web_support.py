@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from pdp.conditions import Facts
 from pdp.config import Settings
 from pdp.engine import Engine, Snapshot
 from pdp.metrics import Metrics
@@ -89,7 +90,15 @@ class RecordingFallback:
     allowed: bool = True
     calls: list[tuple[str, ...]] = field(default_factory=list)
 
-    async def __call__(self, tenant: str, user: str, rtype: str, rid: str, action: str) -> bool:
+    async def __call__(
+        self,
+        tenant: str,
+        user: str,
+        rtype: str,
+        rid: str,
+        action: str,
+        facts: Facts | None = None,
+    ) -> bool:
         self.calls.append((tenant, user, rtype, rid, action))
         return self.allowed
 

@@ -1,7 +1,7 @@
 """Database roles, tenant isolation by Row-Level Security, and the admin API's tokens.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-01
 
 Three kinds of connection, three roles:
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0002"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -50,9 +50,10 @@ TENANT_TABLES = (
     "role_permissions",
     "user_roles",
     "group_roles",
+    "resources",
 )
-# Frozen at this revision; a later table (the resource inventory) gets its own grants
-# and policies in its own revision, through the same two helpers below.
+# Frozen at this revision; a later table gets its own grants and policies in its own
+# revision, through the same two helpers below.
 REPLICATED = ("tenants", *TENANT_TABLES)
 
 _TENANT = "current_setting('pdp.tenant', true)"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pdp.conditions import validate
 from pdp.errors import RequestError
 
 MAX_ID = 256
@@ -33,7 +34,7 @@ def unprocessable(message: str, field: str | None) -> AdminError:
 @dataclass(frozen=True, slots=True)
 class Field:
     name: str
-    type: str  # "text" | "status" | "object" | "timestamp"
+    type: str  # "text" | "status" | "object" | "timestamp" | "condition" (CEL)
     nullable: bool = False
     default: Any = None  # what a create without the field stores (None: the column's default)
 
@@ -89,6 +90,7 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "role_permissions", "role_permissions", ("role_id", "permission"),
         "/roles/{role_id}/permissions", "/roles/{role_id}/permissions/{permission}",
+        (Field("condition", "condition", nullable=True),),
     ),
     Kind(
         "user_roles", "user_roles", ("user_id", "role_id", "scope"),
@@ -99,6 +101,10 @@ KINDS: tuple[Kind, ...] = (
         "group_roles", "group_roles", ("group_id", "role_id", "scope"),
         "/groups/{group_id}/roles", "/groups/{group_id}/roles/{role_id}", (_EXPIRES,),
         query_key=("scope",), query_defaults=(("scope", "*"),),
+    ),
+    Kind(
+        "resources", "resources", ("type", "id"), "/resources", "/resources/{type}/{id}",
+        (Field("attributes", "object"),),
     ),
 )  # fmt: skip
 BY_NAME = {k.name: k for k in KINDS}
@@ -140,6 +146,11 @@ def _check_value(spec: Field, value: object) -> object:
         return value
     if spec.type == "object" and isinstance(value, dict):
         return value
+    if spec.type == "condition" and isinstance(value, str):
+        problem = validate(value)  # compiled now: an expression that cannot run is refused
+        if problem is None:
+            return value
+        raise unprocessable(f"condition does not compile: {problem}", spec.name)
     if spec.type == "timestamp" and isinstance(value, str):
         try:
             stamp = datetime.fromisoformat(value)
@@ -153,5 +164,6 @@ def _check_value(spec: Field, value: object) -> object:
         "status": "'active' or 'disabled'",
         "object": "a JSON object",
         "timestamp": "an ISO 8601 time with a UTC offset",
+        "condition": "a CEL expression (a string) or null",
     }[spec.type]
     raise unprocessable(f"{spec.name} must be {expected}", spec.name)

@@ -26,6 +26,7 @@ _TYPES: dict[str, dict[str, Any]] = {
     "status": {"type": "string", "enum": ["active", "disabled"]},
     "object": {"type": "object"},
     "timestamp": {"type": "string", "format": "date-time"},
+    "condition": {"type": "string", "description": "a CEL expression; compiled on write"},
 }
 _ERRORS = {
     "400": "malformed request (names the field)",

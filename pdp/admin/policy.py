@@ -7,7 +7,9 @@
         permissions: [document:read]
       editor:
         inherits: [viewer]
-        permissions: [document:write]
+        permissions:
+          - document:write
+          - {permission: document:delete, condition: 'action.properties.mode == "soft"'}
     groups:                         # managed when present (absent: left as they are)
       eng:
         members: [carol]
@@ -34,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from pdp.conditions import validate
 from pdp.errors import UserError
 
 Key = tuple[str, ...]
@@ -57,6 +60,7 @@ KEYS: dict[str, tuple[str, ...]] = {
 FIELDS: dict[str, tuple[str, ...]] = {
     "users": ("status", "attributes"), "groups": ("description",), "roles": ("description",),
     "user_roles": ("expires_at",), "group_roles": ("expires_at",),
+    "role_permissions": ("condition",),
 }  # fmt: skip
 
 
@@ -65,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "attributes": {},
     "description": "",
     "expires_at": None,
+    "condition": None,
 }
 
 
@@ -220,12 +225,28 @@ def _roles(section: dict[str, Any], doc: _Doc) -> State:
         roles[(role,)] = _description(spec, where, doc)
         for i, parent in enumerate(_list(spec.get("inherits"), f"{where}.inherits", doc)):
             inherits[(role, _text(parent, f"{where}.inherits[{i}]", doc))] = {}
-        for i, permission in enumerate(_list(spec.get("permissions"), f"{where}.permissions", doc)):
-            text = _text(permission, f"{where}.permissions[{i}]", doc)
-            if ":" not in text:
-                raise doc.fail(f"{where}.permissions[{i}]", "must be type:action ('*' for any)")
-            grants[(role, text)] = {}
+        for i, item in enumerate(_list(spec.get("permissions"), f"{where}.permissions", doc)):
+            grant = _grant(item, f"{where}.permissions[{i}]", doc)
+            grants[(role, grant[0])] = {"condition": grant[1]}
     return {"roles": roles, "role_inherits": inherits, "role_permissions": grants}
+
+
+def _grant(item: object, where: str, doc: _Doc) -> tuple[str, str | None]:
+    """`document:read`, or `{permission: document:edit, condition: CEL}`."""
+    entry = {"permission": item} if isinstance(item, str) else _mapping(item, where, doc)
+    _only(entry, ("permission", "condition"), where, doc)
+    path = where if isinstance(item, str) else f"{where}.permission"
+    text = _text(entry.get("permission"), path, doc)
+    if ":" not in text:
+        raise doc.fail(path, "must be type:action ('*' for any)")
+    condition = entry.get("condition")
+    if condition is not None:
+        if not isinstance(condition, str):
+            raise doc.fail(f"{where}.condition", "must be a CEL expression (a string)")
+        problem = validate(condition)
+        if problem is not None:
+            raise doc.fail(f"{where}.condition", f"does not compile: {problem}")
+    return text, condition
 
 
 def _groups(section: dict[str, Any], doc: _Doc) -> State:
@@ -341,8 +362,10 @@ def effective(state: State, at: str) -> dict[str, set[tuple[str, str]]]:
         return closure[role]
 
     grants: dict[str, set[str]] = {}
-    for role, permission in state.get("role_permissions", {}):
-        grants.setdefault(role, set()).add(permission)
+    for (role, permission), fields in state.get("role_permissions", {}).items():
+        condition = fields.get("condition")
+        shown = permission if condition is None else f"{permission} if {condition}"
+        grants.setdefault(role, set()).add(shown)
     members: dict[str, set[str]] = {}
     for group, user in state.get("group_members", {}):
         members.setdefault(user, set()).add(group)
@@ -378,7 +401,7 @@ def effective(state: State, at: str) -> dict[str, set[tuple[str, str]]]:
 
 def _applies(permission: str, scope: str) -> bool:
     """Whether a grant can ever allow anything on a scope (`document:x` never on `folder:*`)."""
-    ptype = permission.partition(":")[0]
+    ptype = permission.partition(":")[0].partition(" ")[0]
     return scope == "*" or ptype == "*" or scope.partition(":")[0] == ptype
 
 
@@ -393,7 +416,11 @@ def export(tenant: str, state: State) -> str:
         if fields.get("description"):
             spec["description"] = fields["description"]
         inherits = sorted(p for (r, p) in state.get("role_inherits", {}) if r == role)
-        permissions = sorted(p for (r, p) in state.get("role_permissions", {}) if r == role)
+        permissions: list[Any] = [
+            p if f.get("condition") is None else {"permission": p, "condition": f["condition"]}
+            for (r, p), f in sorted(state.get("role_permissions", {}).items())
+            if r == role
+        ]
         if inherits:
             spec["inherits"] = inherits
         if permissions:

@@ -7,20 +7,22 @@ Definition (a SQL version computes the same value from the tables at one snapsho
    columns in this order (`pdp.engine.rows.COLUMNS`):
 
        tenants           id
-       users             tenant_id, id, status
+       users             tenant_id, id, status, attributes
        groups            tenant_id, id
        group_members     tenant_id, group_id, user_id
        roles             tenant_id, id
        role_inherits     tenant_id, role_id, inherits_id
-       role_permissions  tenant_id, role_id, permission
+       role_permissions  tenant_id, role_id, permission, condition
        user_roles        tenant_id, user_id, role_id, scope, expires_at
        group_roles       tenant_id, group_id, role_id, scope, expires_at
+       resources         tenant_id, type, id, attributes
 
    A NULL field is the empty string. `expires_at` is written as the integer number
    of microseconds since 1970-01-01 00:00:00 UTC, in decimal without padding
    (Python `str(int(round(x * 1_000_000)))` of the epoch seconds `x`; SQL
-   `(extract(epoch FROM expires_at) * 1000000)::bigint::text`). So a tenant's line is
-   `tenants|<id>` and a user's is `users|<tenant_id>|<id>|<status>`.
+   `(extract(epoch FROM expires_at) * 1000000)::bigint::text`). A jsonb field is
+   PostgreSQL's text of it (`attributes::text`, `{}` by default). So a tenant's line is
+   `tenants|<id>` and a user's is `users|<tenant_id>|<id>|<status>|{}`.
 2. Each line's value is the first 16 hex digits of the MD5 of its UTF-8 bytes, read
    as an unsigned 64-bit integer (SQL: `('x' || left(md5(line), 16))::bit(64)`,
    taken as unsigned, e.g. via numeric: add 2^64 when the bigint is negative).
@@ -93,13 +95,17 @@ def tenant_lines(state: TenantState) -> Iterator[str]:
     yield from _user_lines(state)
     yield from _group_lines(state)
     yield from _role_lines(state)
+    for rtype, of_type in state.resources.items():
+        for rid, attrs in of_type.items():
+            yield f"resources|{state.tenant_id}|{rtype}|{rid}|{attrs}"
 
 
 def _user_lines(state: TenantState) -> Iterator[str]:
     t = state.tenant_id
+    attributes = state.user_attributes
     for uid, (status, grants, groups) in state.users.items():
         if status is not None:
-            yield f"users|{t}|{uid}|{status}"
+            yield f"users|{t}|{uid}|{status}|{attributes.get(uid, '{}')}"
         for grant in iter_grants(grants):
             yield grant_line("user_roles", t, uid, grant)
         for gid in groups:
@@ -125,7 +131,10 @@ def _role_lines(state: TenantState) -> Iterator[str]:
             yield f"role_inherits|{t}|{role}|{target}"
     for role, perms in graph.perms.items():
         for perm in perms:
-            yield f"role_permissions|{t}|{role}|{perm}"
+            yield f"role_permissions|{t}|{role}|{perm}|"
+    for role, conds in graph.conds.items():
+        for perm, condition in conds.items():
+            yield f"role_permissions|{t}|{role}|{perm}|{condition.text}"
 
 
 def recompute_digest(state: TenantState | None) -> str:

@@ -8,7 +8,7 @@ before or after a batch, never part of one.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
@@ -146,22 +146,54 @@ class Engine:
         return state if state is not None and state.exists else None
 
     def check(  # noqa: PLR0917 -- the request's five parts are positional by contract
-        self, tenant: str, user: str, resource_type: str, resource_id: str, action: str, now: float
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
     ) -> Decision:
-        """May `user` do `action` on the resource at time `now`? (see `evaluate`)."""
+        """May `user` do `action` on the resource at time `now`? (see `evaluate`).
+
+        `facts` (the request's properties and context) feed conditional grants only.
+        """
         state = self._tenants.get(tenant)
         if state is None or not state.exists:
             return UNKNOWN_TENANT
-        return evaluate.check(state, user, resource_type, resource_id, action, now)
+        return evaluate.check(state, user, resource_type, resource_id, action, now, facts)
 
-    def actions(
-        self, tenant: str, user: str, resource_type: str, resource_id: str, now: float
+    def actions(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        resource_id: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
     ) -> ActionsResult:
         """Actions `check` allows the user on the resource (sorted; see ActionsResult)."""
         state = self._live(tenant)
         if state is None:
             return ActionsResult((), False)
-        return evaluate.actions(state, user, resource_type, resource_id, now)
+        return evaluate.actions(state, user, resource_type, resource_id, now, facts)
+
+    def conditional_subjects(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> tuple[list[str], tuple[str, ...]]:
+        """Users only a conditional grant allows (unsorted; `subjects` has the others) and
+        the conditions that could not be decided with the request's facts."""
+        state = self._live(tenant)
+        if state is None:
+            return [], ()
+        return evaluate.conditional_subjects(state, resource_type, resource_id, action, now, facts)
 
     def subjects(
         self, tenant: str, resource_type: str, resource_id: str, action: str, now: float
@@ -173,25 +205,69 @@ class Engine:
         return evaluate.subjects(state, resource_type, resource_id, action, now)
 
     def subject_chunks(
-        self, tenant: str, resource_type: str, resource_id: str, action: str, now: float
-    ) -> Iterator[list[str]]:
-        """`subjects` in unsorted pieces, so a caller can yield between them.
+        self, tenant: str, resource_type: str, resource_id: str, action: str, now: float,
+        *, size: int = 1000,
+    ) -> Iterator[list[str]]:  # fmt: skip
+        """`subjects` in unsorted pieces (of `size` candidates examined), so a caller can
+        yield between them.
 
         Only valid while `version` stays the same: stop iterating once it moves.
         """
         state = self._live(tenant)
         if state is None:
             return iter(())
-        return evaluate.subject_chunks(state, resource_type, resource_id, action, now)
+        return evaluate.subject_chunks(state, resource_type, resource_id, action, now, size=size)
 
-    def resources(
-        self, tenant: str, user: str, resource_type: str, action: str, now: float
+    def conditional_subject_chunks(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        resource_type: str,
+        resource_id: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> Iterator[tuple[list[str], set[str]]]:
+        """`conditional_subjects` in pieces (allowed users, undecided conditions).
+
+        Only valid while `version` stays the same: stop iterating once it moves.
+        """
+        state = self._live(tenant)
+        if state is None:
+            return iter(())
+        return evaluate.conditional_subject_chunks(
+            state, resource_type, resource_id, action, now, facts
+        )
+
+    def resources(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
     ) -> ResourcesResult:
         """Resource ids `check` allows the user `action` on (see ResourcesResult)."""
         state = self._live(tenant)
         if state is None:
             return ResourcesResult((), False)
-        return evaluate.resources(state, user, resource_type, action, now)
+        return evaluate.resources(state, user, resource_type, action, now, facts)
+
+    def resource_steps(  # noqa: PLR0917 -- the request's parts
+        self,
+        tenant: str,
+        user: str,
+        resource_type: str,
+        action: str,
+        now: float,
+        facts: evaluate.FactsSource = None,
+    ) -> Generator[None, None, ResourcesResult]:
+        """`resources` in steps (see `evaluate.resource_steps`): the generator's return
+        value is the result. Only valid while `version` stays the same."""
+        state = self._live(tenant)
+        if state is None:
+            return _no_resources()
+        return evaluate.resource_steps(state, user, resource_type, action, now, facts)
 
     def digest(self, tenant: str) -> str:
         """The digest (`pdp.engine.digest`) of the rows held for the tenant; O(1).
@@ -200,3 +276,8 @@ class Engine:
         """
         state = self._tenants.get(tenant)
         return EMPTY if state is None else state.digest()
+
+
+def _no_resources() -> Generator[None, None, ResourcesResult]:
+    return ResourcesResult((), False)
+    yield  # a generator that returns at once

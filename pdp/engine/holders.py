@@ -14,7 +14,7 @@ index costs pointers, not copies of strings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 IdSet = str | dict[str, None]
 Ids = dict[str, IdSet]
@@ -78,6 +78,16 @@ def pools(index: Holders, roles: Iterable[str], scopes: Iterable[str]) -> list[I
 def size(found: Iterable[IdSet]) -> int:
     """How many ids the sets hold together, counting an id once per set."""
     return sum(1 if isinstance(held, str) else len(held) for held in found)
+
+
+def distinct(found: Iterable[IdSet]) -> Iterator[str]:
+    """Every id of the sets once, lazily (the order of first appearance)."""
+    seen: set[str] = set()
+    for held in found:
+        for who in (held,) if isinstance(held, str) else held:
+            if who not in seen:
+                seen.add(who)
+                yield who
 
 
 def union(found: Iterable[IdSet]) -> set[str]:

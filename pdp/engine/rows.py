@@ -2,7 +2,9 @@
 
 Only decision-relevant columns are carried, in a fixed order per table
 (`COLUMNS`); the leading `KEY_WIDTH[entity]` columns are the table's primary key.
-Fields are `str`, except `expires_at`, which is float epoch seconds or None.
+Fields are `str`, except `expires_at`, which is float epoch seconds or None; jsonb
+columns (`attributes`) are their JSON text, `condition` is text or None. A row may leave
+out trailing columns past `REQUIRED[entity]` (they read as NULL / `{}`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,22 @@ Row = tuple[Field, ...]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "tenants": ("id",),
-    "users": ("tenant_id", "id", "status"),
+    "users": ("tenant_id", "id", "status", "attributes"),
     "groups": ("tenant_id", "id"),
     "group_members": ("tenant_id", "group_id", "user_id"),
     "roles": ("tenant_id", "id"),
     "role_inherits": ("tenant_id", "role_id", "inherits_id"),
-    "role_permissions": ("tenant_id", "role_id", "permission"),
+    "role_permissions": ("tenant_id", "role_id", "permission", "condition"),
     "user_roles": ("tenant_id", "user_id", "role_id", "scope", "expires_at"),
     "group_roles": ("tenant_id", "group_id", "role_id", "scope", "expires_at"),
+    "resources": ("tenant_id", "type", "id", "attributes"),
+}
+
+# Columns a row must carry; the rest of COLUMNS may be left off (NULL, or `{}` for
+# attributes), so rows written before a column existed stay valid.
+REQUIRED: dict[str, int] = {
+    entity: {"users": 3, "role_permissions": 3, "resources": 3}.get(entity, len(cols))
+    for entity, cols in COLUMNS.items()
 }
 
 KEY_WIDTH: dict[str, int] = {
@@ -34,6 +44,7 @@ KEY_WIDTH: dict[str, int] = {
     "role_permissions": 3,
     "user_roles": 4,
     "group_roles": 4,
+    "resources": 3,
 }
 
 ENTITIES: tuple[str, ...] = tuple(COLUMNS)
@@ -70,7 +81,7 @@ class RowChange:
             raise ValueError(f"{self.entity}: key {self.key!r} is not {width} strings")
         if self.row is None:
             return
-        if len(self.row) != len(COLUMNS[self.entity]):
+        if not REQUIRED[self.entity] <= len(self.row) <= len(COLUMNS[self.entity]):
             raise ValueError(
                 f"{self.entity}: row {self.row!r} does not match {COLUMNS[self.entity]}"
             )

@@ -29,6 +29,7 @@ from pdp.engine.rows import ENTITIES, Row
 # (status, direct grants, sorted group ids); status None = no users row (yet).
 UserRec = tuple[str | None, g.Grants, tuple[str, ...]]
 NO_USER: UserRec = (None, g.NO_GRANTS, ())
+EMPTY_ATTRIBUTES = "{}"  # jsonb '{}'::text, the column default
 _DECISION_CACHE_LIMIT = 65_536
 
 
@@ -45,8 +46,10 @@ class TenantState:
         "groups",
         "live_groups",
         "members",
+        "resources",
         "roles",
         "tenant_id",
+        "user_attributes",
         "user_holders",
         "users",
     )
@@ -64,6 +67,10 @@ class TenantState:
         self.user_holders: h.Holders = {}
         self.group_holders: h.Holders = {}
         self.members: h.Ids = {}
+        # pdp.users.attributes as JSON text, only where not `{}`; the resource inventory
+        # as type -> id -> attributes JSON text (parsed only when a condition reads it).
+        self.user_attributes: dict[str, str] = {}
+        self.resources: dict[str, dict[str, str]] = {}
         self._decisions: dict[tuple[str, str, str | None, str, float | None], Decision] = {}
         # Sum mod 2**64 of the digest line values of the held rows; the line count is
         # the sum of `count`. None while a bulk load runs (summed once at its end).
@@ -145,23 +152,30 @@ class TenantState:
             self.users[uid] = (status, grants, groups)
 
     def _put_user(self, row: Row) -> None:
-        _, uid, status = cast(tuple[str, str, str | None], row)
-        uid = intern(uid)
-        status = intern(status or "")
+        uid = intern(cast(str, row[1]))
+        status = intern(cast(str | None, row[2]) or "")
+        attrs = cast(str | None, row[3]) if len(row) > 3 else None
+        attrs = EMPTY_ATTRIBUTES if attrs is None else attrs
         rec = self.users.get(uid, NO_USER)
+        old_attrs = self.user_attributes.get(uid, EMPTY_ATTRIBUTES)
         if rec[0] is None:
             self.count["users"] += 1
-        elif rec[0] != status:
-            self._tally(-1, "users", uid, rec[0])
-        if rec[0] != status:
-            self._tally(1, "users", uid, status)
+        elif rec[0] != status or old_attrs != attrs:
+            self._tally(-1, "users", uid, rec[0], old_attrs)
+        if rec[0] != status or old_attrs != attrs:
+            self._tally(1, "users", uid, status, attrs)
+        if attrs == EMPTY_ATTRIBUTES:
+            self.user_attributes.pop(uid, None)
+        else:
+            self.user_attributes[uid] = attrs
         self.users[uid] = (status, rec[1], rec[2])
 
     def _del_user(self, key: tuple[str, ...]) -> None:
         rec = self.users.get(key[1])
         if rec is not None and rec[0] is not None:
             self.count["users"] -= 1
-            self._tally(-1, "users", key[1], rec[0])
+            attrs = self.user_attributes.pop(key[1], EMPTY_ATTRIBUTES)
+            self._tally(-1, "users", key[1], rec[0], attrs)
             self._store_user(key[1], None, rec[1], rec[2])
 
     def _put_user_role(self, row: Row) -> None:
@@ -295,13 +309,55 @@ class TenantState:
         self._role_row("role_inherits", changed, -1, key[1], key[2])
 
     def _put_perm(self, row: Row) -> None:
-        _, role, perm = cast(tuple[str, str, str], row)
-        role, perm = intern(role), intern(perm)
-        self._role_row("role_permissions", self.roles.add_perm(role, perm), 1, role, perm)
+        role, perm = intern(cast(str, row[1])), intern(cast(str, row[2]))
+        condition = cast(str | None, row[3]) if len(row) > 3 else None
+        held, old = self.roles.condition_of(role, perm)
+        if held and old == condition:
+            return
+        self.roles.add_perm(role, perm, condition)
+        if held:
+            self._tally(-1, "role_permissions", role, perm, old or "")
+        else:
+            self.count["role_permissions"] += 1
+        self._tally(1, "role_permissions", role, perm, condition or "")
 
     def _del_perm(self, key: tuple[str, ...]) -> None:
-        changed = self.roles.remove_perm(key[1], key[2])
-        self._role_row("role_permissions", changed, -1, key[1], key[2])
+        held, old = self.roles.condition_of(key[1], key[2])
+        if held:
+            self.roles.remove_perm(key[1], key[2])
+            self.count["role_permissions"] -= 1
+            self._tally(-1, "role_permissions", key[1], key[2], old or "")
+
+    # -- the resource inventory -------------------------------------------------------
+
+    def _put_resource(self, row: Row) -> None:
+        rtype, rid = intern(cast(str, row[1])), cast(str, row[2])
+        attrs = cast(str | None, row[3]) if len(row) > 3 else None
+        attrs = EMPTY_ATTRIBUTES if attrs is None else attrs
+        of_type = self.resources.setdefault(rtype, {})
+        old = of_type.get(rid)
+        if old == attrs:
+            return
+        if old is None:
+            self.count["resources"] += 1
+        else:
+            self._tally(-1, "resources", rtype, rid, old)
+        self._tally(1, "resources", rtype, rid, attrs)
+        of_type[rid] = EMPTY_ATTRIBUTES if attrs == EMPTY_ATTRIBUTES else attrs
+
+    def _del_resource(self, key: tuple[str, ...]) -> None:
+        of_type = self.resources.get(key[1])
+        old = None if of_type is None else of_type.pop(key[2], None)
+        if old is not None:
+            self.count["resources"] -= 1
+            self._tally(-1, "resources", key[1], key[2], old)
+            if not of_type:
+                del self.resources[key[1]]
+
+    def resource_attributes(self, rtype: str, rid: str) -> str | None:
+        """The inventory's attributes (JSON text) of a resource; None when not listed."""
+        of_type = self.resources.get(rtype)
+        return None if of_type is None else of_type.get(rid)
 
 
 _UPSERT: dict[str, Callable[[TenantState, Row], None]] = {
@@ -314,6 +370,7 @@ _UPSERT: dict[str, Callable[[TenantState, Row], None]] = {
     "role_permissions": TenantState._put_perm,
     "user_roles": TenantState._put_user_role,
     "group_roles": TenantState._put_group_role,
+    "resources": TenantState._put_resource,
 }
 
 _DELETE: dict[str, Callable[[TenantState, tuple[str, ...]], None]] = {
@@ -326,6 +383,7 @@ _DELETE: dict[str, Callable[[TenantState, tuple[str, ...]], None]] = {
     "role_permissions": TenantState._del_perm,
     "user_roles": TenantState._del_user_role,
     "group_roles": TenantState._del_group_role,
+    "resources": TenantState._del_resource,
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from pdp.conditions import Facts
 from pdp.gateway.paths import render
 from pdp.gateway.routes import Match
 
@@ -59,3 +60,14 @@ class GatewayRequest(NamedTuple):
                 }
             },
         }
+
+    def facts(self) -> Facts:
+        """`attributes()` in the shape the engine's conditions read (built on demand)."""
+        a = self.attributes()
+        return Facts(
+            "user",
+            a["subject"]["properties"],
+            a["resource"]["properties"],
+            a["action"]["properties"],
+            a["context"],
+        )

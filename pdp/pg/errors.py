@@ -55,7 +55,9 @@ def describe_database_error(exc: BaseException) -> str:
         if isinstance(e, TimeoutError):
             return "cannot connect to PostgreSQL: timed out"
         if isinstance(e, OSError):
-            return f"cannot connect to PostgreSQL: {e.strerror or e}"
+            # A file the URL names (sslrootcert=, sslcert=) is part of the answer.
+            where = f": {e.filename}" if e.filename else ""
+            return f"cannot connect to PostgreSQL: {e.strerror or e}{where}"
         if isinstance(e, asyncpg.InterfaceError):
             return f"PostgreSQL client error: {e}"
     return f"database error: {type(chain[-1]).__name__}: {chain[-1]}"

@@ -165,6 +165,9 @@ role_permissions = Table(
     Column("tenant_id", Text, nullable=False),
     Column("role_id", Text, nullable=False),
     Column("permission", Text, nullable=False),
+    # A CEL expression (pdp.conditions) that must be true for the grant to apply;
+    # NULL: unconditional.
+    Column("condition", Text, nullable=True),
     PrimaryKeyConstraint("tenant_id", "role_id", "permission"),
     ForeignKeyConstraint(
         ["tenant_id", "role_id"], ["pdp.roles.tenant_id", "pdp.roles.id"], ondelete="CASCADE"
@@ -204,6 +207,21 @@ def _assignment(name: str, holder: str, holder_table: str) -> Table:
 
 user_roles = _assignment("user_roles", "user_id", "users")
 group_roles = _assignment("group_roles", "group_id", "groups")
+
+# The optional resource inventory: conditions read `resource.attributes`; resource
+# search lists the inventory's resources that wildcard grants cover.
+resources = Table(
+    "resources",
+    metadata,
+    Column("tenant_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("id", Text, nullable=False),
+    Column("attributes", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    PrimaryKeyConstraint("tenant_id", "type", "id"),
+    _tenant_fk("resources"),
+    CheckConstraint(f"type ~ '^{NAME_PATTERN}$'", name="type"),
+    *_id_check("id"),
+)
 
 change_log = Table(
     "change_log",
@@ -270,6 +288,7 @@ DATA_TABLES: tuple[Table, ...] = (
     role_permissions,
     user_roles,
     group_roles,
+    resources,
 )
 
 

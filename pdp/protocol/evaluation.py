@@ -7,8 +7,9 @@ anything wrong with the payload as a whole is a 400.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdp.conditions import Facts
 from pdp.errors import RequestError
 from pdp.protocol.codec import JsonObject, kind
 from pdp.protocol.fields import (
@@ -36,10 +37,30 @@ class Query:
     resource_type: str
     resource_id: str
     action: str
+    # The request's subject, action, resource and context objects: `facts()` turns them
+    # into what conditions read, only when a conditional grant is a candidate.
+    parts: tuple[JsonObject, JsonObject, JsonObject, object] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def facts(self) -> Facts | None:
+        """The request's properties and context for conditional grants (None: nothing)."""
+        if self.parts is None:
+            return None
+        subject, action, resource, context = self.parts
+        sp, ap = subject.get("properties"), action.get("properties")
+        rp = resource.get("properties")
+        if not (sp or ap or rp or context):
+            return None
+        return Facts(self.subject_type, sp or None, rp or None, ap or None, context or None)  # type: ignore[arg-type]
 
 
-def _fast_query(
-    subject: JsonObject, action: JsonObject, resource: JsonObject, default_tenant: str | None
+def _fast_query(  # noqa: PLR0911 -- one early exit per malformed part
+    subject: JsonObject,
+    action: JsonObject,
+    resource: JsonObject,
+    default_tenant: str | None,
+    context: object = None,
 ) -> Query | None:
     """The Query of a well-formed request, or None to let `_query` find and name the fault.
 
@@ -56,6 +77,7 @@ def _fast_query(
         and type(name) is str and 0 < len(name) <= m
         and type(rtype) is str and 0 < len(rtype) <= m
         and type(rid) is str and 0 < len(rid) <= m
+        and "\x00" not in stype + user + name + rtype + rid
     ):  # fmt: skip
         return None
     tenant_id = default_tenant
@@ -72,17 +94,20 @@ def _fast_query(
     for obj in (action, resource):
         if "properties" in obj and type(obj["properties"]) is not dict:
             return None
-    return Query(tenant_id, stype, user, rtype, rid, name)
+    if context is not None and type(context) is not dict:
+        return None
+    return Query(tenant_id, stype, user, rtype, rid, name, (subject, action, resource, context))
 
 
-def _query(
+def _query(  # noqa: PLR0917 -- internal
     subject: JsonObject,
     action: JsonObject,
     resource: JsonObject,
     default_tenant: str | None,
     prefix: str = "",
+    context: JsonObject | None = None,
 ) -> Query:
-    fast = _fast_query(subject, action, resource, default_tenant)
+    fast = _fast_query(subject, action, resource, default_tenant, context)
     if fast is not None:
         return fast
     sp, ap, rp = f"{prefix}subject", f"{prefix}action", f"{prefix}resource"
@@ -94,7 +119,7 @@ def _query(
     rtype = string(resource, "type", f"{rp}.type")
     rid = string(resource, "id", f"{rp}.id")
     check_properties(resource, rp)
-    return Query(tenant_id, stype, user, rtype, rid, name)
+    return Query(tenant_id, stype, user, rtype, rid, name, (subject, action, resource, context))
 
 
 def parse_evaluation(body: JsonObject, default_tenant: str | None) -> Query:
@@ -102,8 +127,8 @@ def parse_evaluation(body: JsonObject, default_tenant: str | None) -> Query:
     subject = required_object(body, "subject", "subject")
     action = required_object(body, "action", "action")
     resource = required_object(body, "resource", "resource")
-    optional_object(body, "context", "context")
-    return _query(subject, action, resource, default_tenant)
+    context = optional_object(body, "context", "context")
+    return _query(subject, action, resource, default_tenant, context=context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +178,8 @@ def parse_evaluations(
                 and type(resource) is dict
                 and ("context" not in entry or type(entry["context"]) is dict)
             ):
-                query = _fast_query(subject, action, resource, default_tenant)
+                context = entry.get("context", defaults["context"])
+                query = _fast_query(subject, action, resource, default_tenant, context)
                 if query is not None:
                     entries.append(query)
                     continue
@@ -178,7 +204,8 @@ def _entry(
             if value is None:
                 raise RequestError(f"{path}.{key} is required", f"{path}.{key}")
             parts.append(value)
-        return _query(parts[0], parts[1], parts[2], default_tenant, f"{path}.")
+        context = merged["context"]
+        return _query(parts[0], parts[1], parts[2], default_tenant, f"{path}.", context)
     except RequestError as exc:
         return exc
 

@@ -14,8 +14,9 @@ MAX_ID_LENGTH = 256
 
 
 def is_id(value: object) -> bool:
-    """A string that can be an id: 1 to MAX_ID_LENGTH characters."""
-    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
+    """A string that can be an id: 1 to MAX_ID_LENGTH characters, no NUL (PostgreSQL's
+    text cannot hold one: the SQL fallback would fail instead of answering)."""
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value
 
 
 def required_object(parent: Mapping[str, Any], key: str, path: str) -> JsonObject:
@@ -44,6 +45,8 @@ def string(obj: Mapping[str, Any], key: str, path: str) -> str:
         raise RequestError(f"{path} is required", path)
     if type(value) is not str:
         raise RequestError(f"{path} must be a string, not {kind(value)}", path)
+    if "\x00" in value:
+        raise RequestError(f"{path} must not contain a NUL character", path)
     raise RequestError(f"{path} must be 1 to {MAX_ID_LENGTH} characters long", path)
 
 

@@ -55,8 +55,9 @@ def parse_page(body: JsonObject, endpoint: str, ignored: tuple[str, str | None])
     limit = page.get("limit", DEFAULT_PAGE_LIMIT)
     if type(limit) is float and limit.is_integer():  # JSON has one number type: 20.0 is 20
         limit = int(limit)
-    if type(limit) is not int or limit < 0:
-        raise RequestError("page.limit must be a non-negative integer", "page.limit")
+    # 0 would answer an empty page with a token for the same offset: a pager would loop.
+    if type(limit) is not int or limit < 1:
+        raise RequestError("page.limit must be a positive integer", "page.limit")
     fingerprint = _fingerprint(body, endpoint, ignored)
     offset = 0
     if "token" in page:

@@ -1,9 +1,13 @@
-"""The three search requests (subject, resource, action): inputs and paging."""
+"""The three search requests (subject, resource, action): inputs and paging.
+
+`facts` carries the properties and context the request gives, for conditional grants.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdp.conditions import Facts
 from pdp.protocol.codec import JsonObject
 from pdp.protocol.fields import check_properties, optional_object, required_object, string, tenant
 from pdp.protocol.paging import Page, parse_page
@@ -17,6 +21,7 @@ class SubjectSearch:
     resource_id: str
     action: str
     page: Page
+    facts: Facts | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,7 @@ class ResourceSearch:
     resource_type: str
     action: str
     page: Page
+    facts: Facts | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,21 @@ class ActionSearch:
     resource_type: str
     resource_id: str
     page: Page
+    facts: Facts | None = field(default=None, compare=False)
+
+
+def _facts(body: JsonObject, stype: str) -> Facts | None:
+    """The properties (of subject, resource, action) and context a search gives."""
+    props = []
+    for key in ("subject", "resource", "action"):
+        part = body.get(key)
+        value = part.get("properties") if type(part) is dict else None
+        props.append(value if type(value) is dict and value else None)
+    context = body.get("context")
+    context = context if type(context) is dict and context else None
+    if not any(props) and context is None:
+        return None
+    return Facts(stype, props[0], props[1], props[2], context)
 
 
 def _subject_input(
@@ -73,7 +94,7 @@ def parse_subject_search(body: JsonObject, default_tenant: str | None) -> Subjec
     rtype, rid = _resource_input(body, with_id=True)
     optional_object(body, "context", "context")
     page = parse_page(body, "subject", ("subject", "id"))
-    return SubjectSearch(tenant_id, stype, rtype, rid, name, page)
+    return SubjectSearch(tenant_id, stype, rtype, rid, name, page, _facts(body, stype))
 
 
 def parse_resource_search(body: JsonObject, default_tenant: str | None) -> ResourceSearch:
@@ -83,7 +104,7 @@ def parse_resource_search(body: JsonObject, default_tenant: str | None) -> Resou
     rtype, _ = _resource_input(body, with_id=False)
     optional_object(body, "context", "context")
     page = parse_page(body, "resource", ("resource", "id"))
-    return ResourceSearch(tenant_id, stype, user, rtype, name, page)
+    return ResourceSearch(tenant_id, stype, user, rtype, name, page, _facts(body, stype))
 
 
 def parse_action_search(body: JsonObject, default_tenant: str | None) -> ActionSearch:
@@ -92,4 +113,4 @@ def parse_action_search(body: JsonObject, default_tenant: str | None) -> ActionS
     rtype, rid = _resource_input(body, with_id=True)
     optional_object(body, "context", "context")
     page = parse_page(body, "action", ("action", None))
-    return ActionSearch(tenant_id, stype, user, rtype, rid, page)
+    return ActionSearch(tenant_id, stype, user, rtype, rid, page, _facts(body, stype))

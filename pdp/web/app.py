@@ -8,10 +8,13 @@ each response with `X-Request-ID` (echoed, or a fresh process-unique id) and cou
 it by route and status:
 
     RequestError      400 {"error": "bad_request", "message", "field"}
+      UnsupportedEncoding  415 {"error": "unsupported_media_type", ...} (compressed body)
+      RequestReadTimeout   408 {"error": "request_timeout", ...}, connection closed
     aiohttp's 413     413 {"error": "payload_too_large", ...} (body over the limit)
     HTTPNotFound      404 {"error": "not_found", ...}
     HTTPMethodNotAllowed  405 {"error": "method_not_allowed", ...} with Allow
     DependencyError   503 {"error": "unavailable", ...}
+    ConnectionError   the client went away: counted as 499, not logged (nobody to answer)
     anything else     500 {"error": "internal", ...}, logged with its traceback
 
 With API keys configured (`pdp.web.api_keys`) every route but the public ones
@@ -32,7 +35,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
-from pdp.errors import DependencyError, RequestError
+from pdp.errors import DependencyError, RequestError, RequestReadTimeout
 from pdp.metrics import Metrics
 from pdp.protocol import error_body
 from pdp.readiness import Health
@@ -68,6 +71,7 @@ GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway")
 
 REQUEST_ID = "X-Request-ID"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404/405)
+CLIENT_GONE = 499  # nginx's "client closed request": counted, never sent
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 # Answered without an API key: probes, scrapes and the documents describing the API.
 PUBLIC_PATHS = frozenset(
@@ -104,7 +108,11 @@ def build_app(
     # No middleware: each route's handler is wrapped by `_guard` instead, which maps
     # errors, stamps X-Request-ID and counts the route. The same single mapping, but
     # it spares every request aiohttp's middleware chain (measured in the README).
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    # No automatic decompression: inflating a body would run on the loop (a 1 MB gzip
+    # bomb is 1 GiB); read_json refuses any Content-Encoding but identity with 415.
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, handler_args={"auto_decompress": False}
+    )
     app[SETTINGS] = settings
     app[REPLICA] = replica
     app[REGISTRY] = registry
@@ -143,9 +151,13 @@ def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
         try:
             response = await handler(request)
         except RequestError as exc:
-            response = _error(exc.status, "bad_request", exc.message, exc.field)
+            response = _error(exc.status, exc.error, exc.message, exc.field)
+            if isinstance(exc, RequestReadTimeout):
+                response.force_close()
         except web.HTTPException as exc:
             response = _from_http_exception(request, exc)
+        except ConnectionError:  # the client disconnected (mid-body, say): not our error
+            response = _error(CLIENT_GONE, "client_closed_request", "the client went away")
         except DependencyError:
             log.warning("dependency failure on %s %s", request.method, request.path, exc_info=True)
             response = _error(503, "unavailable", "a dependency failed; retry")

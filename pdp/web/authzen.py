@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -27,11 +26,12 @@ from aiohttp import web
 
 from pdp import protocol
 from pdp.config import Settings
-from pdp.engine import Decision, Engine, Snapshot
-from pdp.errors import DependencyError, RequestError
+from pdp.engine import Decision, Engine, ResourcesResult, Snapshot
+from pdp.errors import DependencyError, RequestError, UnsupportedEncoding
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
 from pdp.replica import Fallback, Replica
+from pdp.web.subject_search import SubjectSearcher
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ STALE = "X-PDP-Stale"
 JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
 _BODY_CACHE_LIMIT = 4096
-_SEARCH_ATTEMPTS = 3
 _UNSUPPORTED = "unsupported_subject_type"
+_SEARCH_ATTEMPTS = 3  # a piecewise computation restarted when the engine changes
 
 
 class Consistency(enum.Enum):
@@ -54,14 +54,27 @@ class Consistency(enum.Enum):
 async def read_json(request: web.Request) -> JsonObject:
     """The body as a JSON object; RequestError (400) for a non-JSON type or body.
 
-    A body over `client_max_size` raises aiohttp's 413 from `read()`.
+    A body over `client_max_size` raises aiohttp's 413 from `read()`. A compressed body
+    (any Content-Encoding but identity) is refused with 415 before it is read: it is
+    never inflated (a small gzip body can inflate to gigabytes, on the loop).
     """
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"Content-Encoding {_shown(encoding)} is not accepted; send the body "
+            "uncompressed (identity)",
+            "Content-Encoding",
+        )
     ctype = request.headers.get("Content-Type")
     if ctype != JSON_TYPE and (
         ctype is None or ctype.partition(";")[0].strip().lower() != JSON_TYPE
     ):
         raise RequestError("Content-Type must be application/json", "Content-Type")
     return protocol.loads(await request.read())
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # Batch entries answered from memory are a handful of distinct objects, shared instead
@@ -116,6 +129,7 @@ class AuthzenApi:
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
         self._bodies_revision: Snapshot | None = None
+        self._searcher = SubjectSearcher(settings.search_concurrency)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -172,7 +186,7 @@ class AuthzenApi:
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 decision = engine.check(
                     query.tenant, query.user, query.resource_type, query.resource_id,
-                    query.action, time.time(),
+                    query.action, time.time(), query.facts,
                 )  # fmt: skip
                 body = self._body_of(decision, engine.revision)
                 self._metrics.decided("evaluation", decision.allowed, time.perf_counter() - started)
@@ -225,8 +239,9 @@ class AuthzenApi:
             return False, {"reason": "revision_unavailable"}
         try:
             allowed = await self._fallback(
-                query.tenant, query.user, query.resource_type, query.resource_id, query.action
-            )
+                query.tenant, query.user, query.resource_type, query.resource_id, query.action,
+                query.facts(),
+            )  # fmt: skip
         except DependencyError:
             log.warning("consistent fallback check failed; denying", exc_info=True)
             return False, {"reason": "revision_unavailable", "error": "the SQL check failed"}
@@ -241,8 +256,9 @@ class AuthzenApi:
         if engine is None:
             return False, dict(blocked or {"reason": "not_ready"})
         decision = engine.check(
-            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now
-        )
+            query.tenant, query.user, query.resource_type, query.resource_id, query.action, now,
+            query.facts,
+        )  # fmt: skip
         return decision.allowed, decision.to_context()
 
     # --- evaluations -----------------------------------------------------------------
@@ -292,7 +308,7 @@ class AuthzenApi:
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
-                    entry.action, now,
+                    entry.action, now, entry.facts,
                 )  # fmt: skip
                 if not reasons:
                     result = _BARE[decision.allowed]
@@ -339,52 +355,77 @@ class AuthzenApi:
         return engine, context, stale
 
     async def search_subject(self, request: web.Request) -> web.Response:
-        search = protocol.parse_subject_search(await read_json(request), self._default_tenant)
-        engine, context, stale = await self._search_engine(request)
-        ids: tuple[str, ...] = ()
-        total = 0
-        if engine is not None and search.subject_type in self._user_types:
-            found = await self._subjects(engine, search)
-            total, end = len(found), search.page.offset + search.page.limit
-            # Order only what this page needs: a first page of a huge answer is a
-            # partial selection, not a sort of tens of thousands of ids.
-            ids = tuple(heapq.nsmallest(end, found) if end * 4 < total else sorted(found))
-        render = _subject_renderer(search.subject_type)
-        results, page = protocol.paged(ids, search.page, render, total)
-        return json_response({"page": page, "context": context, "results": results}, stale=stale)
+        body = await read_json(request)
+        async with self._searcher.turn() as meter:
+            with meter.timing():
+                search = protocol.parse_subject_search(body, self._default_tenant)
+            engine, context, stale = await self._search_engine(request)
+            ids: tuple[str, ...] = ()
+            if engine is not None and search.subject_type in self._user_types:
+                question = (search.tenant, search.resource_type, search.resource_id, search.action)
+                ids = await self._searcher.subjects(engine, question, meter)
+                # Who only a conditional grant allows depends on the request's
+                # properties: decided per request, never cached with the question.
+                extra, undecided = await self._conditional_subjects(engine, search)
+                if extra:
+                    with meter.timing():
+                        ids = tuple(sorted(set(ids).union(extra)))
+                _say_undecided(context, undecided)
+            with meter.timing():
+                render = _subject_renderer(search.subject_type)
+                results, page = protocol.paged(ids, search.page, render)
+                payload = {"page": page, "context": context, "results": results}
+                response = json_response(payload, stale=stale)
+        return response
 
-    async def _subjects(self, engine: Engine, search: protocol.SubjectSearch) -> list[str]:
-        """Who may: computed in pieces with a turn for other requests between them.
-
-        A tenant-wide grant can make the answer most of a large tenant (tens of ms to
-        compute); checks waiting behind it would see that as latency. If the engine
-        changes between pieces the walk restarts; after a few tries the last one runs
-        in one go, so an answer always comes and is always of one state.
-        """
+    async def _conditional_subjects(
+        self, engine: Engine, search: protocol.SubjectSearch
+    ) -> tuple[list[str], tuple[str, ...]]:
+        """Who only a conditional grant allows, in pieces with a turn between them (a
+        condition costs tens of us); restarted like `_subjects` if the engine changes."""
         args = (search.tenant, search.resource_type, search.resource_id, search.action)
         now = time.time()
         for _ in range(_SEARCH_ATTEMPTS):
-            version, found = engine.version, []
-            for piece in engine.subject_chunks(*args, now):
-                found.extend(piece)
+            version, found, undecided = engine.version, [], set()
+            for allowed, unsure in engine.conditional_subject_chunks(*args, now, search.facts):
+                found.extend(allowed)
+                undecided.update(unsure)
                 await asyncio.sleep(0)
                 if engine.version != version:
                     break
             else:
-                return found  # unsorted
-        return list(engine.subjects(*args, now))
+                return found, tuple(sorted(undecided))
+        return engine.conditional_subjects(*args, now, search.facts)
+
+    async def _resources(self, engine: Engine, search: protocol.ResourceSearch) -> ResourcesResult:
+        """The resource search, with a turn for other requests between pieces of
+        inventory decided by conditions; in one go if the engine changes meanwhile."""
+        args = (search.tenant, search.user, search.resource_type, search.action)
+        now = time.time()
+        version = engine.version
+        steps = engine.resource_steps(*args, now, search.facts)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: ResourcesResult = done.value
+                return result
+            await asyncio.sleep(0)
+            if engine.version != version:
+                return engine.resources(*args, now, search.facts)
 
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
         ids: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
-            found = engine.resources(
-                search.tenant, search.user, search.resource_type, search.action, time.time()
-            )
+            found = await self._resources(engine, search)
             ids = found.ids
             if found.all_resources:
                 context["all_resources"] = True
+            if found.truncated:
+                context["inventory_truncated"] = True
+            _say_undecided(context, found.undecided)
         render = _resource_renderer(search.resource_type)
         results, page = protocol.paged(ids, search.page, render)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
@@ -396,11 +437,12 @@ class AuthzenApi:
         if engine is not None and search.subject_type in self._user_types:
             found = engine.actions(
                 search.tenant, search.user, search.resource_type, search.resource_id,
-                time.time(),
+                time.time(), search.facts,
             )  # fmt: skip
             names = found.actions
             if found.all_actions:
                 context["all_actions"] = True
+            _say_undecided(context, found.undecided)
         results, page = protocol.paged(names, search.page, _render_action)
         return json_response({"page": page, "context": context, "results": results}, stale=stale)
 
@@ -408,6 +450,13 @@ class AuthzenApi:
 
     async def configuration(self, request: web.Request) -> web.Response:
         return web.Response(body=self._configuration, headers={"Content-Type": JSON_TYPE})
+
+
+def _say_undecided(context: JsonObject, undecided: tuple[str, ...]) -> None:
+    """Name the conditions a search could not decide with the properties it was given:
+    the results leave out what they would allow (fail closed), and say so."""
+    if undecided:
+        context["undecided_conditions"] = list(undecided)
 
 
 def _subject_renderer(stype: str) -> Callable[[str], JsonObject]:

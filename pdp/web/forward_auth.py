@@ -336,13 +336,14 @@ class ForwardAuthApi:
 def _decide(engine: Engine, asked: GatewayRequest, now: float) -> Decision:
     """The one call into the engine for forward-auth.
 
-    When `Engine.check` takes request attributes for conditional grants, pass
-    `asked.attributes` (built only if a conditional grant is a candidate).
+    The request's attributes (`asked.facts`) are built only if a conditional grant is a
+    candidate: the engine calls it then, never on the unconditional path.
     """
     match = asked.match
     return engine.check(
-        asked.tenant, asked.subject, match.resource_type, match.resource_id, asked.action, now
-    )
+        asked.tenant, asked.subject, match.resource_type, match.resource_id, asked.action, now,
+        asked.facts,
+    )  # fmt: skip
 
 
 def _unauthenticated(message: str) -> _Answer:

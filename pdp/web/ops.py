@@ -8,6 +8,7 @@ orchestrator stops routing to a sidecar whose data is dead.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -21,12 +22,27 @@ _JSON = {"Content-Type": "application/json"}
 _HEALTHY = dumps({"status": "ok"})
 
 
-def openapi_document(max_batch: int) -> bytes:
+# `required: [a, b]  # +name: required without PDP_DEFAULT_TENANT` in openapi.yaml
+_TENANT_REQUIRED = re.compile(
+    r"^( *)required: \[(.*)\]  # \+(\w+): required without PDP_DEFAULT_TENANT\n", re.MULTILINE
+)
+
+
+def openapi_document(max_batch: int, default_tenant: str | None = None) -> bytes:
     """The OpenAPI 3.1 description shipped inside the package (`pdp/web/openapi.yaml`),
-    stating this server's batch limit."""
+    stating this server's batch limit and, with no default tenant configured, that
+    every subject must name its tenant (`subject.properties.tenant`)."""
     text = Path(__file__).with_name("openapi.yaml").read_text(encoding="utf-8")
     text = text.replace("maxItems: 1000 # PDP_MAX_BATCH", f"maxItems: {max_batch}")
-    return text.encode()
+
+    def required(match: re.Match[str]) -> str:
+        indent, listed, name = match.groups()
+        names = [n for n in listed.split(", ") if n]
+        if default_tenant is None:
+            names.append(name)
+        return f"{indent}required: [{', '.join(names)}]\n" if names else ""
+
+    return _TENANT_REQUIRED.sub(required, text).encode()
 
 
 class OpsApi:
@@ -35,7 +51,7 @@ class OpsApi:
     def __init__(self, settings: Settings, health: Health, registry: CollectorRegistry) -> None:
         self._health = health
         self._registry = registry
-        self._openapi = openapi_document(settings.max_batch)
+        self._openapi = openapi_document(settings.max_batch, settings.default_tenant)
 
     def routes(self) -> list[web.RouteDef]:
         return [
