@@ -15,9 +15,11 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment
+import asyncpg
+
+from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment, redact_url
 from pdp.errors import DependencyError, PdpError, UserError
 from pdp.pg import migrate, seed, seed_data
 from pdp.pg.embedded import database_url
@@ -25,6 +27,7 @@ from pdp.pg.errors import describe_database_error, is_database_error
 
 log = logging.getLogger("pdp")
 
+_T = TypeVar("_T")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -261,6 +264,145 @@ def _add_api_key(sub: Any) -> None:
     create.set_defaults(handler=_cmd_api_key_create)
 
 
+def _parsed(flag: str, parse: Callable[[str], _T], text: str) -> _T:
+    """parse(text); a ValueError becomes `pdp: error: FLAG: ...`."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def _cmd_admin_token(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin import token_store, tokens  # noqa: PLC0415
+
+    if args.action == "create":  # checked before any connection is made
+        scopes = _parsed("--scopes", tokens.parse_scopes, args.scopes)
+        expires = None if args.expires is None else _parsed(
+            "--expires", tokens.parse_duration, args.expires
+        )  # fmt: skip
+
+    async def run(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            if args.action == "create":
+                made = await token_store.create(conn, args.name, scopes, args.tenant, expires)
+                log.info("created admin token %r (id %s)", args.name, made.id)
+                print(made.text)  # the only time it is shown: the database keeps its digest
+            elif args.action == "list":
+                for info in await token_store.list_all(conn):
+                    print(info.line())
+            else:
+                await token_store.revoke(conn, args.name)
+                log.info("revoked admin token %r", args.name)
+        finally:
+            await conn.close()
+
+    with database_url(settings) as url:
+        asyncio.run(run(url))
+    return 0
+
+
+def _cmd_admin_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin.service import serve  # noqa: PLC0415
+
+    if settings.admin_database_url:
+        log.info("admin API database: %s", redact_url(settings.admin_database_url))
+        return serve(settings, settings.admin_database_url)
+    with database_url(settings) as url:
+        return serve(settings, url)
+
+
+def _add_admin(sub: Any) -> None:
+    p = sub.add_parser(
+        "admin",
+        help="the admin API's tokens",
+        description="Admin tokens are stored in PostgreSQL as the SHA-256 of their secret;\n"
+        "a token is printed once, when it is created. Runs as the database owner.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
+    token = what.add_parser("token", help="create, list or revoke admin tokens")
+    actions = token.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    create = actions.add_parser("create", help="make a token, store its digest, print it once")
+    create.add_argument("--name", required=True, help="who holds it (the actor of its writes)")
+    create.add_argument(
+        "--scopes", required=True, metavar="S[,S]", help="read, write, admin (comma-separated)"
+    )
+    create.add_argument("--tenant", metavar="T", help="bind it to one tenant (default: platform)")
+    create.add_argument("--expires", metavar="DURATION", help="e.g. 30d, 12h (default: never)")
+    actions.add_parser("list", help="every token, without secrets")
+    serve = what.add_parser(
+        "serve",
+        help="run the admin API (PDP_ADMIN_HOST:PDP_ADMIN_PORT; off until a token exists)",
+    )
+    serve.set_defaults(handler=_cmd_admin_serve)
+    revoke = actions.add_parser("revoke", help="revoke a token by name (the next request fails)")
+    revoke.add_argument("--name", required=True)
+    token.set_defaults(handler=_cmd_admin_token)
+
+
+def _cmd_policy(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.admin import policy, policy_store  # noqa: PLC0415
+    from pdp.admin.store import connect  # noqa: PLC0415
+
+    text = None
+    if args.command in ("plan", "apply"):
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {args.file}: {exc}") from None
+
+    async def run(url: str) -> None:
+        conn = await connect(url)
+        try:
+            async with conn.transaction():
+                if text is None:  # export
+                    state = await policy_store.read_state(conn, args.tenant)
+                    known = await conn.fetchval(
+                        "SELECT 1 FROM pdp.tenants WHERE id = $1", args.tenant
+                    )
+                    if known is None:
+                        raise UserError(f"unknown tenant {args.tenant!r}")
+                    sys.stdout.write(policy.export(args.tenant, state))
+                    return
+                actor = getattr(args, "actor", None) or Path(args.file).name
+                await conn.execute("SELECT set_config('pdp.actor', $1, true)", actor)
+                outcome = await policy_store.plan_or_apply(
+                    conn, text, args.file, tenant=args.tenant, write=args.command == "apply"
+                )
+        finally:
+            await conn.close()
+        found = outcome.to_json()
+        for line in found["changes"] or ["no changes"]:
+            print(line)
+        if found["effect"]:
+            print("effect:")
+            for line in found["effect"]:
+                print(f"  {line}")
+        if outcome.revision is not None:
+            print(f"revision {outcome.revision}")
+
+    with database_url(settings) as url:
+        asyncio.run(run(url))
+    return 0
+
+
+def _add_policy(sub: Any) -> None:
+    for name, does in (
+        ("plan", "print what applying FILE would change, and who gains or loses what"),
+        ("apply", "write FILE's changes in one transaction and print the revision"),
+    ):
+        p = sub.add_parser(name, help=does, description=f"Policy as code: {does}.")
+        p.add_argument("file", metavar="FILE", help="the tenant's policy (YAML or JSON)")
+        p.add_argument("--tenant", metavar="T", help="the tenant (default: the file's 'tenant')")
+        if name == "apply":
+            p.add_argument("--actor", help="recorded as the writer (default: the file's name)")
+        p.set_defaults(handler=_cmd_policy)
+    p = sub.add_parser("export", help="write a tenant's policy (YAML) to stdout")
+    p.add_argument("--tenant", required=True, metavar="T")
+    p.set_defaults(handler=_cmd_policy)
 _GRANT = """
 INSERT INTO pdp.role_permissions (tenant_id, role_id, permission, condition)
 VALUES ($1, $2, $3, $4)
@@ -316,6 +458,8 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_serve,
     _add_prune,
     _add_api_key,
+    _add_admin,
+    _add_policy,
     _add_db,
     _add_grant,
 ]

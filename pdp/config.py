@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pdp.errors import ConfigError
 
 DEFAULT_PORT = 8282
+DEFAULT_ADMIN_PORT = 8283
 MAX_ID_LENGTH = 256  # as pdp.pg.schema.MAX_ID_LENGTH (the database's CHECK constraints)
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # as pdp.gateway.tokens.SUPPORTED_ALGORITHMS
 MAX_JWT_LEEWAY_SECONDS = 300.0  # as pdp.gateway.tokens.MAX_LEEWAY_SECONDS
@@ -396,6 +397,12 @@ OPTIONS: tuple[Option, ...] = (
         "log level",
     ),
     Option("log_format", "PDP_LOG_FORMAT", _choice("text", "json"), "text or json lines"),
+    Option("admin_host", "PDP_ADMIN_HOST", _host, "address the admin API binds"),
+    Option("admin_port", "PDP_ADMIN_PORT", _port, "port of the admin API"),
+    Option(
+        "admin_database_url", "PDP_ADMIN_DATABASE_URL", _postgres_url,
+        "PostgreSQL URL of the admin API (a pdp_admin member; default PDP_DATABASE_URL)",
+    ),
 )  # fmt: skip
 
 SERVE_FLAGS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.flag is not None)
@@ -449,6 +456,9 @@ class Settings:
     jwt_tenant_claim: str | None = None
     log_level: str = "INFO"
     log_format: str = "text"
+    admin_host: str = "127.0.0.1"
+    admin_port: int = DEFAULT_ADMIN_PORT
+    admin_database_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(

@@ -22,11 +22,12 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql.base import ischema_names
-from sqlalchemy.types import UserDefinedType
+from sqlalchemy.types import LargeBinary, UserDefinedType
 
 SCHEMA = "pdp"
 MAX_ID_LENGTH = 256
@@ -254,6 +255,26 @@ sync_meta = Table(
     Column("purged_at", TIMESTAMP(timezone=True), nullable=True),
     PrimaryKeyConstraint("singleton"),
     CheckConstraint("singleton", name="singleton"),
+)
+
+# The admin API's tokens (revision 0004): the SHA-256 of each secret, never the secret.
+# Not replicated and not captured; neither pdp_sidecar nor pdp_admin may read it (the
+# admin API calls the SECURITY DEFINER function pdp.admin_token_lookup(id)).
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("secret_sha256", LargeBinary, nullable=False),
+    Column("scopes", ARRAY(Text), nullable=False),
+    Column("tenant_id", Text, nullable=True),
+    _now(),
+    Column("expires_at", TIMESTAMP(timezone=True), nullable=True),
+    Column("last_used_at", TIMESTAMP(timezone=True), nullable=True),
+    Column("revoked_at", TIMESTAMP(timezone=True), nullable=True),
+    PrimaryKeyConstraint("id"),
+    UniqueConstraint("name", name="admin_tokens_name_key"),
+    _tenant_fk("admin_tokens"),
 )
 
 # The tables applications write, parents before children; change capture covers each.
