@@ -27,7 +27,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pdp.admin import openapi, policy, policy_store, tokens
+from pdp.admin import audit, openapi, policy, policy_store, tokens
 from pdp.admin.kinds import BY_NAME, KINDS, MAX_ID, AdminError, Kind, check_fields, check_id
 from pdp.admin.policy import PolicyError
 from pdp.admin.store import (
@@ -384,6 +384,33 @@ async def _policy_get(request: web.Request) -> web.StreamResponse:
     return web.Response(text=policy.export(tenant, state), content_type="application/yaml")
 
 
+# --- the audit trail -------------------------------------------------------------------
+
+
+async def _audit(request: web.Request) -> web.StreamResponse:
+    """One keyset page of the tenant's change-log and archive rows, in id order."""
+    principal = _principal(request)
+    given = request.query.get("tenant")
+    tenant = principal.tenant_id
+    if given is not None:
+        given = _param("tenant", given)
+        if tenant is not None and given != tenant:
+            raise AdminError(404, "not_found", f"unknown tenant {given!r}")
+        tenant = given
+    if tenant is None:
+        raise RequestError("a platform token names the tenant: ?tenant=T", "tenant")
+    limit = _limit(request)
+    found = audit.AuditFilter.from_query(request.query, tenant=tenant)
+    store = request.app[STORE]
+    # No existence check: a platform token may read a deleted tenant's history (a
+    # tenant token cannot outlive its tenant). An unknown tenant has no rows.
+    async with store.transaction(principal, tenant) as conn:
+        records, following = await audit.page(conn, found, limit)
+    return web.json_response(
+        {"data": records, "next": None if following is None else str(following)}
+    )
+
+
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -470,6 +497,7 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_get(tenants + "/{tenant}", _tenant_get)
     app.router.add_delete(tenants + "/{tenant}", _tenant_delete)
     app.router.add_get(f"{PREFIX}/openapi.yaml", _openapi)
+    app.router.add_get(f"{PREFIX}/audit", _audit)
     app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
     app.router.add_put(tenants + "/{tenant}/policy", _policy_put)
     app.router.add_get(tenants + "/{tenant}/policy", _policy_get)

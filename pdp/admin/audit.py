@@ -1,0 +1,198 @@
+"""The audit trail: change-log rows (and their archive) as who, what, when, which transaction.
+
+One query serves the admin API's pages and `pdp audit`'s export: the union of
+`pdp.change_log` (the recent window sync reads) and `pdp.audit_archive` (what
+`pdp prune` moved out of it), filtered, in `id` order. Pages are keyset pages on `id`
+(`after`), so a page costs the same wherever it starts; the export reads through a
+server-side cursor in batches, in constant memory whatever the row count. Under the
+admin role Row-Level Security bounds both tables to the request's tenant as well.
+
+Every record carries the change log's columns by their names: `id, txid, tenant_id,
+entity, op, key, old, new, actor, changed_at` (`txid` as text, like a revision).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from pdp.errors import RequestError
+
+COLUMNS = ("id", "txid", "tenant_id", "entity", "op", "key", "old", "new", "actor", "changed_at")
+ENTITIES = (
+    "tenants", "users", "groups", "group_members", "roles", "role_inherits",
+    "role_permissions", "user_roles", "group_roles",
+)  # fmt: skip
+_SOURCE = ", ".join(COLUMNS)
+# Both tables, one relation: PostgreSQL pushes the filters into each side and merges
+# the two primary-key orders (Merge Append), so `ORDER BY id LIMIT n` stays a short scan.
+UNION = f"(SELECT {_SOURCE} FROM pdp.change_log UNION ALL SELECT {_SOURCE} FROM pdp.audit_archive)"
+_KEY_FIELD = re.compile(r"^[a-z_]{1,64}$")
+MAX_VALUE = 256
+
+
+def parse_time(name: str, text: str) -> datetime:
+    """An ISO 8601 moment (`2026-12-01`, `2026-12-01T10:00:00Z`); without a zone, UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise RequestError(
+            f"{name} must be an ISO 8601 time such as 2026-12-01T10:00:00Z, got {text[:64]!r}",
+            name,
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _value(name: str, text: str) -> str:
+    if not text or len(text) > MAX_VALUE or "\x00" in text:
+        raise RequestError(
+            f"{name} must be a non-empty string of at most {MAX_VALUE} characters", name
+        )
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """Which rows: every given field must match (None: any)."""
+
+    tenant: str | None = None
+    actor: str | None = None
+    entity: str | None = None
+    key: Mapping[str, str] = field(default_factory=dict)  # key fields, e.g. user_id=alice
+    since: datetime | None = None  # changed_at >= since
+    until: datetime | None = None  # changed_at < until
+    txid: int | None = None
+    after: int | None = None  # id > after (the keyset cursor)
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str], *, tenant: str | None) -> AuditFilter:
+        """From an API query string (`key.user_id=alice`); an unknown name is a 400."""
+        values: dict[str, Any] = {"tenant": tenant}
+        keys: dict[str, str] = {}
+        for name, text in query.items():
+            if name.startswith("key."):
+                column = name[4:]
+                if not _KEY_FIELD.match(column):
+                    raise RequestError(f"{name}: not a key column name", name)
+                keys[column] = _value(name, text)
+            elif name in ("actor", "entity"):
+                values[name] = _value(name, text)
+            elif name in ("since", "until"):
+                values[name] = parse_time(name, text)
+            elif name in ("txid", "after"):
+                if not text.isdigit() or len(text) > 19:
+                    raise RequestError(f"{name} must be a non-negative integer", name)
+                values[name] = int(text)
+            elif name not in ("tenant", "limit"):
+                raise RequestError(
+                    f"unknown parameter {name!r} (filters: tenant, actor, entity, key.<column>,"
+                    " since, until, txid; paging: limit, after)",
+                    name,
+                )
+        return cls(key=keys, **values).checked()
+
+    def checked(self) -> AuditFilter:
+        if self.entity is not None and self.entity not in ENTITIES:
+            raise RequestError(f"entity must be one of {', '.join(ENTITIES)}", "entity")
+        if self.since and self.until and self.since >= self.until:
+            raise RequestError("since must be before until", "since")
+        return self
+
+    def where(self) -> tuple[str, list[object]]:
+        """The SQL condition (on UNION's columns) and its arguments."""
+        clauses: list[str] = []
+        args: list[object] = []
+
+        def arg(value: object) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        for column in ("tenant_id", "actor", "entity"):
+            value = getattr(self, "tenant" if column == "tenant_id" else column)
+            if value is not None:
+                clauses.append(f"{column} = {arg(value)}")
+        if self.key:
+            # As text: whichever jsonb codec the connection has, the cast parses it.
+            clauses.append(f"key @> {arg(json.dumps(dict(self.key)))}::text::jsonb")
+        if self.since is not None:
+            clauses.append(f"changed_at >= {arg(self.since)}")
+        if self.until is not None:
+            clauses.append(f"changed_at < {arg(self.until)}")
+        if self.txid is not None:
+            clauses.append(f"txid = {arg(str(self.txid))}::text::xid8")
+        if self.after is not None:
+            clauses.append(f"id > {arg(self.after)}")
+        return " AND ".join(clauses) or "true", args
+
+
+def select(audit: AuditFilter, limit: int | None = None) -> tuple[str, list[object]]:
+    where, args = audit.where()
+    sql = (
+        "SELECT id, txid::text AS txid, tenant_id, entity, op, key, old, new, actor, changed_at"
+        f" FROM {UNION} a WHERE {where} ORDER BY id"
+    )
+    if limit is not None:
+        args.append(limit)
+        sql += f" LIMIT ${len(args)}"
+    return sql, args
+
+
+def record(row: asyncpg.Record) -> dict[str, Any]:
+    """A row as JSON values: jsonb as objects, the time in ISO 8601."""
+    out = dict(row)
+    for column in ("key", "old", "new"):
+        if isinstance(out[column], str):  # a connection without the admin side's jsonb codec
+            out[column] = json.loads(out[column])
+    out["changed_at"] = out["changed_at"].isoformat()
+    return out
+
+
+async def page(
+    conn: asyncpg.Connection, audit: AuditFilter, limit: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to `limit` records and the `after` of the next page (None: this was the last)."""
+    sql, args = select(audit, limit + 1)
+    rows = await conn.fetch(sql, *args)
+    records = [record(r) for r in rows[:limit]]
+    return records, (records[-1]["id"] if len(rows) > limit else None)
+
+
+async def stream(
+    conn: asyncpg.Connection, audit: AuditFilter, batch: int = 2000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every matching record in id order through a server-side cursor (call in a transaction)."""
+    sql, args = select(audit)
+    async for row in conn.cursor(sql, *args, prefetch=batch):
+        yield record(row)
+
+
+def jsonl_line(rec: Mapping[str, Any]) -> str:
+    return json.dumps({c: rec[c] for c in COLUMNS}, separators=(",", ":")) + "\n"
+
+
+def csv_header() -> str:
+    return ",".join(COLUMNS) + "\r\n"
+
+
+def csv_line(rec: Mapping[str, Any]) -> str:
+    """One CSV record: jsonb columns as JSON text, NULL as an empty field."""
+    out = io.StringIO()
+    cells = []
+    for column in COLUMNS:
+        value = rec[column]
+        if value is None:
+            cells.append("")
+        elif column in ("key", "old", "new"):
+            cells.append(json.dumps(value, separators=(",", ":")))
+        else:
+            cells.append(str(value))
+    csv.writer(out).writerow(cells)
+    return out.getvalue()
