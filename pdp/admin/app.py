@@ -27,7 +27,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pdp.admin import audit, openapi, policy, policy_store, tokens
+from pdp.admin import access_review, audit, openapi, policy, policy_store, tokens
 from pdp.admin.kinds import BY_NAME, KINDS, MAX_ID, AdminError, Kind, check_fields, check_id
 from pdp.admin.policy import PolicyError
 from pdp.admin.store import (
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STORE = web.AppKey("admin_store", AdminStore)
 PRINCIPAL = web.RequestKey("principal", tokens.Principal)
+REQUEST_ID = web.RequestKey("request_id", str)
 PREFIX = "/admin/v1"
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -63,6 +64,7 @@ def _error(
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
     try:
         response = await _authenticated(request, handler)
     except AdminError as exc:
@@ -78,7 +80,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("admin request %s %s failed", request.method, request.rel_url.path)
         response = _error(500, "internal", "internal error (logged)")
-    response.headers["X-Request-ID"] = request_id
+    if not response.prepared:  # a streamed answer sent its headers itself
+        response.headers["X-Request-ID"] = request_id
     return response
 
 
@@ -411,6 +414,65 @@ async def _audit(request: web.Request) -> web.StreamResponse:
     )
 
 
+# --- access review ------------------------------------------------------------------------
+
+_REVIEW_TYPES = {"json": "application/json", "jsonl": "application/x-ndjson", "csv": "text/csv"}
+_CHUNK = 64 * 1024
+
+
+def _review_query(request: web.Request) -> tuple[Any, Any, str]:
+    for name in request.query:
+        if name not in ("at", "since", "format"):
+            raise RequestError(f"unknown parameter {name!r} (at, since, format)", name)
+    at, since = (
+        None if (text := request.query.get(n)) is None else audit.parse_time(n, text)
+        for n in ("at", "since")
+    )
+    form = request.query.get("format", "json")
+    if form not in _REVIEW_TYPES:
+        raise RequestError("format must be json, jsonl or csv", "format")
+    return at, since, form
+
+
+async def _access_review(request: web.Request) -> web.StreamResponse:
+    """Every grant path of the tenant, streamed from a server-side cursor (json|jsonl|csv)."""
+    tenant = _tenant(request)
+    at, since, form = _review_query(request)
+    columns = access_review.COLUMNS if since is None else access_review.DIFF_COLUMNS
+    store = request.app[STORE]
+    async with store.transaction(_principal(request), tenant) as conn:
+        if not await store.tenant_visible(conn, tenant):
+            raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
+        moment = at if at is not None else await conn.fetchval("SELECT now()")
+        rows = access_review.rows(conn, tenant, moment, past=at is not None, since=since)
+        first = await anext(rows, None)  # a history too short is a 400, before any byte
+        response = web.StreamResponse(
+            headers={"Content-Type": _REVIEW_TYPES[form], "X-Request-ID": request[REQUEST_ID]}
+        )
+        await response.prepare(request)
+        out: list[str] = [access_review.csv_header(columns)] if form == "csv" else []
+        out += ["["] if form == "json" else []
+        size, count = 0, 0
+        row = first
+        while row is not None:
+            if form == "csv":
+                line = access_review.csv_line(row, columns)
+            else:
+                line = access_review.jsonl_line(row)
+                if form == "json":
+                    line = ("\n" if count == 0 else ",\n") + line[:-1]
+            out.append(line)
+            size, count = size + len(line), count + 1
+            if size >= _CHUNK:
+                await response.write("".join(out).encode())
+                out, size = [], 0
+            row = await anext(rows, None)
+        out += ["]\n" if count == 0 else "\n]\n"] if form == "json" else []
+        await response.write("".join(out).encode())
+    await response.write_eof()
+    return response
+
+
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -501,6 +563,7 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
     app.router.add_put(tenants + "/{tenant}/policy", _policy_put)
     app.router.add_get(tenants + "/{tenant}/policy", _policy_get)
+    app.router.add_get(tenants + "/{tenant}/access-review", _access_review)
     for kind in KINDS:
         handlers = _handlers(kind)
         base = tenants + "/{tenant}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pdp.admin import audit
+from pdp.admin import access_review, audit
 from pdp.admin.kinds import KINDS, MAX_ID, Field, Kind
 
 ID: dict[str, Any] = {
@@ -247,7 +247,44 @@ def _compliance_paths(base: str) -> dict[str, Any]:
             "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         },
     }
+    row = {
+        "type": "object",
+        "required": list(access_review.COLUMNS),
+        "properties": {
+            **dict.fromkeys(access_review.COLUMNS, _TEXT_OR_NULL),
+            "user_id": {"type": "string"},
+            "permission": {"type": "string"},
+            "role": {"type": "string"},
+            "path": {"type": "string"},
+            "scope": {"type": "string"},
+            "change": {"enum": ["gained", "lost"]},
+        },
+    }
+    review = {
+        "parameters": _params(base),
+        "get": {
+            "summary": "every user's effective permissions, one row per grant path (streamed)",
+            "operationId": "access_review",
+            "parameters": [
+                _query("at", moment, "a past moment, rebuilt from the change log (default now)"),
+                _query("since", moment, "rows gained and lost between this moment and at"),
+                _query("format", {"enum": ["json", "jsonl", "csv"], "default": "json"}, "body"),
+            ],
+            "responses": {
+                "200": {
+                    "description": "the rows, ordered by user_id, permission, path",
+                    "content": {
+                        "application/json": {"schema": {"type": "array", "items": row}},
+                        "application/x-ndjson": {"schema": row},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors("400", "401", "403", "404"),
+            },
+        },
+    }
     return {
+        base + "/access-review": review,
         "/admin/v1/audit": {
             "get": {
                 "summary": "the audit trail: change-log and archive rows in id order",
