@@ -166,6 +166,9 @@ async def rows(
     `past`: `at` is a moment to rebuild (else the current state, judged as of `at`).
     Raises RequestError before the first row when history cannot cover `at`/`since`.
     """
+    # The query reads whole tenants: hash joins are right, and a nested loop over
+    # misestimated rows (tables not analyzed since a bulk load) is quadratic.
+    await conn.execute("SELECT set_config('enable_nestloop', 'off', true)")
     src: Source = current
     if past:
         await check_reconstructible(conn, tenant, at)
