@@ -180,6 +180,17 @@ async def test_access_review_endpoint_and_command(admin: Client, db_url: str, pg
     assert len(table) == len(expected) + 1
     lines = (await (await admin.get(base + "?format=jsonl", headers=h)).text()).splitlines()
     assert [json.loads(line) for line in lines] == expected
+    # A past state and a diff through the API, as pdp_admin under RLS.
+    moment = now.isoformat().replace("+", "%2B")
+    user = expected[0]["user_id"]
+    await pg.execute("DELETE FROM pdp.users WHERE tenant_id = $1 AND id = $2", TENANT, user)
+    past = await (await admin.get(f"{base}?at={moment}", headers=h)).json()
+    assert past == expected
+    diff = await (await admin.get(f"{base}?since={moment}&format=jsonl", headers=h)).text()
+    changes = [json.loads(line) for line in diff.splitlines()]
+    assert changes
+    assert {(c["change"], c["user_id"]) for c in changes} == {("lost", user)}
+    assert len(changes) == sum(1 for r in expected if r["user_id"] == user)
     # Errors: another tenant, a bad moment, history too short, unknown parameter.
     for query, status, field in [
         ("", 404, None),
@@ -200,7 +211,7 @@ async def test_access_review_endpoint_and_command(admin: Client, db_url: str, pg
 
     done = await asyncio.to_thread(pdp, "access-review", "--tenant", TENANT, "--format", "json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == expected
+    assert json.loads(done.stdout) == [r for r in expected if r["user_id"] != user]  # deleted above
     done = await asyncio.to_thread(pdp, "access-review", "--tenant", TENANT, "--at", "2001-01-01")
     assert done.returncode == 2
     assert "audit history kept starts at" in done.stderr

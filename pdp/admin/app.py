@@ -440,7 +440,8 @@ async def _access_review(request: web.Request) -> web.StreamResponse:
     at, since, form = _review_query(request)
     columns = access_review.COLUMNS if since is None else access_review.DIFF_COLUMNS
     store = request.app[STORE]
-    async with store.transaction(_principal(request), tenant) as conn:
+    # One snapshot: a past state is rebuilt by several statements.
+    async with store.transaction(_principal(request), tenant, isolation="repeatable_read") as conn:
         if not await store.tenant_visible(conn, tenant):
             raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
         moment = at if at is not None else await conn.fetchval("SELECT now()")

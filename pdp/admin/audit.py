@@ -102,6 +102,8 @@ class AuditFilter:
     def checked(self) -> AuditFilter:
         if self.entity is not None and self.entity not in ENTITIES:
             raise RequestError(f"entity must be one of {', '.join(ENTITIES)}", "entity")
+        if self.txid is not None and self.txid < 0:
+            raise RequestError("txid must be a non-negative integer", "txid")
         if self.since and self.until and self.since >= self.until:
             raise RequestError("since must be before until", "since")
         return self
