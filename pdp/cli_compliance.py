@@ -69,14 +69,22 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     except RequestError as exc:
         raise UserError(f"--{exc.field}: {exc.message}" if exc.field else exc.message) from None
 
-    async def produce(conn: asyncpg.Connection) -> AsyncIterator[str]:
-        if args.format == "csv":
-            yield audit.csv_header()
-        line = audit.csv_line if args.format == "csv" else audit.jsonl_line
-        async for rec in audit.stream(conn, found):
-            yield line(rec)
+    out = sys.stdout.buffer
 
-    asyncio.run(_run_in_transaction(settings, produce, sys.stdout))
+    async def write(data: bytes) -> None:
+        out.write(data)
+
+    async def run() -> None:
+        with database_url(settings) as url:
+            conn = await asyncpg.connect(url)
+            try:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    await audit.export(conn, found, args.format, write)
+            finally:
+                await conn.close()
+        out.flush()
+
+    asyncio.run(run())
     return 0
 
 
