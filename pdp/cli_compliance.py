@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any
 
 import asyncpg
 
 from pdp.admin import access_review, audit, erasure
-from pdp.admin.store import connect
 from pdp.config import Settings
 from pdp.errors import RequestError, UserError
 from pdp.pg.embedded import database_url
@@ -38,23 +37,6 @@ def _key_field(text: str) -> tuple[str, str]:
     if not sep or not column or not value:
         raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
     return column, value
-
-
-async def _run_in_transaction(
-    settings: Settings, produce: Callable[[asyncpg.Connection], AsyncIterator[str]], out: TextIO
-) -> None:
-    with database_url(settings) as url:
-        conn = await connect(url)
-        try:
-            async with conn.transaction(isolation="repeatable_read"):
-                try:
-                    async for text in produce(conn):
-                        out.write(text)
-                except RequestError as exc:
-                    raise UserError(exc.message) from None
-        finally:
-            await conn.close()
-    out.flush()
 
 
 # --- pdp audit -------------------------------------------------------------------------
@@ -115,33 +97,38 @@ def _add_audit(sub: Any) -> None:
 
 
 def _cmd_access_review(args: argparse.Namespace, settings: Settings) -> int:
-    diff = args.since is not None
-    columns = access_review.DIFF_COLUMNS if diff else access_review.COLUMNS
+    out = sys.stdout.buffer
 
-    async def produce(conn: asyncpg.Connection) -> AsyncIterator[str]:
-        known = await conn.fetchval("SELECT 1 FROM pdp.tenants WHERE id = $1", args.tenant)
-        if known is None and args.at is None:
-            raise UserError(f"unknown tenant {args.tenant!r}")
-        at = args.at if args.at is not None else await conn.fetchval("SELECT now()")
-        if args.format == "csv":
-            yield access_review.csv_header(columns)
-        elif args.format == "json":
-            yield "["
-        first = True
-        async for row in access_review.rows(
-            conn, args.tenant, at, past=args.at is not None, since=args.since
-        ):
-            if args.format == "csv":
-                yield access_review.csv_line(row, columns)
-            else:
-                line = access_review.jsonl_line(row)
-                yield line if args.format == "jsonl" else ("\n" if first else ",\n") + line[:-1]
-            first = False
-        if args.format == "json":
-            yield "]\n" if first else "\n]\n"
+    async def write(data: bytes) -> None:
+        out.write(data)
 
-    asyncio.run(_run_in_transaction(settings, produce, sys.stdout))
+    async def run() -> None:
+        with database_url(settings) as url:
+            conn = await asyncpg.connect(url)
+            try:
+                # One snapshot: a past state is rebuilt by several statements.
+                async with conn.transaction(isolation="repeatable_read"):
+                    await _review(conn, args, write)
+            finally:
+                await conn.close()
+        out.flush()
+
+    asyncio.run(run())
     return 0
+
+
+async def _review(conn: asyncpg.Connection, args: argparse.Namespace, write: audit.Write) -> None:
+    known = await conn.fetchval("SELECT 1 FROM pdp.tenants WHERE id = $1", args.tenant)
+    if known is None and args.at is None:
+        raise UserError(f"unknown tenant {args.tenant!r}")
+    at = args.at if args.at is not None else await conn.fetchval("SELECT now()")
+    try:
+        query = await access_review.prepare(
+            conn, args.tenant, at, past=args.at is not None, since=args.since
+        )
+    except RequestError as exc:
+        raise UserError(exc.message) from None
+    await access_review.export(conn, query, args.format, write)
 
 
 def _add_access_review(sub: Any) -> None:

@@ -50,6 +50,11 @@ def _grants(row: dict[str, Any], rtype: str, rid: str, action: str) -> bool:
     return covers and _matches(ptype, rtype) and _matches(paction, action)
 
 
+def _norm(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON rows with expires_at as an instant (its text form may differ, not its value)."""
+    return [{**r, "expires_at": r["expires_at"] and datetime.fromisoformat(r["expires_at"])} for r in rows]
+
+
 def _key(row: dict[str, Any]) -> Row:
     return tuple(row[c] for c in access_review.COLUMNS)
 
@@ -172,20 +177,20 @@ async def test_access_review_endpoint_and_command(admin: Client, db_url: str, pg
     listed = await resp.json()
     now: datetime = await pg.fetchval("SELECT now()")
     expected = [access_review.json_value(r) for r in await _review(db_url, now, past=False)]
-    assert listed == expected
+    assert _norm(listed) == _norm(expected)
     resp = await admin.get(base + "?format=csv", headers=h)
     assert resp.headers["Content-Type"].startswith("text/csv")
     table = list(csv.reader(io.StringIO(await resp.text())))
     assert table[0] == list(access_review.COLUMNS)
     assert len(table) == len(expected) + 1
     lines = (await (await admin.get(base + "?format=jsonl", headers=h)).text()).splitlines()
-    assert [json.loads(line) for line in lines] == expected
+    assert _norm([json.loads(line) for line in lines]) == _norm(expected)
     # A past state and a diff through the API, as pdp_admin under RLS.
     moment = now.isoformat().replace("+", "%2B")
     user = expected[0]["user_id"]
     await pg.execute("DELETE FROM pdp.users WHERE tenant_id = $1 AND id = $2", TENANT, user)
     past = await (await admin.get(f"{base}?at={moment}", headers=h)).json()
-    assert past == expected
+    assert _norm(past) == _norm(expected)
     diff = await (await admin.get(f"{base}?since={moment}&format=jsonl", headers=h)).text()
     changes = [json.loads(line) for line in diff.splitlines()]
     assert changes
@@ -211,7 +216,7 @@ async def test_access_review_endpoint_and_command(admin: Client, db_url: str, pg
 
     done = await asyncio.to_thread(pdp, "access-review", "--tenant", TENANT, "--format", "json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [r for r in expected if r["user_id"] != user]  # deleted above
+    assert _norm(json.loads(done.stdout)) == _norm([r for r in expected if r["user_id"] != user])  # deleted above
     done = await asyncio.to_thread(pdp, "access-review", "--tenant", TENANT, "--at", "2001-01-01")
     assert done.returncode == 2
     assert "audit history kept starts at" in done.stderr

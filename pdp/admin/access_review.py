@@ -25,10 +25,8 @@ The diff (`since`): the rows of `at` (default now) not in the state of `since`
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -152,62 +150,102 @@ SELECT (jsonb_populate_record(NULL::pdp.{table}, l.old)).* FROM later l WHERE l.
     return lambda table: f"pg_temp.{name}_{table}"
 
 
-async def rows(
-    conn: asyncpg.Connection,
-    tenant: str,
-    at: datetime,
-    *,
-    past: bool,
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The review's SQL (unordered), its arguments and its columns, ready to run."""
+
+    sql: str
+    args: tuple[object, ...]
+    columns: tuple[str, ...]
+
+    def ordered(self, select: str = "r.*") -> str:
+        extra = ", change" if "change" in self.columns else ""
+        return f"SELECT {select} FROM ({self.sql}) r{_ORDER}{extra}"
+
+
+async def prepare(
+    conn: asyncpg.Connection, tenant: str, at: datetime, *, past: bool,
     since: datetime | None = None,
-    batch: int = 5000,
-) -> AsyncIterator[dict[str, Any]]:
-    """Every row (or, with `since`, every change) in order; call inside a transaction.
+) -> Query:  # fmt: skip
+    """Check history and rebuild what `at`/`since` need; call inside a transaction.
 
     `past`: `at` is a moment to rebuild (else the current state, judged as of `at`).
-    Raises RequestError before the first row when history cannot cover `at`/`since`.
+    Raises RequestError (before any row is produced) when history cannot cover them.
     """
     # The query reads whole tenants: hash joins are right, and a nested loop over
     # misestimated rows (tables not analyzed since a bulk load) is quadratic.
-    await conn.execute("SELECT set_config('enable_nestloop', 'off', true)")
+    # Times render in UTC whatever the session's zone (the JSON and CSV forms).
+    await conn.execute(
+        "SELECT set_config('enable_nestloop', 'off', true), set_config('TimeZone', 'UTC', true)"
+    )
     src: Source = current
     if past:
         await check_reconstructible(conn, tenant, at)
         src = await reconstruct(conn, tenant, at, "review_at")
     if since is None:
-        sql = review_sql(src) + _ORDER
-        args: tuple[object, ...] = (tenant, at)
-    else:
-        if since >= at:
-            raise RequestError("since must be before at (or now)", "since")
-        await check_reconstructible(conn, tenant, since)
-        before = await reconstruct(conn, tenant, since, "review_since")
-        now_rows, then_rows = review_sql(src), review_sql(before, at="$3")
-        sql = (
-            f"SELECT 'gained' AS change, * FROM (({now_rows}) EXCEPT ({then_rows})) gained"
-            f" UNION ALL SELECT 'lost', * FROM (({then_rows}) EXCEPT ({now_rows})) lost"
-            + _ORDER
-            + ", change"
-        )
-        args = (tenant, at, since)
-    async for row in conn.cursor(sql, *args, prefetch=batch):
+        return Query(review_sql(src), (tenant, at), COLUMNS)
+    if since >= at:
+        raise RequestError("since must be before at (or now)", "since")
+    await check_reconstructible(conn, tenant, since)
+    before = await reconstruct(conn, tenant, since, "review_since")
+    now_rows, then_rows = review_sql(src), review_sql(before, at="$3")
+    sql = (
+        f"SELECT 'gained' AS change, * FROM (({now_rows}) EXCEPT ({then_rows})) gained"
+        f" UNION ALL SELECT 'lost', * FROM (({then_rows}) EXCEPT ({now_rows})) lost"
+    )
+    return Query(sql, (tenant, at, since), DIFF_COLUMNS)
+
+
+async def rows(
+    conn: asyncpg.Connection, tenant: str, at: datetime, *, past: bool,
+    since: datetime | None = None, batch: int = 5000,
+) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    """Every row (or, with `since`, every change) in order, as Python values."""
+    query = await prepare(conn, tenant, at, past=past, since=since)
+    async for row in conn.cursor(query.ordered(), *query.args, prefetch=batch):
         yield dict(row)
+
+
+Write = Callable[[bytes], Awaitable[Any]]
+
+
+async def export(
+    conn: asyncpg.Connection, query: Query, form: str, write: Write, batch: int = 5000
+) -> None:
+    """The rows to `write` as csv (with a header), json (one array) or jsonl.
+
+    PostgreSQL renders them (COPY for CSV; JSON text through a server-side cursor,
+    written in chunks of about 64 kB): constant memory here, nothing parsed twice.
+    """
+    # A timestamptz in JSON is ISO 8601, in both forms.
+    shown = ", ".join(
+        "to_json(r.expires_at) #>> '{}' AS expires_at" if c == "expires_at" else f"r.{c}"
+        for c in query.columns
+    )
+    if form == "csv":
+        await conn.copy_from_query(
+            query.ordered(shown), *query.args, output=write, format="csv", header=True
+        )
+        return
+    fields = ", ".join(f"'{c}', r.{c}" for c in query.columns)
+    sql = query.ordered(f"json_build_object({fields})::text")
+    between, lead = ("\n", "") if form == "jsonl" else (",\n", "[\n")
+    chunk: list[str] = []
+    size, count = 0, 0
+    async for row in conn.cursor(sql, *query.args, prefetch=batch):
+        chunk.append(row[0])
+        size, count = size + len(row[0]), count + 1
+        if size >= 65536:
+            await write((lead + between.join(chunk)).encode())
+            lead, chunk, size = between, [], 0
+    if chunk:
+        await write((lead + between.join(chunk)).encode())
+    if form == "json":
+        await write(b"[]\n" if count == 0 else b"\n]\n")
+    elif count:
+        await write(b"\n")
 
 
 def json_value(row: dict[str, Any]) -> dict[str, Any]:
     expires = row["expires_at"]
     return {**row, "expires_at": None if expires is None else expires.isoformat()}
-
-
-def jsonl_line(row: dict[str, Any]) -> str:
-    return json.dumps(json_value(row), separators=(",", ":")) + "\n"
-
-
-def csv_line(row: dict[str, Any], columns: tuple[str, ...]) -> str:
-    out = io.StringIO()
-    value = json_value(row)
-    csv.writer(out).writerow(["" if value[c] is None else value[c] for c in columns])
-    return out.getvalue()
-
-
-def csv_header(columns: tuple[str, ...]) -> str:
-    return ",".join(columns) + "\r\n"

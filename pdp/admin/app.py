@@ -417,7 +417,6 @@ async def _audit(request: web.Request) -> web.StreamResponse:
 # --- access review ------------------------------------------------------------------------
 
 _REVIEW_TYPES = {"json": "application/json", "jsonl": "application/x-ndjson", "csv": "text/csv"}
-_CHUNK = 64 * 1024
 
 
 def _review_query(request: web.Request) -> tuple[Any, Any, str]:
@@ -435,41 +434,22 @@ def _review_query(request: web.Request) -> tuple[Any, Any, str]:
 
 
 async def _access_review(request: web.Request) -> web.StreamResponse:
-    """Every grant path of the tenant, streamed from a server-side cursor (json|jsonl|csv)."""
+    """Every grant path of the tenant, streamed (json|jsonl|csv, rendered by PostgreSQL)."""
     tenant = _tenant(request)
     at, since, form = _review_query(request)
-    columns = access_review.COLUMNS if since is None else access_review.DIFF_COLUMNS
     store = request.app[STORE]
     # One snapshot: a past state is rebuilt by several statements.
     async with store.transaction(_principal(request), tenant, isolation="repeatable_read") as conn:
         if not await store.tenant_visible(conn, tenant):
             raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
         moment = at if at is not None else await conn.fetchval("SELECT now()")
-        rows = access_review.rows(conn, tenant, moment, past=at is not None, since=since)
-        first = await anext(rows, None)  # a history too short is a 400, before any byte
+        # A history too short is a 400 here, before any byte is sent.
+        query = await access_review.prepare(conn, tenant, moment, past=at is not None, since=since)
         response = web.StreamResponse(
             headers={"Content-Type": _REVIEW_TYPES[form], "X-Request-ID": request[REQUEST_ID]}
         )
         await response.prepare(request)
-        out: list[str] = [access_review.csv_header(columns)] if form == "csv" else []
-        out += ["["] if form == "json" else []
-        size, count = 0, 0
-        row = first
-        while row is not None:
-            if form == "csv":
-                line = access_review.csv_line(row, columns)
-            else:
-                line = access_review.jsonl_line(row)
-                if form == "json":
-                    line = ("\n" if count == 0 else ",\n") + line[:-1]
-            out.append(line)
-            size, count = size + len(line), count + 1
-            if size >= _CHUNK:
-                await response.write("".join(out).encode())
-                out, size = [], 0
-            row = await anext(rows, None)
-        out += ["]\n" if count == 0 else "\n]\n"] if form == "json" else []
-        await response.write("".join(out).encode())
+        await access_review.export(conn, query, form, response.write)
     await response.write_eof()
     return response
 

@@ -136,9 +136,10 @@ class AuditFilter:
 
 def select(audit: AuditFilter, limit: int | None = None) -> tuple[str, list[object]]:
     where, args = audit.where()
+    # changed_at rendered by PostgreSQL (ISO 8601, in UTC: see page), as the export does.
     sql = (
-        "SELECT id, txid::text AS txid, tenant_id, entity, op, key, old, new, actor, changed_at"
-        f" FROM {UNION} a WHERE {where} ORDER BY id"
+        "SELECT id, txid::text AS txid, tenant_id, entity, op, key, old, new, actor,"
+        f" to_json(changed_at) #>> '{{}}' AS changed_at FROM {UNION} a WHERE {where} ORDER BY id"
     )
     if limit is not None:
         args.append(limit)
@@ -147,12 +148,11 @@ def select(audit: AuditFilter, limit: int | None = None) -> tuple[str, list[obje
 
 
 def record(row: asyncpg.Record) -> dict[str, Any]:
-    """A row as JSON values: jsonb as objects, the time in ISO 8601."""
+    """A row as JSON values: jsonb as objects."""
     out = dict(row)
     for column in ("key", "old", "new"):
         if isinstance(out[column], str):  # a connection without the admin side's jsonb codec
             out[column] = json.loads(out[column])
-    out["changed_at"] = out["changed_at"].isoformat()
     return out
 
 
@@ -160,6 +160,7 @@ async def page(
     conn: asyncpg.Connection, audit: AuditFilter, limit: int
 ) -> tuple[list[dict[str, Any]], int | None]:
     """Up to `limit` records and the `after` of the next page (None: this was the last)."""
+    await conn.execute("SELECT set_config('TimeZone', 'UTC', true)")
     sql, args = select(audit, limit + 1)
     rows = await conn.fetch(sql, *args)
     records = [record(r) for r in rows[:limit]]
@@ -190,6 +191,7 @@ async def export(
     Constant memory: CSV is PostgreSQL's COPY, streamed; JSON lines come through a
     server-side cursor (call in a transaction), written in chunks of about 64 kB.
     """
+    await conn.execute("SELECT set_config('TimeZone', 'UTC', true)")  # times in UTC
     where, args = audit.where()
     source = f"FROM {UNION} a WHERE {where} ORDER BY id"
     if form == "csv":
