@@ -227,8 +227,7 @@ async def export(
             query.ordered(shown), *query.args, output=write, format="csv", header=True
         )
         return
-    fields = ", ".join(f"'{c}', r.{c}" for c in query.columns)
-    sql = query.ordered(f"json_build_object({fields})::text")
+    sql = query.ordered("row_to_json(r)::text")  # compact, the columns in order
     between, lead = ("\n", "") if form == "jsonl" else (",\n", "[\n")
     chunk: list[str] = []
     size, count = 0, 0

@@ -168,12 +168,8 @@ async def page(
 
 
 # The export's rows rendered by PostgreSQL: no jsonb is parsed and re-encoded here.
-# `json` (not jsonb) keeps the columns in order; a timestamptz in JSON is ISO 8601.
-_JSON_LINE = (
-    "json_build_object("
-    + ", ".join(f"'{c}', {'txid::text' if c == 'txid' else c}" for c in COLUMNS)
-    + ")::text"
-)
+# row_to_json: compact, the columns in order; a timestamptz in JSON is ISO 8601.
+_JSON_COLUMNS = ", ".join("txid::text AS txid" if c == "txid" else c for c in COLUMNS)
 _CSV_COLUMNS = ", ".join(
     "txid::text AS txid" if c == "txid"
     else "to_json(changed_at) #>> '{}' AS changed_at" if c == "changed_at"
@@ -201,7 +197,11 @@ async def export(
         return
     chunk: list[str] = []
     size = 0
-    async for row in conn.cursor(f"SELECT {_JSON_LINE} {source}", *args, prefetch=batch):
+    lines = (
+        f"SELECT row_to_json(x)::text FROM (SELECT {_JSON_COLUMNS} FROM {UNION} a"
+        f" WHERE {where}) x ORDER BY x.id"
+    )
+    async for row in conn.cursor(lines, *args, prefetch=batch):
         chunk.append(row[0])
         size += len(row[0])
         if size >= 65536:
