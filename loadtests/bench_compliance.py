@@ -7,8 +7,9 @@ processes with stdout to /dev/null and reports wall time, rows and the child's p
 RSS (ru_maxrss of the child):
 
 - `pdp audit --tenant T --format jsonl` and `--format csv`;
-- `pdp access-review --tenant T --format csv` (now) and `--at` (a past state rebuilt
-  from the change log, after `--changes` later writes).
+- `pdp access-review --tenant T --format csv` (now), `--at` (a past state rebuilt
+  from the change log, after `--changes` later writes) and `--since` (the diff from
+  that moment to now: the rows the later writes gained).
 
     python -m loadtests.bench_compliance --users 100000 --audit-rows 1000000
 
@@ -141,7 +142,12 @@ async def main(args: argparse.Namespace) -> list[Run]:
             print(runs[-1].line(), flush=True)
         at = await _later_changes(url, args.changes)
         review = ("access-review", "--tenant", TENANT, "--format", "csv")
-        for name, extra in (("access-review (now)", ()), ("access-review --at", ("--at", at))):
+        cases = (
+            ("access-review (now)", ()),
+            ("access-review --at", ("--at", at)),
+            ("access-review --since (diff)", ("--since", at)),
+        )
+        for name, extra in cases:
             runs.append(await asyncio.to_thread(_child, name, url, *review, *extra))
             print(runs[-1].line(), flush=True)
     return runs
