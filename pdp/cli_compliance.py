@@ -1,8 +1,8 @@
 """The compliance commands of `pdp`: audit, access-review, erase-subject.
 
 They run as the database owner (like `pdp export`), stream their output to stdout
-as they read it (a server-side cursor, constant memory), and turn a bad option into
-`pdp: error: ...` through the caller's UserError handling.
+as PostgreSQL renders it (COPY or a server-side cursor; constant memory), and turn
+a bad option into `pdp: error: ...` through the caller's UserError handling.
 """
 
 from __future__ import annotations
