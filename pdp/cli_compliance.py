@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,25 @@ def _key_field(text: str) -> tuple[str, str]:
     if not sep or not column or not value:
         raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
     return column, value
+
+
+SIGPIPE_EXIT = 141  # what a shell reports for a writer killed by SIGPIPE
+
+
+def _to_stdout(run: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run an export; a reader that stops early (`| head`) ends it quietly."""
+    try:
+        asyncio.run(run())
+    except BrokenPipeError:
+        pass
+    except Exception as exc:
+        if not isinstance(exc.__cause__ or exc.__context__, BrokenPipeError):
+            raise
+    else:
+        return 0
+    # Python would flush stdout again at exit and report the same broken pipe.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return SIGPIPE_EXIT
 
 
 # --- pdp audit -------------------------------------------------------------------------
@@ -66,8 +86,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
                 await conn.close()
         out.flush()
 
-    asyncio.run(run())
-    return 0
+    return _to_stdout(run)
 
 
 def _add_audit(sub: Any) -> None:
@@ -113,8 +132,7 @@ def _cmd_access_review(args: argparse.Namespace, settings: Settings) -> int:
                 await conn.close()
         out.flush()
 
-    asyncio.run(run())
-    return 0
+    return _to_stdout(run)
 
 
 async def _review(conn: asyncpg.Connection, args: argparse.Namespace, write: audit.Write) -> None:

@@ -301,3 +301,25 @@ async def test_pdp_audit_exports_jsonl_and_csv_with_the_change_log_columns(
     assert bad.returncode == 2
     assert "--since" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_a_reader_that_stops_early_ends_the_export_quietly(pg: asyncpg.Connection, db_url: str) -> None:
+    await pg.execute("INSERT INTO pdp.tenants (id) VALUES ($1)", A)
+    await pg.execute("INSERT INTO pdp.users (tenant_id, id) SELECT $1, 'user-' || g FROM generate_series(1, 5000) g", A)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    clean |= {"PDP_DATABASE_URL": db_url, "PDP_LOG_LEVEL": "WARNING"}
+    for command in (["audit", "--tenant", A], ["audit", "--format", "csv"], ["access-review", "--tenant", A, "--format", "json"]):
+
+        def head(command: list[str] = command) -> tuple[int, bytes, bytes]:
+            proc = subprocess.Popen([sys.executable, "-m", "pdp", *command], env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            proc.stdout.close()  # like `| head -1`
+            _, err = proc.communicate(timeout=60)
+            return proc.returncode, first, err
+
+        code, first, err = await asyncio.to_thread(head)
+        assert first
+        # access-review of a tenant without grants writes little: it may finish first.
+        assert code in ((141,) if command[0] == "audit" else (0, 141)), err
+        assert err == b"", err
