@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 
+from pdp import cli_compliance
 from pdp.config import OPTIONS, SERVE_FLAGS, Settings, from_environment, redact_url
 from pdp.errors import DependencyError, PdpError, UserError
 from pdp.pg import migrate, seed, seed_data
@@ -178,22 +179,27 @@ def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from sync import pg_retention  # noqa: PLC0415
 
     retention = settings.change_retention_seconds
+    audit = settings.audit_retention_seconds
     with database_url(settings) as url:
         if args.once:
-            result = asyncio.run(pg_retention.prune_once(url, retention))
-            print(f"removed={result.removed} purge_horizon={result.horizon}")
+            result = asyncio.run(pg_retention.prune_once(url, retention, audit))
+            print(
+                f"removed={result.removed} purge_horizon={result.horizon}"
+                f" audit_removed={result.audit_removed}"
+            )
             return 0
-        asyncio.run(pg_retention.run_forever(url, retention, args.interval))
+        asyncio.run(pg_retention.run_forever(url, retention, args.interval, audit))
     return 0
 
 
 def _add_prune(sub: Any) -> None:
     p = sub.add_parser(
         "prune",
-        help="change-log retention worker (sync): prune old rows, record the horizon",
-        description="Delete change_log rows older than PDP_CHANGE_RETENTION (default 7d),\n"
-        "never those of a transaction newer than the oldest one still running,\n"
-        "and record the purge horizon (sidecars behind it reload).",
+        help="retention worker: sync's change-log window and the audit archive",
+        description="Move change_log rows older than PDP_CHANGE_RETENTION (default 7d)\n"
+        "into pdp.audit_archive, never those of a transaction newer than the oldest\n"
+        "one still running, and record the purge horizon (sidecars behind it reload);\n"
+        "then delete archive rows older than PDP_AUDIT_RETENTION (default 400d).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--once", action="store_true", help="prune once and exit (for cron)")
@@ -462,6 +468,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_policy,
     _add_db,
     _add_grant,
+    *cli_compliance.COMMANDS,
 ]
 
 

@@ -342,6 +342,14 @@ OPTIONS: tuple[Option, ...] = (
         "change_retention_seconds", "PDP_CHANGE_RETENTION", parse_duration,
         "change-log retention of pdp prune",
     ),
+    Option(
+        "audit_retention_seconds", "PDP_AUDIT_RETENTION", parse_duration,
+        "how long pdp prune keeps audit rows (the archive)",
+    ),
+    Option(
+        "pseudonym_key_file", "PDP_PSEUDONYM_KEY_FILE", _readable_file,
+        "secret key of pdp erase-subject's pseudonyms (HMAC-SHA256)",
+    ),
     # --- forward-auth for API gateways (pdp.web.forward_auth) ---
     Option(
         "routes_path", "PDP_ROUTES", _readable_file, "route table (YAML) of /forward-auth",
@@ -438,6 +446,8 @@ class Settings:
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
     change_retention_seconds: float = 7 * 86400.0
+    audit_retention_seconds: float = 400 * 86400.0
+    pseudonym_key_file: Path | None = None
     routes_path: Path | None = None
     forward_auth_mode: str = "nginx"
     subject_header: str = "X-User-Id"

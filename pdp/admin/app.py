@@ -27,7 +27,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pdp.admin import openapi, policy, policy_store, tokens
+from pdp.admin import access_review, audit, openapi, policy, policy_store, tokens
 from pdp.admin.kinds import BY_NAME, KINDS, MAX_ID, AdminError, Kind, check_fields, check_id
 from pdp.admin.policy import PolicyError
 from pdp.admin.store import (
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STORE = web.AppKey("admin_store", AdminStore)
 PRINCIPAL = web.RequestKey("principal", tokens.Principal)
+REQUEST_ID = web.RequestKey("request_id", str)
 PREFIX = "/admin/v1"
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -63,6 +64,7 @@ def _error(
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
     try:
         response = await _authenticated(request, handler)
     except AdminError as exc:
@@ -78,7 +80,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("admin request %s %s failed", request.method, request.rel_url.path)
         response = _error(500, "internal", "internal error (logged)")
-    response.headers["X-Request-ID"] = request_id
+    if not response.prepared:  # a streamed answer sent its headers itself
+        response.headers["X-Request-ID"] = request_id
     return response
 
 
@@ -384,6 +387,73 @@ async def _policy_get(request: web.Request) -> web.StreamResponse:
     return web.Response(text=policy.export(tenant, state), content_type="application/yaml")
 
 
+# --- the audit trail -------------------------------------------------------------------
+
+
+async def _audit(request: web.Request) -> web.StreamResponse:
+    """One keyset page of the tenant's change-log and archive rows, in id order."""
+    principal = _principal(request)
+    given = request.query.get("tenant")
+    tenant = principal.tenant_id
+    if given is not None:
+        given = _param("tenant", given)
+        if tenant is not None and given != tenant:
+            raise AdminError(404, "not_found", f"unknown tenant {given!r}")
+        tenant = given
+    if tenant is None:
+        raise RequestError("a platform token names the tenant: ?tenant=T", "tenant")
+    limit = _limit(request)
+    found = audit.AuditFilter.from_query(request.query, tenant=tenant)
+    store = request.app[STORE]
+    # No existence check: a platform token may read a deleted tenant's history (a
+    # tenant token cannot outlive its tenant). An unknown tenant has no rows.
+    async with store.transaction(principal, tenant) as conn:
+        records, following = await audit.page(conn, found, limit)
+    return web.json_response(
+        {"data": records, "next": None if following is None else str(following)}
+    )
+
+
+# --- access review ------------------------------------------------------------------------
+
+_REVIEW_TYPES = {"json": "application/json", "jsonl": "application/x-ndjson", "csv": "text/csv"}
+
+
+def _review_query(request: web.Request) -> tuple[Any, Any, str]:
+    for name in request.query:
+        if name not in ("at", "since", "format"):
+            raise RequestError(f"unknown parameter {name!r} (at, since, format)", name)
+    at, since = (
+        None if (text := request.query.get(n)) is None else audit.parse_time(n, text)
+        for n in ("at", "since")
+    )
+    form = request.query.get("format", "json")
+    if form not in _REVIEW_TYPES:
+        raise RequestError("format must be json, jsonl or csv", "format")
+    return at, since, form
+
+
+async def _access_review(request: web.Request) -> web.StreamResponse:
+    """Every grant path of the tenant, streamed (json|jsonl|csv, rendered by PostgreSQL)."""
+    tenant = _tenant(request)
+    at, since, form = _review_query(request)
+    store = request.app[STORE]
+    # One snapshot: a past state is rebuilt by several statements.
+    async with store.transaction(_principal(request), tenant, isolation="repeatable_read") as conn:
+        if not await store.tenant_visible(conn, tenant):
+            raise AdminError(404, "not_found", f"unknown tenant {tenant!r}")
+        moment = at if at is not None else await conn.fetchval("SELECT now()")
+        # A history too short is a 400 here, before any byte is sent.
+        query = await access_review.prepare(conn, tenant, moment, past=at is not None, since=since)
+        response = web.StreamResponse(
+            headers={"Content-Type": _REVIEW_TYPES[form], "X-Request-ID": request[REQUEST_ID]}
+        )
+        await response.prepare(request)
+        await access_review.export(conn, query, form, response.write)
+    await response.write_eof()
+    return response
+
+
 # --- tenants -------------------------------------------------------------------------------
 
 
@@ -470,9 +540,11 @@ def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> 
     app.router.add_get(tenants + "/{tenant}", _tenant_get)
     app.router.add_delete(tenants + "/{tenant}", _tenant_delete)
     app.router.add_get(f"{PREFIX}/openapi.yaml", _openapi)
+    app.router.add_get(f"{PREFIX}/audit", _audit)
     app.router.add_post(tenants + "/{tenant}/bulk", _bulk)
     app.router.add_put(tenants + "/{tenant}/policy", _policy_put)
     app.router.add_get(tenants + "/{tenant}/policy", _policy_get)
+    app.router.add_get(tenants + "/{tenant}/access-review", _access_review)
     for kind in KINDS:
         handlers = _handlers(kind)
         base = tenants + "/{tenant}"

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pdp.admin import access_review, audit
 from pdp.admin.kinds import KINDS, MAX_ID, Field, Kind
 
 ID: dict[str, Any] = {
@@ -210,6 +211,103 @@ def _kind_paths(kind: Kind, base: str) -> dict[str, Any]:
     return paths
 
 
+_JSONB = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+_TEXT_OR_NULL = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+_AUDIT_RECORD = {
+    "type": "object",
+    "required": list(audit.COLUMNS),
+    "properties": {
+        "id": {"type": "integer"},
+        "txid": {"type": "string"},
+        "tenant_id": _TEXT_OR_NULL,
+        "entity": {"type": "string"},
+        "op": {"enum": ["insert", "update", "delete", "truncate", "bulk_load"]},
+        "key": _JSONB,
+        "old": _JSONB,
+        "new": _JSONB,
+        "actor": _TEXT_OR_NULL,
+        "changed_at": _TYPES["timestamp"],
+    },
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name, "in": "query", "required": False, "schema": schema,
+        "description": description,
+    }  # fmt: skip
+
+
+def _compliance_paths(base: str) -> dict[str, Any]:
+    moment = {"type": "string", "format": "date-time"}
+    listing = {
+        "type": "object",
+        "required": ["data", "next"],
+        "properties": {
+            "data": {"type": "array", "items": _ref("audit_record")},
+            "next": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+    }
+    row = {
+        "type": "object",
+        "required": list(access_review.COLUMNS),
+        "properties": {
+            **dict.fromkeys(access_review.COLUMNS, _TEXT_OR_NULL),
+            "user_id": {"type": "string"},
+            "permission": {"type": "string"},
+            "role": {"type": "string"},
+            "path": {"type": "string"},
+            "scope": {"type": "string"},
+            "change": {"enum": ["gained", "lost"]},
+        },
+    }
+    review = {
+        "parameters": _params(base),
+        "get": {
+            "summary": "every user's effective permissions, one row per grant path (streamed)",
+            "operationId": "access_review",
+            "parameters": [
+                _query("at", moment, "a past moment, rebuilt from the change log (default now)"),
+                _query("since", moment, "rows gained and lost between this moment and at"),
+                _query("format", {"enum": ["json", "jsonl", "csv"], "default": "json"}, "body"),
+            ],
+            "responses": {
+                "200": {
+                    "description": "the rows, ordered by user_id, permission, path",
+                    "content": {
+                        "application/json": {"schema": {"type": "array", "items": row}},
+                        "application/x-ndjson": {"schema": row},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors("400", "401", "403", "404"),
+            },
+        },
+    }
+    return {
+        base + "/access-review": review,
+        "/admin/v1/audit": {
+            "get": {
+                "summary": "the audit trail: change-log and archive rows in id order",
+                "operationId": "audit",
+                "parameters": [
+                    _query("tenant", ID, "the tenant (a platform token must name it)"),
+                    _query("actor", ID, "rows written by this actor"),
+                    _query("entity", {"enum": list(audit.ENTITIES)}, "one table's rows"),
+                    _query("since", moment, "changed at or after"),
+                    _query("until", moment, "changed before"),
+                    _query(
+                        "txid", {"type": "string", "pattern": "^[0-9]{1,19}$"}, "one transaction"
+                    ),
+                    _PAGE[0],
+                    {**_PAGE[1], "description": "the 'next' of the previous page (an id)"},
+                ],
+                "responses": {**_ok(listing), **_errors("400", "401", "403", "404")},
+            },
+        },
+    }
+
+
 def document() -> dict[str, Any]:
     base = "/admin/v1/tenants/{tenant}"
     tenant = {
@@ -375,6 +473,7 @@ def document() -> dict[str, Any]:
             },
         },
     }
+    paths |= _compliance_paths(base)
     for kind in KINDS:
         paths |= _kind_paths(kind, base)
     schemas: dict[str, Any] = {
@@ -388,6 +487,7 @@ def document() -> dict[str, Any]:
             },
         },
         "tenant": tenant,
+        "audit_record": _AUDIT_RECORD,
         **{k.name: _row(k) for k in KINDS},
     }
     return {

@@ -103,14 +103,20 @@ class AdminStore:
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, principal: Principal | None, tenant: str | None, *, platform: bool = False
+        self,
+        principal: Principal | None,
+        tenant: str | None,
+        *,
+        platform: bool = False,
+        isolation: str | None = None,
     ) -> AsyncIterator[asyncpg.Connection]:
         """One transaction as pdp_admin, bounded to `tenant`'s rows.
 
         `platform`: the tenants table itself is visible too (only for a platform token).
+        `isolation`: e.g. "repeatable_read" for several reads of one snapshot.
         """
         platform = platform and principal is not None and principal.tenant_id is None
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn, conn.transaction(isolation=isolation):
             # One round trip: set_config('role', ...) is SET LOCAL ROLE.
             await conn.execute(
                 "SELECT set_config('role', 'pdp_admin', true), set_config('pdp.tenant', $1, true),"

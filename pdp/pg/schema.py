@@ -257,6 +257,26 @@ sync_meta = Table(
     CheckConstraint("singleton", name="singleton"),
 )
 
+# The audit archive (revision 0005): change-log rows `pdp prune` removed from the sync
+# window, kept until PDP_AUDIT_RETENTION; same columns, `id` the change log's own.
+audit_archive = Table(
+    "audit_archive",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("txid", Xid8(), nullable=False),
+    Column("tenant_id", Text, nullable=True),
+    Column("entity", Text, nullable=False),
+    Column("op", Text, nullable=False),
+    Column("key", JSONB, nullable=True),
+    Column("old", JSONB, nullable=True),
+    Column("new", JSONB, nullable=True),
+    Column("actor", Text, nullable=True),
+    Column("changed_at", TIMESTAMP(timezone=True), nullable=False),
+    CheckConstraint("op IN ('insert', 'update', 'delete', 'truncate', 'bulk_load')", name="op"),
+    Index("audit_archive_changed_at_idx", "changed_at"),
+    Index("audit_archive_tenant_id_idx", "tenant_id", "id"),
+)
+
 # The admin API's tokens (revision 0004): the SHA-256 of each secret, never the secret.
 # Not replicated and not captured; neither pdp_sidecar nor pdp_admin may read it (the
 # admin API calls the SECURITY DEFINER function pdp.admin_token_lookup(id)).
