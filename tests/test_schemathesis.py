@@ -11,7 +11,10 @@ One expectation is configured per operation, not switched off: a search's
 `page.token` may be any string by the schema, but only a token this server issued
 for the same request is accepted; any other is a 400 naming `page.token`, as the
 document says. So for the searches a schema-valid request may be answered 200 or 400
-(`positive_data_acceptance.expected-statuses`); every other check applies as is.
+(`positive_data_acceptance.expected-statuses`). And a schema-violating request can be
+too large to read (a batch over maxItems over the body limit): its 413 counts as the
+rejection it is (`negative_data_rejection.expected-statuses` adds 413). Every other
+check applies as is.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from aiohttp import web
 from tests.test_web_support import TENANT, Clock, loaded_replica, make_app, settings
 
 CONFIG = """
+[checks.negative_data_rejection]
+# A request over the body limit is refused with 413 before it is parsed: a rejection.
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
+
 [[operations]]
 include-path-regex = "^/access/v1/search/"
 checks.positive_data_acceptance.expected-statuses = ["200", "400"]
