@@ -549,3 +549,18 @@ async def test_conditions_are_compiled_on_write_and_the_inventory_is_managed(adm
     bad_type = await _json(await admin.post(f"{t}/resources", json={"type": "no spaces", "id": "x"}, headers=h), 422)
     assert bad_type["field"] == "type"
     await _json(await admin.delete(f"{t}/resources/document/d1", headers=h), 200)
+
+
+@pytest.mark.parametrize("path", ["/users", "/policy", "/bulk"])
+async def test_compressed_bodies_are_refused_not_inflated(admin: Client, token: MakeToken, pg: asyncpg.Connection, path: str) -> None:
+    import gzip
+
+    h = await token("write")
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]")  # 64 MiB of JSON in ~64 KiB
+    method = admin.put if path == "/policy" else admin.post
+    answer = await _json(await method(
+        f"/admin/v1/tenants/{A}{path}", data=bomb,
+        headers={**h, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ), 415)  # fmt: skip
+    assert answer["message"] == "Content-Encoding 'gzip' is not accepted"
+    assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE tenant_id = $1", A) == 0

@@ -126,7 +126,17 @@ def _tenant(request: web.Request) -> str:
     return tenant
 
 
+def _plain(request: web.Request) -> None:
+    """Refuse compressed bodies (415): the admin API inflates nothing."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise AdminError(
+            415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not accepted"
+        )
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
+    _plain(request)
     if request.content_type != "application/json":
         raise AdminError(415, "unsupported_media_type", "send Content-Type: application/json")
     try:
@@ -359,6 +369,7 @@ async def _policy_put(request: web.Request) -> web.StreamResponse:
     if dry_run not in ("true", "false"):
         raise RequestError("dry_run must be true or false", "dry_run")
     try:
+        _plain(request)
         text = (await request.read()).decode()
     except UnicodeDecodeError:
         raise RequestError("the policy is not UTF-8") from None
@@ -532,7 +543,12 @@ async def _openapi(request: web.Request) -> web.StreamResponse:
 
 
 def build_admin_app(store: AdminStore, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=max_body_bytes)
+    # No automatic decompression: a small gzip body can inflate to gigabytes on the loop.
+    app = web.Application(
+        middlewares=[_guard],
+        client_max_size=max_body_bytes,
+        handler_args={"auto_decompress": False},
+    )
     app[STORE] = store
     tenants = f"{PREFIX}/tenants"
     app.router.add_get(tenants, _tenants_list)
