@@ -19,14 +19,12 @@ check applies as is.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
+from tests.schemathesis_run import fuzz
 from tests.test_web_support import TENANT, Clock, loaded_replica, make_app, settings
 
 CONFIG = """
@@ -51,31 +49,9 @@ async def test_api_conforms_to_its_openapi_document(
 ) -> None:
     config = settings(max_batch=1000, consistency_wait_ms=5, default_tenant=default_tenant)
     app = make_app(loaded_replica(Clock()), config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        toml = tmp_path / "schemathesis.toml"
-        toml.write_text(CONFIG)
-        st = Path(sys.executable).with_name("st")
-        process = await asyncio.create_subprocess_exec(
-            str(st), "--config-file", str(toml), "--no-color",
-            "run", f"http://{host}:{port}/openapi.yaml",
-            "--checks", "all",
-            "--max-examples", str(EXAMPLES),
-            "--seed", "1",
-            "--workers", "1",
-            "--request-timeout", "10",
-            cwd=tmp_path,
-            env={**os.environ, "NO_COLOR": "1"},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=850)
-    finally:
-        await runner.cleanup()
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text
+    code, text = await fuzz(
+        app, "/openapi.yaml", CONFIG, tmp_path,
+        "--checks", "all", "--max-examples", str(EXAMPLES), timeout=850,
+    )  # fmt: skip
+    assert code == 0, text
     assert "Tested: 9" in text, text
