@@ -492,6 +492,23 @@ def test_a_wildcard_condition_that_reads_nothing_of_the_resource_covers_every_on
     assert later.undecided == ()  # false for every action alike: decided
 
 
+def test_a_search_flags_wildcard_conditions_that_may_allow_resources_outside_the_inventory() -> None:
+    inventory = {"resources": [("t", "doc", "2", '{"owner": "bob"}')]}
+    by_id = _engine([("base", "doc:read", "resource.id == '1'")], **inventory)
+    found = by_id.resources("t", "alice", "doc", "read", NOW)
+    assert by_id.check("t", "alice", "doc", "1", "read", NOW).allowed  # not in the inventory
+    assert found.ids == ()
+    assert found.undecided == ("resource.id == '1'",)  # so the answer says it may be short
+    absent = _engine([("base", "doc:read", "!has(resource.attributes.owner)")], **inventory)
+    found = absent.resources("t", "alice", "doc", "read", NOW)
+    assert absent.check("t", "alice", "doc", "9", "read", NOW).allowed
+    assert found.undecided == ("!has(resource.attributes.owner)",)
+    owner = _engine([("base", "doc:read", "resource.attributes.owner == subject.id")], **inventory)
+    found = owner.resources("t", "bob", "doc", "read", NOW)
+    assert found.ids == ("2",)
+    assert found.undecided == ()  # an unlisted resource has no owner: decided, and complete
+
+
 # --- reverse queries agree with check, conditions included (property test) ----------------
 
 REVERSE_CONDITIONS = [

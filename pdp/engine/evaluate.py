@@ -24,6 +24,7 @@ naming the first such grant.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import islice
 from typing import cast
@@ -419,6 +420,10 @@ def resource_steps(  # noqa: PLR0912, PLR0917 -- mirrors Engine.resources, one p
                     yield
             if not inventory:
                 undecided.update(wildcard)
+            else:
+                undecided.update(
+                    _unlisted_may_pass(state, user, (rtype, action), now, facts, wildcard)
+                )
     return ResourcesResult(tuple(sorted(ids)), every, tuple(sorted(undecided)), truncated)
 
 
@@ -436,6 +441,37 @@ def _decide_one(  # noqa: PLR0917 -- internal
         ids.add(what[1])
     elif decision.reason == "condition_error" and decision.condition:
         undecided.add(decision.condition)
+
+
+def _unlisted_may_pass(  # noqa: PLR0917 -- internal
+    state: TenantState,
+    user: str,
+    what: tuple[str, str],
+    now: float,
+    facts: FactsSource,
+    wildcard: set[str],
+) -> set[str]:
+    """The wildcard-scoped conditions that may allow a resource outside the inventory:
+    a search lists the inventory, `check` decides any id. Every unlisted resource looks
+    alike to a condition (no attributes, the request's properties) but for its id, so
+    one probe decides them all for conditions that do not read `resource.id`; those
+    that do (or read `resource` whole) stay undecided."""
+    rtype, action = what
+    out = {text for text in wildcard if _reads_resource_id(text)}
+    probe = check(state, user, rtype, "\x00", action, now, facts)  # no `type:id` scope is NUL
+    if probe.allowed and probe.condition is not None:
+        out.add(probe.condition)
+    return out
+
+
+_RESOURCE = re.compile(r"\bresource\b(?!\s*\.\s*(?:attributes|properties|type)\b)")
+
+
+def _reads_resource_id(text: str) -> bool:
+    """Whether a condition may read the resource's id: conservatively, any `resource`
+    not followed by `.attributes`, `.properties` or `.type` counts (a word in a string
+    literal too: a false yes only marks the answer as maybe incomplete)."""
+    return _RESOURCE.search(text) is not None
 
 
 def _covers_every_resource(  # noqa: PLR0917 -- internal
