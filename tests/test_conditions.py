@@ -492,7 +492,7 @@ def test_a_wildcard_condition_that_reads_nothing_of_the_resource_covers_every_on
     assert later.undecided == ()  # false for every action alike: decided
 
 
-def test_a_search_flags_wildcard_conditions_that_may_allow_resources_outside_the_inventory() -> None:
+def test_a_search_flags_wildcard_conditions_that_may_pass_outside_the_inventory() -> None:
     inventory = {"resources": [("t", "doc", "2", '{"owner": "bob"}')]}
     by_id = _engine([("base", "doc:read", "resource.id == '1'")], **inventory)
     found = by_id.resources("t", "alice", "doc", "read", NOW)
