@@ -250,7 +250,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
     Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
-    # --- the HTTP edge (pdp.web.http_edge) ---
+    # --- the HTTP edge (pdp.http_edge) ---
     Option(
         "request_read_timeout_seconds", "PDP_REQUEST_READ_TIMEOUT_SECONDS", _positive_seconds,
         "a request (line, headers, body) not read within this gets 408 and is closed",

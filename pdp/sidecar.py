@@ -24,6 +24,13 @@ from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
 from pdp.errors import ConfigError, PdpError
+from pdp.http_edge import (
+    EdgeLimits,
+    EdgeRunner,
+    EdgeServer,
+    default_max_connections,
+    raise_file_limit,
+)
 from pdp.metrics import Metrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
@@ -32,13 +39,6 @@ from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
-from pdp.web.http_edge import (
-    EdgeLimits,
-    EdgeRunner,
-    EdgeServer,
-    default_max_connections,
-    raise_file_limit,
-)
 from pdp.web.tls import server_context
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback

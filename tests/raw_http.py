@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pdp.http_edge import EdgeLimits, EdgeRunner
 from pdp.web.app import METRICS
-from pdp.web.http_edge import EdgeLimits, EdgeRunner
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The HTTP edge (`pdp.web.http_edge`) on a real socket: compressed bodies, the read
+"""The HTTP edge (`pdp.http_edge`) on a real socket: compressed bodies, the read
 timeout, what aiohttp refuses itself, client disconnects, NUL ids and the connection cap.
 
 Every answer is a JSON 4xx (or, at the cap, a JSON 503), never a 500 and never a
@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pdp.http_edge import EdgeLimits
 from pdp.metrics import Metrics
-from pdp.web.http_edge import EdgeLimits
 from tests.raw_http import Answer, edge_server, exchange, get, post, read_answer
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app
 

@@ -38,7 +38,7 @@ from pdp.admin.store import (
     not_found,
     parse_page_token,
 )
-from pdp.errors import RequestError
+from pdp.errors import RequestError, RequestReadTimeout
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,13 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _authenticated(request, handler)
     except AdminError as exc:
         response = _error(exc.status, exc.error, exc.message, exc.field)
+    except RequestReadTimeout as exc:  # the HTTP edge gave up on a slow body: close
+        response = _error(exc.status, exc.error, exc.message)
+        response.force_close()
     except RequestError as exc:
         response = _error(400, "bad_request", exc.message, exc.field)
+    except ConnectionError:  # the client went away mid-request: not our error
+        response = _error(499, "client_closed_request", "the client went away")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
