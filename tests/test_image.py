@@ -154,6 +154,7 @@ def test_the_image_is_non_root_with_pdp_as_entrypoint_and_a_healthcheck(
     probe = (
         "for t in gcc cc g++ make pip pip3; do command -v $t && exit 1; done; "
         "test ! -e /opt/pdp/bin/pip && test ! -e /src && test ! -e /wheels && "
+        "test -f /opt/pdp/healthcheck.py && test -f /opt/pdp/metrics_proxy.py && "
         "python -c 'import importlib.util as u; assert u.find_spec(\"tests\") is None' && id -u"
     )
     result = _run([*argv, "sh", "-c", probe], containers_env, 120)
@@ -222,6 +223,10 @@ def test_migrate_and_serve_from_the_image_then_sigterm_under_load(
         assert _decide(port, "alice", "read") is True
         assert _decide(port, "alice", "write") is False
         assert _decide(port, "bob", "read") is False
+        # The image's HEALTHCHECK and the Kubernetes probes, run inside the image.
+        probe = [*_buildah_run(container, containers_env, {"PDP_PORT": str(port)}), "python"]
+        for path in ("/readyz", "/healthz"):
+            _run([*probe, "/opt/pdp/healthcheck.py", path], containers_env, 60)
         main = _descendant(proc.popen.pid, "pdp")
         assert main is not None, "the container's pdp process was not found"
 
