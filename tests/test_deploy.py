@@ -14,6 +14,7 @@ with the compose plugin exists (not on this project's machines).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
@@ -23,11 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import kubernetes_validate
 import pytest
 import yaml
 
-from loadtests.gateway_harness import Pdp, Proc, free_port, poll, request
+from loadtests.gateway_harness import Pdp, Proc, Upstream, free_port, poll, request
 from pdp.config import OPTIONS
 from pdp.sidecar import SHUTDOWN_SECONDS
 
@@ -512,3 +514,62 @@ def test_the_probe_script_and_the_metrics_proxy_against_a_sidecar(
         pdp.stop()
         proxy.stop()
     assert "Traceback" not in proxy.tail(100)
+
+
+async def _seed_reader(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("""
+            INSERT INTO pdp.tenants (id) VALUES ('acme');
+            INSERT INTO pdp.users (tenant_id, id) VALUES ('acme', 'alice'), ('acme', 'bob');
+            INSERT INTO pdp.roles (tenant_id, id) VALUES ('acme', 'reader');
+            INSERT INTO pdp.role_permissions (tenant_id, role_id, permission)
+              VALUES ('acme', 'reader', 'document:read');
+            INSERT INTO pdp.user_roles (tenant_id, user_id, role_id, scope)
+              VALUES ('acme', 'alice', 'reader', '*');
+        """)
+    finally:
+        await conn.close()
+
+
+def test_composes_gateway_command_renders_the_nginx_file_and_asks_pdp(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The gateway service's own shell command (Compose's `$$` unescaped, its paths moved
+    to a temporary directory, ephemeral ports for its 8080/8282/80) with Debian's nginx,
+    in front of a real pdp and an echo upstream."""
+    asyncio.run(_seed_reader(db_url))
+    service = _compose()["services"]["gateway"]
+    script = service["command"][2].replace("$$", "$")
+    run_dir = tmp_path / "nginx"
+    script = script.replace(
+        "/etc/pdp-gateway/nginx.conf", str(DEPLOY / "gateways" / "nginx" / "nginx.conf")
+    )
+    script = script.replace(service["environment"]["RUN_DIR"], str(run_dir))
+    upstream = Upstream()
+    pdp = Pdp(db_url, tmp_path, {
+        "PDP_ROUTES": str(DEPLOY / "gateways" / "routes.yaml"), "PDP_FORWARD_AUTH_MODE": "nginx",
+        "PDP_DEFAULT_TENANT": "acme",
+    })  # fmt: skip
+    port = free_port()
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/bin", "LISTEN_PORT": str(port), "PDP_PORT": str(pdp.port),
+        "UPSTREAM_PORT": str(upstream.port), "RUN_DIR": str(run_dir),
+    }  # fmt: skip
+    assert set(env) - {"PATH"} == set(service["environment"])
+    gateway = Proc("gateway", ["sh", "-c", script], tmp_path / "gateway.log", env)
+    try:
+        poll(lambda: request(port, "GET", "/healthz").upstream is not None, 30, "nginx", gateway)
+        doc = "/projects/p1/documents/d1"
+        allowed = request(port, "GET", doc, {"X-User-Id": "alice"})
+        assert allowed.status == 200
+        assert allowed.upstream is not None
+        denied = request(port, "GET", doc, {"X-User-Id": "bob"})
+        assert (denied.status, denied.json()["reason"]) == (403, "no_grant")
+    finally:
+        gateway.stop()
+        pdp.stop()
+        upstream.stop()
+    rendered = (run_dir / "nginx.conf").read_text()
+    assert f"listen {port};" in rendered  # all addresses: Compose publishes the pod's port
+    assert f"server 127.0.0.1:{pdp.port};" in rendered
