@@ -246,3 +246,16 @@ def test_migrate_and_serve_from_the_image_then_sigterm_under_load(
     log = proc.tail(200)
     assert "SIGTERM: draining" in log
     assert "Traceback" not in log
+    # Read-only-root friendly: migrate, serve and the drain wrote no file into the
+    # container's own layer (buildah's empty /run mount point aside), not even in /tmp.
+    merged = Path(_run([_tool("buildah"), "mount", container], containers_env, 60).stdout.strip())
+    try:
+        written = [p for p in (merged.parent / "diff").rglob("*") if not p.is_dir()]
+    finally:
+        subprocess.run(
+            [_tool("buildah"), "umount", container],
+            env=containers_env,
+            capture_output=True,
+            check=False,
+        )
+    assert written == []
