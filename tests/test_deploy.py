@@ -14,9 +14,9 @@ with the compose plugin exists (not on this project's machines).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,12 +24,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import kubernetes_validate
 import pytest
 import yaml
 
-from loadtests.gateway_harness import Pdp, Proc, Upstream, free_port, poll, request
+from loadtests.gateway_harness import (
+    Pdp,
+    Proc,
+    Upstream,
+    free_port,
+    poll,
+    request,
+    upstream_headers,
+)
 from pdp.config import OPTIONS
 from pdp.sidecar import SHUTDOWN_SECONDS
 
@@ -516,30 +523,22 @@ def test_the_probe_script_and_the_metrics_proxy_against_a_sidecar(
     assert "Traceback" not in proxy.tail(100)
 
 
-async def _seed_reader(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("""
-            INSERT INTO pdp.tenants (id) VALUES ('acme');
-            INSERT INTO pdp.users (tenant_id, id) VALUES ('acme', 'alice'), ('acme', 'bob');
-            INSERT INTO pdp.roles (tenant_id, id) VALUES ('acme', 'reader');
-            INSERT INTO pdp.role_permissions (tenant_id, role_id, permission)
-              VALUES ('acme', 'reader', 'document:read');
-            INSERT INTO pdp.user_roles (tenant_id, user_id, role_id, scope)
-              VALUES ('acme', 'alice', 'reader', '*');
-        """)
-    finally:
-        await conn.close()
-
-
 def test_composes_gateway_command_renders_the_nginx_file_and_asks_pdp(
     tmp_path: Path, db_url: str
 ) -> None:
     """The gateway service's own shell command (Compose's `$$` unescaped, its paths moved
     to a temporary directory, ephemeral ports for its 8080/8282/80) with Debian's nginx,
-    in front of a real pdp and an echo upstream."""
-    asyncio.run(_seed_reader(db_url))
-    service = _compose()["services"]["gateway"]
+    in front of a real pdp configured as Compose's (the demo tenant, as its `seed` job
+    loads it) and an echo upstream: the README's curl example."""
+    services = _compose()["services"]
+    assert services["seed"]["command"] == ["seed", "--demo", "--replace"]
+    seeded = subprocess.run(
+        [sys.executable, "-m", "pdp", *services["seed"]["command"]],
+        env={**os.environ, "PDP_DATABASE_URL": db_url}, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert seeded.returncode == 0, seeded.stderr
+    service = services["gateway"]
     script = service["command"][2].replace("$$", "$")
     run_dir = tmp_path / "nginx"
     script = script.replace(
@@ -547,9 +546,12 @@ def test_composes_gateway_command_renders_the_nginx_file_and_asks_pdp(
     )
     script = script.replace(service["environment"]["RUN_DIR"], str(run_dir))
     upstream = Upstream()
+    compose_env = services["pdp"]["environment"]
+    assert compose_env["PDP_ROUTES"] == "/etc/pdp/routes.yaml"
     pdp = Pdp(db_url, tmp_path, {
-        "PDP_ROUTES": str(DEPLOY / "gateways" / "routes.yaml"), "PDP_FORWARD_AUTH_MODE": "nginx",
-        "PDP_DEFAULT_TENANT": "acme",
+        "PDP_ROUTES": str(DEPLOY / "gateways" / "routes.yaml"),
+        "PDP_FORWARD_AUTH_MODE": compose_env["PDP_FORWARD_AUTH_MODE"],
+        "PDP_DEFAULT_TENANT": compose_env["PDP_DEFAULT_TENANT"],
     })  # fmt: skip
     port = free_port()
     env = {
@@ -560,12 +562,16 @@ def test_composes_gateway_command_renders_the_nginx_file_and_asks_pdp(
     gateway = Proc("gateway", ["sh", "-c", script], tmp_path / "gateway.log", env)
     try:
         poll(lambda: request(port, "GET", "/healthz").upstream is not None, 30, "nginx", gateway)
-        doc = "/projects/p1/documents/d1"
-        allowed = request(port, "GET", doc, {"X-User-Id": "alice"})
+        allowed = request(port, "GET", "/projects/p1/documents/roadmap", {"X-User-Id": "carol"})
         assert allowed.status == 200
         assert allowed.upstream is not None
-        denied = request(port, "GET", doc, {"X-User-Id": "bob"})
+        assert upstream_headers(allowed.upstream, "X-PDP-Subject") == ["carol"]
+        denied = request(port, "GET", "/projects/p1/documents/budget", {"X-User-Id": "carol"})
         assert (denied.status, denied.json()["reason"]) == (403, "no_grant")
+        readme = (ROOT / "README.md").read_text()
+        assert (
+            "curl -i localhost:8080/projects/p1/documents/roadmap -H 'X-User-Id: carol'" in readme
+        )
     finally:
         gateway.stop()
         pdp.stop()
