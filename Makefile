@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pdp sync migrations tests loadtests
+	$(BIN)/ruff check pdp sync migrations tests loadtests deploy
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -519,7 +519,8 @@ def test_the_probe_script_and_the_metrics_proxy_against_a_sidecar(
         assert "healthcheck: http://127.0.0.1" in failed.stderr
     finally:
         pdp.stop()
-        proxy.stop()
+        stopped = proxy.stop()
+    assert stopped == 0, proxy.tail()  # SIGTERM: exits at once, cleanly
     assert "Traceback" not in proxy.tail(100)
 
 

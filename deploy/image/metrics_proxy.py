@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--listen", default="0.0.0.0:9282", help="HOST:PORT to listen on")  # noqa: S104
+parser.add_argument("--listen", default="0.0.0.0:9282", help="HOST:PORT to listen on")
 parser.add_argument("--target", default="http://127.0.0.1:8282/metrics", help="pdp's /metrics")
 options = parser.parse_args()
 host, _, port = options.listen.rpartition(":")
