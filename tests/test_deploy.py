@@ -195,6 +195,9 @@ def test_compose_runs_pdps_commands_from_one_image_read_only() -> None:
     assert pdp_services["relay"]["command"] == ["relay"]
     assert "PDP_REDIS_URL" in pdp_services["relay"]["environment"]
     assert pdp_services["admin"]["command"] == ["admin", "serve"]
+    # Started on request only: it refuses to start before a token exists.
+    assert pdp_services["admin"]["profiles"] == ["admin"]
+    assert [n for n, s in services.items() if "profiles" in s] == ["admin"]
     # The gateway and the upstream share pdp's network namespace, as a pod's containers do.
     for name in ("gateway", "upstream"):
         assert services[name]["network_mode"] == "service:pdp"

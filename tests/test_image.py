@@ -259,3 +259,35 @@ def test_migrate_and_serve_from_the_image_then_sigterm_under_load(
             check=False,
         )
     assert written == []
+
+
+def test_the_admin_api_runs_from_the_same_image(
+    container: str, containers_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    pdp_env = {"PDP_DATABASE_URL": db_url, "PDP_ADMIN_PORT": str(port)}
+    # It refuses to start without an active token: made with the image's own CLI.
+    create = [*_buildah_run(container, containers_env, pdp_env), "pdp", "admin", "token", "create"]
+    made = _run([*create, "--name", "ops", "--scopes", "read"], containers_env, 120)
+    token = made.stdout.strip().splitlines()[-1]
+    assert token.startswith("pdpa_")
+    argv = [*_buildah_run(container, containers_env, pdp_env), "/opt/pdp/bin/pdp", "admin", "serve"]
+    proc = Proc("buildah-admin", argv, tmp_path / "admin.log", containers_env)
+    try:
+        poll(
+            lambda: request(port, "GET", "/admin/v1/openapi.yaml", timeout=2).status == 200,
+            60, "admin", proc,
+        )  # fmt: skip
+        refused = request(port, "GET", "/admin/v1/tenants")
+        assert refused.status == 401
+        listed = request(port, "GET", "/admin/v1/tenants", {"Authorization": f"Bearer {token}"})
+        assert listed.status == 200, listed.body[:300]
+        # The image's healthcheck of the admin API, run inside the image.
+        probe = _buildah_run(container, containers_env, {"PDP_ADMIN_PORT": str(port)})
+        _run([*probe, "python", "/opt/pdp/healthcheck.py", "--admin"], containers_env, 60)
+        main = _descendant(proc.popen.pid, "pdp")
+        assert main is not None
+        os.kill(main, signal.SIGTERM)
+        assert proc.popen.wait(30) == 0, proc.tail()
+    finally:
+        proc.stop()
