@@ -3,7 +3,8 @@
 # certificates) with debootstrap, for machines that cannot pull an image from a registry.
 # Does nothing when the image exists already (podman storage persists); --force rebuilds.
 #   deploy/image/build-base.sh [--force]
-# Needs: debootstrap, podman (Debian packages), root. About 3 minutes, 275 MB.
+# Needs: debootstrap, podman (Debian packages), root, and Debian's package mirror; a few
+# minutes. The image is 176 MB here (`podman images`).
 set -euo pipefail
 image=localhost/pdp-base
 if [ "${1:-}" != "--force" ] && podman image exists "$image"; then
