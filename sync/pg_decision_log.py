@@ -26,6 +26,7 @@ MAINTAIN = "SELECT created, dropped FROM pdp.decision_log_maintain($1, $2)"
 AHEAD_DAYS = 2
 MAINTAIN_EVERY = 3600.0
 CONNECT_TIMEOUT = 10.0
+APP_NAME = "pdp decision log"  # pg_stat_activity.application_name of the writer
 
 
 def _row(entry: Entry) -> tuple[object, ...]:
@@ -56,7 +57,9 @@ class PgDecisionLog:
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[Sink]:
-        conn = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+        conn = await asyncpg.connect(
+            self._url, timeout=CONNECT_TIMEOUT, server_settings={"application_name": APP_NAME}
+        )
         try:
             sink = _PgSink(conn, self)
             await sink.maintain()
