@@ -10,6 +10,7 @@ trip per batch. Errors propagate (the worker crashes, the supervisor restarts it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 MAINTAIN = "SELECT created, dropped FROM pdp.decision_log_maintain($1, $2)"
 AHEAD_DAYS = 2
 MAINTAIN_EVERY = 3600.0
+_SLICE = 100
 CONNECT_TIMEOUT = 10.0
 APP_NAME = "pdp decision log"  # pg_stat_activity.application_name of the writer
 
@@ -94,5 +96,14 @@ class _PgSink:
         if self._owner._clock() - self._maintained >= self._owner._every:
             await self.maintain()
         await self._conn.copy_records_to_table(
-            "decision_log", schema_name="pdp", columns=FIELDS, records=map(_row, batch)
+            "decision_log", schema_name="pdp", columns=FIELDS, records=_rows(batch)
         )
+
+
+async def _rows(batch: Sequence[Entry]) -> AsyncIterator[tuple[object, ...]]:
+    """The batch's rows, with a turn for the requests every `_SLICE` rows: converting
+    and encoding a whole batch at once would hold the event loop for milliseconds."""
+    for start in range(0, len(batch), _SLICE):
+        for entry in batch[start : start + _SLICE]:
+            yield _row(entry)
+        await asyncio.sleep(0)

@@ -3,7 +3,7 @@
 The rows match the answers (the id in `context.decision_id` and `X-PDP-Decision-Id` is
 the row's), sampling keeps every deny, a full buffer drops and counts while checks go on
 (the writer blocked behind a lock this test holds on the table), stdout mode writes
-JSON lines, partitions are created ahead and dropped past retention (as the sidecar
+JSON lines (a real `pdp serve`), partitions are created ahead and dropped past retention (as the sidecar
 role), a writer whose connection is killed is restarted, and erasure pseudonymises.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import http.client
 import json
 import time
 import uuid
@@ -25,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from loadtests.gateway_harness import Pdp, poll, request
 from pdp.admin import erasure
 from pdp.config import Settings
 from pdp.decision_log import DecisionLog
@@ -237,30 +239,58 @@ async def test_a_full_queue_drops_and_counts_while_checks_go_on(
     assert "decision_id" in (await _evaluate(client, "alice"))["context"]
 
 
+def _post(port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        answer: dict[str, Any] = json.loads(conn.getresponse().read())
+        return answer
+    finally:
+        conn.close()
+
+
 async def test_stdout_mode_writes_json_lines(
-    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient, tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`pdp serve` with PDP_DECISION_LOG=stdout: one JSON line per decision on its stdout
+    (its log lines go to stderr; the harness writes both to one file)."""
     await pg.execute(BASE)
-    client = await _client(aiohttp_client, _settings(tmp_path, decision_log="stdout"), db_url)
-    capfd.readouterr()
-    ids = [(await _evaluate(client, u))["context"]["decision_id"] for u in ("alice", "bob")]
-    lines: list[dict[str, Any]] = []
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES)
+    env = {"PDP_DECISION_LOG": "stdout", "PDP_DEFAULT_TENANT": T, "PDP_ROUTES": str(routes),
+           "PDP_FORWARD_AUTH_MODE": "traefik"}  # fmt: skip
+    pdp = await asyncio.to_thread(Pdp, db_url, tmp_path, env)
+    try:
+        ids = []
+        for user in ("alice", "bob"):
+            body = {"subject": {"type": "user", "id": user}, "action": {"name": "read"},
+                    "resource": {"type": "doc", "id": "1"}}  # fmt: skip
+            answer = await asyncio.to_thread(_post, pdp.port, "/access/v1/evaluation", body)
+            ids.append(answer["context"]["decision_id"])
+        headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/docs/7", "X-User-Id": "bob"}
+        reply = await asyncio.to_thread(request, pdp.port, "GET", "/forward-auth", headers)
+        assert reply.status == 403
+        ids.append(reply.header("X-PDP-Decision-Id"))
 
-    async def written() -> bool:
-        out = capfd.readouterr().out
-        lines.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
-        return len(lines) >= 2
+        def lines() -> list[dict[str, Any]]:
+            text = pdp.proc.log.read_text()
+            return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
 
-    await _until(written)
-    assert [line["decision_id"] for line in lines] == ids
-    assert lines[0]["subject"] == {"type": "user", "id": "alice"}
-    assert lines[0]["resource"] == {"type": "doc", "id": "1"}
-    assert (lines[0]["action"], lines[0]["decision"], lines[0]["reason"]) == (
+        await asyncio.to_thread(poll, lambda: len(lines()) >= 3, 15, "decision lines", pdp.proc)
+    finally:
+        assert await asyncio.to_thread(pdp.stop) == 0
+    written = lines()
+    assert [line["decision_id"] for line in written] == ids
+    assert written[0]["subject"] == {"type": "user", "id": "alice"}
+    assert written[0]["resource"] == {"type": "doc", "id": "1"}
+    assert (written[0]["action"], written[0]["decision"], written[0]["reason"]) == (
         {"name": "read"}, True, "granted",
     )  # fmt: skip
-    assert (lines[1]["decision"], lines[1]["reason"], lines[1]["tenant"]) == (False, "no_grant", T)
-    datetime.datetime.fromisoformat(lines[0]["time"])
+    assert (written[1]["decision"], written[1]["reason"], written[1]["tenant"]) == (False, "no_grant", T)
+    assert (written[2]["endpoint"], written[2]["resource"]) == ("forward_auth", {"type": "doc", "id": "7"})
+    assert datetime.datetime.fromisoformat(written[0]["time"]).tzinfo is not None
+    assert written[0]["revision"]
+    assert written[0]["latency_ms"] >= 0
     assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 0
 
 
