@@ -7,9 +7,10 @@
 `DecisionLog.record` never awaits, locks or does I/O: it samples (denies always, unless
 PDP_DECISION_LOG_DENIES=sampled), appends a tuple to a list bounded by
 PDP_DECISION_LOG_QUEUE_SIZE and sets an event. The worker (`DecisionLog.lifespan`, run by
-`pdp.supervisor`) takes up to PDP_DECISION_LOG_BATCH_SIZE entries at a time and awaits
-the sink: `StdoutSink` writes JSON lines from a worker thread (a slow or blocked stdout
-fills the buffer, never the event loop); the PostgreSQL sink (`sync.pg_decision_log`)
+`pdp.supervisor`) takes up to PDP_DECISION_LOG_BATCH_SIZE entries at a time (waiting
+`LINGER_SECONDS` for more when fewer are there) and awaits the sink: `StdoutSink`
+writes JSON lines from a worker thread (a slow or blocked stdout fills the buffer,
+never the event loop); the PostgreSQL sink (`sync.pg_decision_log`)
 COPYs into pdp.decision_log. A batch whose write fails is counted as dropped and the
 worker crashes (the supervisor logs it and restarts it); entries still buffered wait.
 
@@ -37,6 +38,8 @@ from pdp.protocol import dumps
 from pdp.supervisor import Body, Lifespan
 
 log = logging.getLogger(__name__)
+
+LINGER_SECONDS = 0.1  # a write waits this long for more entries unless a batch is full
 
 # One entry, in this order (the columns of pdp.decision_log, `time` a Unix time here):
 # id, time, endpoint, tenant, subject_type, subject, action, resource_type, resource_id,
@@ -70,12 +73,14 @@ class DecisionLog:
         always_denies: bool = True,
         queue_size: int = 10_000,
         batch_size: int = 1000,
+        linger: float = LINGER_SECONDS,
     ) -> None:
         self._metrics = metrics
         self._sample = sample
         self._always_denies = always_denies
         self._max = queue_size
         self._batch = batch_size
+        self._linger = linger
         self._entries: list[Entry] = []
         self._wake = asyncio.Event()
         self._prefix = "d" + uuid.uuid4().hex[:15]
@@ -152,6 +157,10 @@ class DecisionLog:
     async def _drain(self, sink: Sink) -> None:
         while True:
             await self._wake.wait()
+            if len(self._entries) < self._batch:
+                # Gather a bigger batch: each write (a COPY, a commit) has a fixed cost
+                # that thousands of one-row batches a second would pay over and over.
+                await asyncio.sleep(self._linger)
             self._wake.clear()
             while self._entries:
                 batch = self._take()

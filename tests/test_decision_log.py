@@ -213,28 +213,33 @@ async def test_a_full_queue_drops_and_counts_while_checks_go_on(
     settings = _settings(tmp_path, decision_log_queue_size=5, decision_log_batch_size=2)
     client = await _client(aiohttp_client, settings, db_url)
     locker = await asyncpg.connect(db_url)
-    try:
-        tx = locker.transaction()
-        await tx.start()
-        await locker.execute("LOCK TABLE pdp.decision_log IN ACCESS EXCLUSIVE MODE")
-        answers = [await _evaluate(client, "alice" if i % 2 else "bob") for i in range(200)]
-        # Every check was answered, right, while the writer waits on the lock still held.
-        assert [a["decision"] for a in answers] == [i % 2 == 1 for i in range(200)]
-        kept = [a["context"]["decision_id"] for a in answers if "decision_id" in a["context"]]
-        assert len(kept) <= 5 + 2  # the buffer, and the batch the blocked COPY holds
-        dropped = await _metric(client, "pdp_decision_log_dropped_total")
-        assert dropped == 200 - len(kept)
+
+    async def writer_waits_on_the_lock() -> bool:
         waiting = await pg.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
             "AND wait_event_type = 'Lock'",
             APP_NAME,
         )
-        assert waiting == 1
+        return bool(waiting == 1)
+
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE pdp.decision_log IN ACCESS EXCLUSIVE MODE")
+        first = (await _evaluate(client, "alice"))["context"]["decision_id"]
+        await _until(writer_waits_on_the_lock)  # its COPY (of `first`) waits on our lock
+        answers = [await _evaluate(client, "alice" if i % 2 else "bob") for i in range(200)]
+        # Every check was answered, right, while the writer still waits.
+        assert [a["decision"] for a in answers] == [i % 2 == 1 for i in range(200)]
+        assert await writer_waits_on_the_lock()
+        kept = [a["context"]["decision_id"] for a in answers if "decision_id" in a["context"]]
+        assert len(kept) == 5  # the queue's size; the rest dropped and counted
+        assert await _metric(client, "pdp_decision_log_dropped_total") == 195
         await tx.rollback()
     finally:
         await locker.close()
-    await _count_at_least(pg, len(kept))
-    assert set(await _rows(pg)) == set(kept)
+    await _count_at_least(pg, 6)
+    assert set(await _rows(pg)) == {first, *kept}
     # Room again: new decisions are kept.
     assert "decision_id" in (await _evaluate(client, "alice"))["context"]
 
