@@ -85,7 +85,6 @@ class DecisionLog:
         self._wake = asyncio.Event()
         self._prefix = "d" + uuid.uuid4().hex[:15]
         self._ids = itertools.count(1)
-        self.written = 0  # entries the sink accepted (tests and the benchmark read it)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: DroppedCounter) -> DecisionLog:
@@ -169,7 +168,6 @@ class DecisionLog:
                 except BaseException:
                     self._metrics.decision_log_dropped(len(batch))
                     raise
-                self.written += len(batch)
 
     def lifespan(self, open_sink: SinkOpener) -> Lifespan:
         """A supervised worker writing through the sink `open_sink` opens on each start."""
