@@ -476,3 +476,19 @@ def test_settings_defaults_and_values() -> None:
     )  # fmt: skip
     assert (chosen.decision_log, chosen.decision_log_sample) == ("postgres", 0.25)
     assert chosen.decision_log_retention_seconds == 7 * 86400
+
+
+async def test_with_logging_off_answers_carry_no_decision_id_and_nothing_is_written(
+    db_url: str, pg: asyncpg.Connection, aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    await pg.execute(BASE)
+    client = await _client(aiohttp_client, _settings(tmp_path, decision_log="off"), db_url)
+    assert "decision_id" not in (await _evaluate(client, "alice"))["context"]
+    assert "decision_id" not in (await _evaluate(client, "bob"))["context"]
+    status, decision_id = await _forward(client, "bob")
+    assert (status, decision_id) == (403, None)  # a deny names no log row
+    status, decision_id = await _forward(client, "alice")
+    assert status == 200
+    assert decision_id  # an allow still carries its id, as before
+    assert await _metric(client, "pdp_worker_up", worker="decision_log") == 0.0
+    assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 0
