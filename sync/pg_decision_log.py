@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAINTAIN = "SELECT created, dropped FROM pdp.decision_log_maintain($1, $2)"
 AHEAD_DAYS = 2
 MAINTAIN_EVERY = 3600.0
+LOCK_TIMEOUT_MS = 2000  # how long maintenance may wait for the table's lock
 _SLICE = 100
 CONNECT_TIMEOUT = 10.0
 APP_NAME = "pdp decision log"  # pg_stat_activity.application_name of the writer
@@ -74,8 +75,23 @@ class PgDecisionLog:
             await conn.close(timeout=CONNECT_TIMEOUT)
 
     async def maintain(self, conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
-        """Create the partitions ahead and drop those past retention; (created, dropped)."""
-        row = await conn.fetchrow(MAINTAIN, self._ahead, self._retention)
+        """Create the partitions ahead and drop those past retention; (created, dropped).
+
+        Adding or dropping a partition locks the whole table: behind a long reader of
+        pdp.decision_log it would wait, and every write queued behind it. So it waits
+        at most `LOCK_TIMEOUT_MS`, then gives up until the next turn (partitions exist
+        `ahead_days` ahead: a missed turn costs nothing)."""
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                row = await conn.fetchrow(MAINTAIN, self._ahead, self._retention)
+        except asyncpg.LockNotAvailableError:
+            log.warning(
+                "decision log partitions not maintained: a reader of pdp.decision_log held"
+                " its lock for over %d ms; trying again in %.0f s",
+                LOCK_TIMEOUT_MS, self._every,
+            )  # fmt: skip
+            return [], []
         assert row is not None
         created, dropped = list(row["created"]), list(row["dropped"])
         if created or dropped:

@@ -492,3 +492,29 @@ async def test_with_logging_off_answers_carry_no_decision_id_and_nothing_is_writ
     assert decision_id  # an allow still carries its id, as before
     assert await _metric(client, "pdp_worker_up", worker="decision_log") == 0.0
     assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 0
+
+
+async def test_partition_maintenance_gives_up_behind_a_long_reader_and_writes_go_on(
+    db_url: str, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = PgDecisionLog(db_url, 30 * 86400.0)
+    async with sink.opened() as opened:  # today's partitions exist
+        await pg.execute(f"DROP TABLE pdp.{_partition(2)}")  # work for the next turn
+        reader = await asyncpg.connect(db_url)
+        try:
+            async with reader.transaction():  # a long report over the log
+                await reader.execute("LOCK TABLE pdp.decision_log IN ACCESS SHARE MODE")
+                started = time.monotonic()
+                created, dropped = await sink.maintain(opened._conn)  # type: ignore[attr-defined]
+                assert (created, dropped) == ([], [])
+                assert time.monotonic() - started < 10
+                log = DecisionLog(_Dropped())
+                log.record(None, time.time(), "evaluation", T, "user", "u", "read", "doc", "1",
+                           True, "granted", None, 0.001)  # fmt: skip
+                await opened.write([log._take()[0]])  # COPY is not blocked by the reader
+        finally:
+            await reader.close()
+        assert "partitions not maintained" in caplog.text
+        assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 1
+        created, _ = await sink.maintain(opened._conn)  # type: ignore[attr-defined]
+        assert created == [_partition(2)]  # the next turn, with the reader gone
