@@ -409,6 +409,8 @@ def _add_policy(sub: Any) -> None:
     p = sub.add_parser("export", help="write a tenant's policy (YAML) to stdout")
     p.add_argument("--tenant", required=True, metavar="T")
     p.set_defaults(handler=_cmd_policy)
+
+
 _GRANT = """
 INSERT INTO pdp.role_permissions (tenant_id, role_id, permission, condition)
 VALUES ($1, $2, $3, $4)
