@@ -87,6 +87,12 @@ class Metrics:
         self.snapshot_load = Gauge(
             "pdp_snapshot_load_seconds", "Duration of the last snapshot load", registry=registry
         )
+        self.change_log_age = Gauge(
+            "pdp_change_log_oldest_age_seconds",
+            "Age of the change log's oldest row at the last verification (pdp prune keeps it"
+            " near PDP_CHANGE_RETENTION)",
+            registry=registry,
+        )
         self.consistent = Gauge(
             "pdp_cache_consistent",
             "1 when the tenant's cache digest matched PostgreSQL's at the last verification",
@@ -174,6 +180,9 @@ class Metrics:
 
     def set_consistent(self, tenant: str, ok: bool) -> None:
         self.consistent.labels(tenant).set(1 if ok else 0)
+
+    def set_change_log_age(self, seconds: float) -> None:
+        self.change_log_age.set(seconds)
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop a deleted tenant's `pdp_cache_consistent` series."""

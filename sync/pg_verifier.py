@@ -36,6 +36,13 @@ def _render(total: int, lines: int) -> str:
     return f"{int(total):016x}:{lines}"
 
 
+# How far back the change log reaches (its lowest id is about its oldest row): past
+# PDP_CHANGE_RETENTION by much, `pdp prune` is not running and the table only grows.
+OLDEST_CHANGE = (
+    "SELECT extract(epoch FROM now() - changed_at)::float8 FROM pdp.change_log ORDER BY id LIMIT 1"
+)
+
+
 class PgVerifier:
     """Periodically proves (or disproves and repairs) that the replica equals the database."""
 
@@ -66,10 +73,12 @@ class PgVerifier:
                 total, lines = await conn.fetchrow(q.TENANT_DIGEST, tenant)
                 expected = _render(total, lines)
                 result[tenant] = engine_digests.get(tenant, _EMPTY) == expected
+            oldest = await conn.fetchval(OLDEST_CHANGE)
             await tx.rollback()
         finally:
             await conn.close()
         self._report(result)
+        self._metrics.set_change_log_age(0.0 if oldest is None else float(oldest))
         return result
 
     def _report(self, result: dict[str, bool]) -> None:

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pdp.metrics import Metrics
 from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from sync.options import SyncOptions
@@ -113,8 +115,14 @@ async def test_verifier_finds_and_repairs_a_divergent_tenant(
 
     replica = service.sync.replica
     assert await replica.wait_for_revision(await _commit(pg, "SELECT 1"), 10)
-    verifier = PgVerifier(db_url, service.sync, None, interval=3600)
+    registry = CollectorRegistry()
+    verifier = PgVerifier(db_url, service.sync, Metrics(registry), interval=3600)
+    await pg.execute("UPDATE pdp.change_log SET changed_at = now() - interval '9 days'"
+                     " WHERE id = (SELECT min(id) FROM pdp.change_log)")  # fmt: skip
     assert await verifier.verify_once() == {"t": True}
+    age = registry.get_sample_value("pdp_change_log_oldest_age_seconds")
+    assert age is not None
+    assert 9 * 86400 <= age < 9 * 86400 + 60
 
     # A write the triggers never saw (capture paused, no bulk-load marker).
     async with pg.transaction():
