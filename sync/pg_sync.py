@@ -8,6 +8,9 @@ synchronous step (`sync.apply`).
 Failures talking to PostgreSQL are expected: the query connection is dropped and
 the same cursor retried after a capped, jittered backoff (reads are idempotent).
 Anything else is a bug and escapes `run`, so the supervisor restarts the worker.
+
+A `sink` (the relay's publisher) sees each batch after it is read and before it is
+applied; if it raises, nothing is applied and the same cursor is read again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from sync.pg_read import Batch, Cursor, Probe
 
 log = logging.getLogger(__name__)
 
+Sink = Callable[[Batch], Awaitable[None]]
+
 
 class PgSync:
     """Owns the query connection and the catch-up loop for one Replica."""
@@ -44,8 +49,10 @@ class PgSync:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        sink: Sink | None = None,
     ) -> None:
         self._url = url
+        self._sink = sink
         self._replica = replica
         self._metrics = metrics or NullMetrics()
         self._options = options or SyncOptions()
@@ -140,6 +147,8 @@ class PgSync:
         tenants, self._reload_tenants = self._reload_tenants, set()
         try:
             batch = await self._read(probes, tenants)
+            if self._sink is not None:
+                await self._sink(batch)
             await self._apply(batch)
         except BaseException as exc:
             self._drop_connection()
