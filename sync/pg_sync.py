@@ -31,6 +31,7 @@ from sync import apply, pg_read
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor, Probe
+from sync.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class PgSync:
         options = self._options
         backoff = Backoff(options.backoff_initial, options.backoff_max)
         while True:
+            raise_if_cancelling()  # a sink's Redis call may have swallowed a stop
             started = self._clock()
             try:
                 await self.catch_up()

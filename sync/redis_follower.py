@@ -38,6 +38,7 @@ from sync import redis_stream as rs
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor
+from sync.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class RedisFollower:
         backoff = Backoff(self._options.backoff_initial, self._options.backoff_max)
         suspect = False  # an error happened: was Redis restarted meanwhile?
         while True:
+            raise_if_cancelling()
             try:
                 if suspect:
                     run_id = await self._server_run_id()
@@ -122,6 +124,7 @@ class RedisFollower:
                 await self._tail()
                 backoff.reset()
             except (*rs.REDIS_ERRORS, *DRIVER_ERRORS) as exc:
+                raise_if_cancelling()
                 log.warning("relay follower: %s: %s; retrying", type(exc).__name__, exc)
                 self._metrics.reconnect()
                 suspect = True

@@ -192,7 +192,8 @@ async def tip(client: aioredis.Redis, stream: str) -> Tip | None:
     if not last:
         return None
     entry_id, fields = last[0]
-    got = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+    wanted = ("epoch", "to")
+    got = {as_text(k): as_text(v) for k, v in (fields or {}).items() if as_text(k) in wanted}
     return Tip(as_text(entry_id), got.get("epoch", ""), got.get("to", ""))
 
 

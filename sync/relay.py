@@ -47,6 +47,7 @@ from sync.metrics import NullRelayMetrics, RelayMetrics
 from sync.options import RelayOptions, SyncOptions
 from sync.pg_read import Batch, Cursor
 from sync.service import SyncService
+from sync.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,11 @@ class Relay:
         """Take the lock when free and lead until it is lost; forever (until cancelled)."""
         backoff = Backoff(self._options.backoff_initial, self._options.backoff_max)
         while True:
+            raise_if_cancelling()
             try:
                 lock = await self._connect_lock()
             except DRIVER_ERRORS as exc:
+                raise_if_cancelling()
                 log.warning("relay cannot connect to PostgreSQL (%s); retrying", exc)
                 await backoff.wait()
                 continue
@@ -175,6 +178,7 @@ class Relay:
                 log.info("relay %s leads (advisory lock taken)", self.name)
                 await self._lead(lock)
             except STEP_DOWN as exc:
+                raise_if_cancelling()
                 if isinstance(exc, rs.Diverged):
                     self._metrics.relay_diverged()
                 log.warning("relay %s steps down (%s: %s)", self.name, type(exc).__name__, exc)
@@ -210,7 +214,13 @@ class Relay:
         service = SyncService(self._url, replica, self._metrics, self._options, sink=self._publish)
         async with service.lifespan() as body:
             await self._adopt(service, replica)
-            await _first_failure(self._hold(lock), body())
+            try:
+                await _first_failure(self._hold(lock), body())
+            except ExceptionGroup as group:  # the sync body's TaskGroup wraps the sink's error
+                leaves = _leaves(group)
+                if all(isinstance(e, STEP_DOWN) for e in leaves):
+                    raise leaves[0] from group
+                raise
 
     async def _adopt(self, service: SyncService, replica: Replica) -> None:
         """Load everything and stand at the stream's tip (or publish a reset at none)."""
@@ -358,6 +368,13 @@ class Relay:
         keys = [rs.tenant_key(self._relay.stream, generation[0], t) for t in generation[1]]
         if keys:
             await self._redis.delete(*keys)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 async def _first_failure(*coros: Coroutine[Any, Any, None]) -> None:

@@ -122,3 +122,141 @@ async def test_relay_publishes_and_a_follower_equals_the_database(
         assert await client.hget(f"{STREAM}:snapshot", "id") is not None
     finally:
         await client.aclose()
+
+
+async def test_relay_failover_while_writers_run(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    async with relay(seeded, redis_server.url) as first, relay(seeded, redis_server.url) as second:
+        relays = (first, second)
+        await until(lambda: sum(r.published for r in relays) > 0, 10, "nobody publishes")
+        assert sum(r.leading.is_set() for r in relays) == 1
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+            async with writers(seeded):
+                for _ in range(3):  # the leader loses its lock connection, three times
+                    await _kill_the_leaders_lock(pg, relays)
+            await assert_equal(pg, side.replica)
+            # The new leaders continued the chain: the follower never had to reload.
+            assert side.reloads == ["bootstrap"], side.reloads
+
+
+async def _kill_the_leaders_lock(pg: asyncpg.Connection, relays: tuple[Relay, ...]) -> None:
+    leader = next(r for r in relays if r.leading.is_set())
+    terms = sum(r.terms for r in relays)
+    await pg.execute("SELECT pg_terminate_backend($1)", leader.lock_pid)
+    # Some relay (either: the old one competes again) leads a new term and publishes.
+    await until(lambda: sum(r.terms for r in relays) > terms, 10, "no relay took over")
+    published = sum(r.published for r in relays)
+    await until(lambda: sum(r.published for r in relays) > published, 10, "nothing published")
+
+
+async def test_leader_stopped_a_standby_takes_over(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    first_running = contextlib.AsyncExitStack()
+    first = await first_running.enter_async_context(relay(seeded, redis_server.url))
+    try:
+        await until(lambda: first.published > 0, 10, "the relay did not publish")
+        async with relay(seeded, redis_server.url) as second:
+            side = follower(seeded, redis_server.url)
+            async with supervised("sync", side.lifespan):
+                await until(lambda: side.replica.ready, 10, "the follower did not load")
+                async with writers(seeded):
+                    assert not second.leading.is_set()
+                    await first_running.aclose()  # the leader stops (its sessions end)
+                    await until(lambda: second.published > 3, 10, "the standby did not take over")
+                await assert_equal(pg, side.replica)
+                assert side.reloads == ["bootstrap"], side.reloads
+    finally:
+        await first_running.aclose()
+
+
+async def test_redis_restarted_the_follower_reloads_and_converges(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    async with relay(seeded, redis_server.url) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+            async with writers(seeded):
+                redis_server.stop()
+                await asyncio.sleep(0.5)  # writes happen while Redis is down
+                await redis_server.start()
+                await until(lambda: "redis_restart" in side.reloads, 20, "no reload")
+                await asyncio.sleep(1)
+            await assert_equal(pg, side.replica, within=20)
+            assert worker.terms >= 2  # the relay stepped down and led again
+
+
+@pytest.mark.parametrize("snapshot_interval", [0.3, 600.0])
+async def test_stream_trimmed_past_a_slow_follower_reloads(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer, snapshot_interval: float
+) -> None:
+    """The follower pauses; the stream is trimmed past its position; it reloads: from the
+    stored snapshot when that is newer than the trim (short interval), else from
+    PostgreSQL (the stored snapshot is older than what is left of the stream)."""
+    async with relay(seeded, redis_server.url, snapshot_interval=snapshot_interval) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+        # Paused (its worker stopped, its position kept) while writes go on.
+        async with writers(seeded):
+            await asyncio.sleep(1)
+        client = aioredis.from_url(redis_server.url)
+        try:
+            if snapshot_interval < 1:  # trim right after a snapshot at the stream's end
+                async with asyncio.timeout(10):
+                    while await _stored_id(client) != await _last_id(client):  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+            await client.xtrim(STREAM, maxlen=3, approximate=False)
+        finally:
+            await client.aclose()
+        async with supervised("sync", side.lifespan):
+            await until(lambda: "gap" in side.reloads, 10, "the follower did not reload")
+            async with writers(seeded, 2):
+                await asyncio.sleep(0.5)
+            await assert_equal(pg, side.replica)
+        # A stored snapshot older than the trim joins nothing: a second reload, from
+        # PostgreSQL, follows at once.
+        expected = ["bootstrap", "gap"] if snapshot_interval < 1 else ["bootstrap", "gap", "gap"]
+        assert side.reloads == expected, side.reloads
+
+
+async def _stored_id(client: aioredis.Redis) -> bytes | None:
+    found: Any = await client.hget(f"{STREAM}:snapshot", "id")
+    return bytes(found) if found is not None else None
+
+
+async def _last_id(client: aioredis.Redis) -> bytes | None:
+    last: Any = await client.xrevrange(STREAM, count=1)
+    return bytes(last[0][0]) if last else None
+
+
+async def test_many_followers_converge_while_postgres_sees_one_listener(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    async with relay(seeded, redis_server.url) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        followers = [follower(seeded, redis_server.url) for _ in range(30)]
+        async with contextlib.AsyncExitStack() as running:
+            for side in followers:
+                await running.enter_async_context(supervised("sync", side.lifespan))
+            await until(lambda: all(f.replica.ready for f in followers), 20, "not all loaded")
+            async with writers(seeded):
+                await asyncio.sleep(2)
+            sessions = await pg.fetch(
+                "SELECT application_name, count(*) AS n FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "GROUP BY 1 ORDER BY 1"
+            )
+            by_name = {r["application_name"]: r["n"] for r in sessions}
+            # The relay's three sessions; none of the 30 followers holds one.
+            assert by_name == {"pdp-listen": 1, "pdp-relay-lock": 1, "pdp-sync": 1}, by_name
+            await assert_equal(pg, followers[0].replica)
+            for side in followers[1:]:
+                await assert_equal(pg, side.replica, checks=500)
+            assert all(f.reloads == ["bootstrap"] for f in followers)
