@@ -189,9 +189,11 @@ class RedisFollower:
     async def _tail(self) -> None:
         """One XREAD BLOCK; apply what it returns (until a reload is due)."""
         assert self._redis is not None
-        found: Any = await self._redis.xread(
-            {self._stream: self._last_id}, count=READ_COUNT, block=BLOCK_MS
-        )
+        # Bounded: a half-open link to Redis raises nothing by itself.
+        async with asyncio.timeout(BLOCK_MS / 1000 + self._options.read_timeout):
+            found: Any = await self._redis.xread(
+                {self._stream: self._last_id}, count=READ_COUNT, block=BLOCK_MS
+            )
         for _stream, entries in found or ():
             for entry_id, fields in entries:
                 self._follow(rs.decode_entry(entry_id, fields))
