@@ -46,6 +46,7 @@ from sync import redis_stream as rs
 from sync.metrics import NullRelayMetrics, RelayMetrics
 from sync.options import RelayOptions, SyncOptions
 from sync.pg_read import Batch, Cursor
+from sync.pg_sync import PgSync
 from sync.service import SyncService
 from sync.tasks import raise_if_cancelling
 
@@ -141,6 +142,13 @@ class Relay:
         self._last_id = ""
         self._snapshot_due = 0.0
         self._generation: tuple[str, list[str]] | None = None
+        self._sync: PgSync | None = None  # the current term's catch-up loop
+        self._past_catchups = 0
+
+    @property
+    def catchups(self) -> int:
+        """Catch-ups against PostgreSQL, over every term (for benchmarks and tests)."""
+        return self._past_catchups + (self._sync.catchups if self._sync is not None else 0)
 
     # -- the worker ------------------------------------------------------------------
 
@@ -212,6 +220,16 @@ class Relay:
         assert self._redis is not None
         replica = Replica(self._clock)
         service = SyncService(self._url, replica, self._metrics, self._options, sink=self._publish)
+        self._sync = service.sync
+        try:
+            await self._run_term(service, replica, lock)
+        finally:
+            self._past_catchups += service.sync.catchups
+            self._sync = None
+
+    async def _run_term(
+        self, service: SyncService, replica: Replica, lock: asyncpg.Connection
+    ) -> None:
         async with service.lifespan() as body:
             await self._adopt(service, replica)
             try:
