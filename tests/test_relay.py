@@ -20,10 +20,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from pdp.engine import Snapshot
 from pdp.replica import Replica
 from pdp.supervisor import Lifespan, Supervisor
 from sync.options import RelayOptions, SyncOptions
 from sync.redis_follower import RedisFollower
+from sync.redis_stream import covers
 from sync.relay import Relay
 from tests.redis_server import RedisServer
 from tests.sync_harness import MAX_STALENESS, assert_equal, seed, writer
@@ -260,3 +262,62 @@ async def test_many_followers_converge_while_postgres_sees_one_listener(
             for side in followers[1:]:
                 await assert_equal(pg, side.replica, checks=500)
             assert all(f.reloads == ["bootstrap"] for f in followers)
+
+
+async def test_epoch_change_and_truncate_reload_the_followers(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    async with relay(seeded, redis_server.url) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+            old_epoch = side.replica.epoch
+            await pg.execute("UPDATE pdp.sync_meta SET epoch = gen_random_uuid()")
+            await assert_equal(pg, side.replica)
+            assert side.replica.epoch != old_epoch
+            assert side.reloads == ["bootstrap", "reset"], side.reloads
+            await pg.execute("TRUNCATE pdp.group_members")
+            await assert_equal(pg, side.replica)
+            assert side.reloads == ["bootstrap", "reset", "reset"], side.reloads
+            async with writers(seeded, 2):
+                await asyncio.sleep(0.5)
+            await assert_equal(pg, side.replica)
+
+
+async def test_follower_bootstraps_from_postgres_when_redis_has_no_snapshot(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    """Loaded from PostgreSQL at S while the stream stands at an older T: entries ending
+    before S are skipped, the first one past S makes the replica exact."""
+    async with relay(seeded, redis_server.url) as worker:
+        side = follower(seeded, redis_server.url)
+        async with writers(seeded):
+            await until(lambda: worker.published > 5, 10, "the relay published nothing")
+            client = aioredis.from_url(redis_server.url)
+            try:
+                await client.delete(f"{STREAM}:snapshot")
+            finally:
+                await client.aclose()
+            async with supervised("sync", side.lifespan):
+                await until(lambda: side.replica.ready, 10, "the follower did not load")
+                await asyncio.sleep(1)  # writes go on
+            assert side.reloads == ["bootstrap"], side.reloads
+        async with supervised("sync", side.lifespan):  # the same follower, resumed
+            await assert_equal(pg, side.replica)
+            assert side.reloads == ["bootstrap"], side.reloads
+
+
+@pytest.mark.parametrize(
+    ("later", "earlier", "covered"),
+    [
+        ("10:10:", "10:10:", True),
+        ("12:15:12,13", "10:12:10,11", True),  # 10, 11 still in progress in both
+        ("10:15:10", "11:12:", False),  # 10 committed in `earlier`, not in `later`
+        ("10:12:", "10:14:12", False),  # 13 committed in `earlier`, beyond `later`
+        ("10:12:", "10:14:12,13", True),  # nothing past 12 committed in `earlier`
+        ("10:12:", "13:13:", False),  # 12 below earlier's xmin: committed there
+    ],
+)
+def test_covers(later: str, earlier: str, covered: bool) -> None:
+    assert covers(Snapshot.parse(later), Snapshot.parse(earlier)) is covered
