@@ -262,7 +262,10 @@ class Relay:
         # catch-up re-reads every key changed since the tip, which makes both exact.
         replica.install(engine, tip.epoch, batch.started)
         self._tip, self._last_id = tip.text, tip.id
-        self._snapshot_due = self._clock() + self._relay.snapshot_interval
+        # No stored snapshot (expired, deleted): followers would all load from
+        # PostgreSQL until the next one, so write it with the first batch.
+        wait = self._relay.snapshot_interval if self._generation is not None else 0.0
+        self._snapshot_due = self._clock() + wait
 
     async def _hold(self, lock: asyncpg.Connection) -> None:
         """Prove the lock connection alive every `lock_heartbeat`; raise LockLost when not."""

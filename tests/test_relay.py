@@ -306,6 +306,15 @@ async def test_follower_bootstraps_from_postgres_when_redis_has_no_snapshot(
         async with supervised("sync", side.lifespan):  # the same follower, resumed
             await assert_equal(pg, side.replica)
             assert side.reloads == ["bootstrap"], side.reloads
+    # A new leader that finds no stored snapshot writes one with its first batch.
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.delete(f"{STREAM}:snapshot")
+        async with relay(seeded, redis_server.url), asyncio.timeout(10):
+            while await _stored_id(client) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(
