@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -196,7 +197,15 @@ class RedisFollower:
             )
         for _stream, entries in found or ():
             for entry_id, fields in entries:
-                self._follow(rs.decode_entry(entry_id, fields))
+                try:
+                    entry = rs.decode_entry(entry_id, fields)
+                except (ValueError, KeyError, TypeError, zlib.error) as exc:
+                    # Not the relay's format (another writer, another version): the
+                    # chain is broken here; reload rather than guess.
+                    log.error("relay follower: undecodable stream entry %s: %r", entry_id, exc)
+                    self._reload = "bad_entry"
+                    return
+                self._follow(entry)
                 if self._reload is not None:
                     return
 

@@ -156,7 +156,9 @@ class Relay:
     async def lifespan(self) -> AsyncIterator[Body]:
         """Connect to Redis (raises when it does not answer), yield the body, close."""
         self._redis = aioredis.from_url(
-            self._redis_url, socket_timeout=10, socket_connect_timeout=5
+            self._redis_url,
+            socket_timeout=self._options.read_timeout,
+            socket_connect_timeout=self._options.connect_timeout,
         )
         try:
             await self._redis.ping()
@@ -248,8 +250,9 @@ class Relay:
         batch = await pg_read.read(conn, Cursor(None, None), self._options, self._clock())
         assert batch.full is not None
         self._generation = await self._current_generation()
-        if tip is None:
-            self._tip, self._last_id = "", ""
+        if tip is None or not _usable(tip):
+            # An empty stream, or one that ends in something not ours: start it over.
+            self._tip, self._last_id = ("", "") if tip is None else (tip.text, tip.id)
             await self._publish(batch)  # a reset: the snapshot and its entry
             engine = await asyncio.to_thread(Engine.build, batch.full, batch.snapshot)
             replica.install(engine, batch.epoch, batch.started)
@@ -389,6 +392,15 @@ class Relay:
         keys = [rs.tenant_key(self._relay.stream, generation[0], t) for t in generation[1]]
         if keys:
             await self._redis.delete(*keys)
+
+
+def _usable(tip: rs.Tip) -> bool:
+    """Whether the stream's last entry is one this relay can continue from."""
+    try:
+        Snapshot.parse(tip.snapshot)
+    except ValueError:
+        return False
+    return bool(tip.epoch)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -330,3 +330,23 @@ async def test_follower_bootstraps_from_postgres_when_redis_has_no_snapshot(
 )
 def test_covers(later: str, earlier: str, covered: bool) -> None:
     assert covers(Snapshot.parse(later), Snapshot.parse(earlier)) is covered
+
+
+async def test_a_foreign_entry_in_the_stream_reloads_and_the_relay_starts_it_over(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
+) -> None:
+    async with relay(seeded, redis_server.url) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+            client = aioredis.from_url(redis_server.url)
+            try:
+                await client.xadd(STREAM, {"something": "else"})
+            finally:
+                await client.aclose()
+            await until(lambda: "bad_entry" in side.reloads, 10, "the follower did not reload")
+            async with writers(seeded, 2):
+                await asyncio.sleep(0.5)
+            await assert_equal(pg, side.replica)
+            assert worker.terms >= 2  # the append was refused: a new term, a reset
