@@ -188,10 +188,12 @@ async def failover(url: str, redis_url: str, rate: float, kills: int) -> None:
         )
 
 
-async def fan_out(url: str, redis_url: str, n: int, rate: float, seconds: float) -> None:
+async def fan_out(
+    url: str, redis_url: str, n: int, rate: float, seconds: float, modes: list[str]
+) -> None:
     pg = await asyncpg.connect(url)
     try:
-        for mode in ("direct", "relay"):
+        for mode in modes:
             async with contextlib.AsyncExitStack() as stack:
                 replicas: list[Replica] = []
                 catchups: list[SyncService | Relay] = []
@@ -266,14 +268,17 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--modes", default="direct,relay", help="direct,relay (or one of them)")
+    parser.add_argument("--no-failover", action="store_true", help="skip the failover part")
     args = parser.parse_args()
     server = os.environ.get("PDP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     async with scratch_database(server) as url, redis_server() as redis_url:
         await migrate.upgrade(url)
         await pg_seed.load(url, synthetic(SeedSpec(tenants=1, users=args.users, roles=20, seed=7)))
-        await failover(url, redis_url, args.rate, args.kills)
+        if not args.no_failover:
+            await failover(url, redis_url, args.rate, args.kills)
         for n in (int(x) for x in args.sidecars.split(",")):
-            await fan_out(url, redis_url, n, args.rate, args.seconds)
+            await fan_out(url, redis_url, n, args.rate, args.seconds, args.modes.split(","))
 
 
 if __name__ == "__main__":
