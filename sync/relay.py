@@ -173,6 +173,16 @@ class Relay:
         while True:
             raise_if_cancelling()
             try:
+                # Compete only while Redis answers: a term starts with a full read of
+                # PostgreSQL, not something to repeat every second of a Redis outage.
+                assert self._redis is not None
+                await self._redis.ping()
+            except rs.REDIS_ERRORS as exc:
+                raise_if_cancelling()
+                log.warning("relay cannot reach Redis (%s); retrying", exc)
+                await backoff.wait()
+                continue
+            try:
                 lock = await self._connect_lock()
             except DRIVER_ERRORS as exc:
                 raise_if_cancelling()
