@@ -230,6 +230,13 @@ def _leeway(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be a number from 0 to 1, got {value:g}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -276,7 +283,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
     Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
-    # --- the HTTP edge (pdp.web.http_edge) ---
+    # --- the HTTP edge (pdp.http_edge) ---
     Option(
         "request_read_timeout_seconds", "PDP_REQUEST_READ_TIMEOUT_SECONDS", _positive_seconds,
         "a request (line, headers, body) not read within this gets 408 and is closed",
@@ -393,6 +400,31 @@ OPTIONS: tuple[Option, ...] = (
         "pseudonym_key_file", "PDP_PSEUDONYM_KEY_FILE", _readable_file,
         "secret key of pdp erase-subject's pseudonyms (HMAC-SHA256)",
     ),
+    # --- decision logs (pdp.decision_log) ---
+    Option(
+        "decision_log", "PDP_DECISION_LOG", _choice("off", "stdout", "postgres"),
+        "where decisions are logged: off, stdout (JSON lines) or postgres (pdp.decision_log)",
+    ),
+    Option(
+        "decision_log_sample", "PDP_DECISION_LOG_SAMPLE", _fraction,
+        "share of decisions logged, 0 to 1 (denies: see PDP_DECISION_LOG_DENIES)",
+    ),
+    Option(
+        "decision_log_denies", "PDP_DECISION_LOG_DENIES", _choice("always", "sampled"),
+        "denies logged always, or sampled like allows",
+    ),
+    Option(
+        "decision_log_queue_size", "PDP_DECISION_LOG_QUEUE_SIZE", _positive_int,
+        "entries waiting to be written at most (more are dropped and counted)",
+    ),
+    Option(
+        "decision_log_batch_size", "PDP_DECISION_LOG_BATCH_SIZE", _positive_int,
+        "entries written per COPY or per write at most",
+    ),
+    Option(
+        "decision_log_retention_seconds", "PDP_DECISION_LOG_RETENTION", parse_duration,
+        "daily partitions of pdp.decision_log older than this are dropped",
+    ),
     # --- forward-auth for API gateways (pdp.web.forward_auth) ---
     Option(
         "routes_path", "PDP_ROUTES", _readable_file, "route table (YAML) of /forward-auth",
@@ -497,6 +529,12 @@ class Settings:
     change_retention_seconds: float = 7 * 86400.0
     audit_retention_seconds: float = 400 * 86400.0
     pseudonym_key_file: Path | None = None
+    decision_log: str = "off"
+    decision_log_sample: float = 1.0
+    decision_log_denies: str = "always"
+    decision_log_queue_size: int = 10_000
+    decision_log_batch_size: int = 1000
+    decision_log_retention_seconds: float = 30 * 86400.0
     routes_path: Path | None = None
     forward_auth_mode: str = "nginx"
     subject_header: str = "X-User-Id"
@@ -551,6 +589,10 @@ class Settings:
             raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
         if self.sync_source == "redis" and self.redis_url is None:
             raise ConfigError("PDP_SYNC_SOURCE=redis needs PDP_REDIS_URL (the relay's Redis)")
+        if self.decision_log_retention_seconds < 86400.0:
+            raise ConfigError(
+                "PDP_DECISION_LOG_RETENTION: must be at least 1d (partitions are days)"
+            )
 
     @property
     def tls(self) -> bool:

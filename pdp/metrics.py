@@ -242,6 +242,11 @@ class Metrics:
             "Seconds since the replica was last proven current (+Inf before the first load)",
             value=state.staleness,
         )
+        yield GaugeMetricFamily(
+            "pdp_sync_max_staleness_seconds",
+            "The staleness bound (PDP_MAX_STALENESS_SECONDS): past it the sidecar is not ready",
+            value=self._health.max_staleness,
+        )
         revision = replica.revision
         if revision is not None:
             yield GaugeMetricFamily(
@@ -317,6 +322,7 @@ class _ScrapeCollector:
             HistogramMetricFamily("pdp_decision_duration_seconds", ""),
             GaugeMetricFamily("pdp_ready", ""),
             GaugeMetricFamily("pdp_sync_staleness_seconds", ""),
+            GaugeMetricFamily("pdp_sync_max_staleness_seconds", ""),
             GaugeMetricFamily("pdp_sync_revision_xmin", ""),
             GaugeMetricFamily("pdp_cache_objects", ""),
         ]

@@ -23,7 +23,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pdp.config import Settings, redact_url
+from pdp.decision_log import DecisionLog, StdoutSink
 from pdp.errors import ConfigError, DependencyError, PdpError
+from pdp.http_edge import (
+    EdgeLimits,
+    EdgeRunner,
+    EdgeServer,
+    default_max_connections,
+    raise_file_limit,
+)
 from pdp.metrics import Metrics, RelayMetrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
@@ -32,15 +40,9 @@ from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
-from pdp.web.http_edge import (
-    EdgeLimits,
-    EdgeRunner,
-    EdgeServer,
-    default_max_connections,
-    raise_file_limit,
-)
 from pdp.web.tls import server_context
 from sync.options import RelayOptions, SyncOptions
+from sync.pg_decision_log import PgDecisionLog
 from sync.pg_fallback import PgFallback
 from sync.pg_verifier import PgVerifier
 from sync.redis_follower import RedisFollower
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 5.0  # after the drain: how long requests in flight may still take
 SYNC_WORKER = "sync"
 VERIFIER_WORKER = "verifier"
+DECISION_LOG_WORKER = "decision_log"
 
 
 def sync_options(settings: Settings) -> SyncOptions:
@@ -92,6 +95,7 @@ def sidecar_app(
         verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
         supervisor.add(VERIFIER_WORKER, verifier.lifespan)
     fallback = PgFallback(url)
+    decision_log = _decision_log(settings, url, metrics, supervisor)
     api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
     return build_app(
         settings,
@@ -102,8 +106,25 @@ def sidecar_app(
         fallback=fallback,
         api_keys=api_keys,
         gateway=gateway,
+        decision_log=decision_log,
         cleanup=[_workers(fallback, supervisor)],
     )
+
+
+def _decision_log(
+    settings: Settings, url: str, metrics: Metrics, supervisor: Supervisor
+) -> DecisionLog | None:
+    """The decision log as PDP_DECISION_LOG says, its writer added to `supervisor` (not
+    critical: checks go on, and entries are dropped and counted, while it is down)."""
+    if settings.decision_log == "off":
+        return None
+    decision_log = DecisionLog.from_settings(settings, metrics)
+    if settings.decision_log == "postgres":
+        sink = PgDecisionLog(url, settings.decision_log_retention_seconds).opened
+    else:
+        sink = StdoutSink().opened
+    supervisor.add(DECISION_LOG_WORKER, decision_log.lifespan(sink))
+    return decision_log
 
 
 def _workers(fallback: PgFallback, supervisor: Supervisor) -> CleanupContext:

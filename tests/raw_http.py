@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pdp.http_edge import EdgeLimits, EdgeRunner
 from pdp.web.app import METRICS
-from pdp.web.http_edge import EdgeLimits, EdgeRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +29,20 @@ class Answer:
 
 @asynccontextmanager
 async def edge_server(
-    app: web.Application, limits: EdgeLimits, keepalive: float = 75.0
+    app: web.Application,
+    limits: EdgeLimits,
+    keepalive: float = 75.0,
+    runners: list[EdgeRunner] | None = None,
 ) -> AsyncIterator[int]:
-    """`app` served by an EdgeRunner on 127.0.0.1; yields the port."""
+    """`app` served by an EdgeRunner on 127.0.0.1; yields the port (and appends the
+    runner to `runners`, for a test that waits on the server's state)."""
     runner = EdgeRunner(
         app, limits, app[METRICS], access_log=None, keepalive_timeout=keepalive,
         lingering_time=limits.read_timeout, shutdown_timeout=2,
     )  # fmt: skip
     await runner.setup()
+    if runners is not None:
+        runners.append(runner)
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

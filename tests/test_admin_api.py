@@ -24,6 +24,7 @@ from pdp.admin import token_store
 from pdp.admin.app import build_admin_app
 from pdp.admin.kinds import KINDS, Kind
 from pdp.admin.store import AdminStore, create_pool
+from tests.raw_http import exchange, get, post
 
 A, B = "acme", "globex"
 Client = TestClient[Any, Any]
@@ -564,3 +565,84 @@ async def test_compressed_bodies_are_refused_not_inflated(admin: Client, token: 
     ), 415)  # fmt: skip
     assert answer["message"] == "Content-Encoding 'gzip' is not accepted"
     assert await pg.fetchval("SELECT count(*) FROM pdp.users WHERE tenant_id = $1", A) == 0
+
+
+def test_admin_serve_is_behind_the_http_edge(db_url: str) -> None:
+    """The admin listener has the check API's edge: a slow body gets a JSON 408 and is
+    closed, a malformed request a JSON 400, and past PDP_MAX_CONNECTIONS busy
+    connections a new one a JSON 503; none of it a traceback."""
+
+    async def token_text() -> str:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute("INSERT INTO pdp.tenants (id) VALUES ('acme')")
+            return (await token_store.create(conn, "edge-test", ("read", "write"), "acme")).text
+        finally:
+            await conn.close()
+
+    text = asyncio.run(token_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    env = {
+        **clean, "PDP_DATABASE_URL": db_url, "PDP_ADMIN_PORT": str(port),
+        "PDP_REQUEST_READ_TIMEOUT_SECONDS": "4", "PDP_MAX_CONNECTIONS": "2",
+    }  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "pdp", "admin", "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    auth = {"Authorization": f"Bearer {text}"}
+
+    async def probe_edge() -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = await exchange(port, get("/admin/v1/tenants", auth))
+                break
+            except OSError:
+                assert proc.poll() is None, "pdp admin serve exited"
+                assert time.monotonic() < deadline, "pdp admin serve did not answer within 30 s"
+                await asyncio.sleep(0.1)
+        assert answer.status == 200, answer.body
+        bad = await exchange(port, b"GET /admin/v1/tenants HTTP/1.1\r\nHost pdp\r\n\r\n")
+        assert (bad.status, bad.json()["error"]) == (400, "bad_request")
+        started = time.monotonic()
+        slow = await exchange(
+            port, post("/admin/v1/tenants/acme/users", b"{", headers=auth, length=100), timeout=30
+        )
+        assert (slow.status, slow.json()["error"]) == (408, "request_timeout")
+        assert slow.closed
+        assert 3.5 < time.monotonic() - started < 25
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    # (a closed one reads EOF, or a reset if it had sent bytes unread)
+                    held = [(r, w) for r, w in held if not r.at_eof() and not r.exception()]
+                    while len(held) < 2:  # busy: headers begun, not finished
+                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.write(b"GET /admin/v1/tenants HTTP/1.1\r\n")
+                        await writer.drain()
+                        held.append((reader, writer))
+                    refused = await exchange(port, get("/admin/v1/tenants", auth))
+                    if refused.status != 200:
+                        break
+                    # The server had not read a held one's bytes yet: it closed that one as
+                    # idle to make room (as it should); replace it and try again.
+                    await asyncio.sleep(0.05)
+            assert (refused.status, refused.json()["error"]) == (503, "unavailable")
+        finally:
+            for _, writer in held:
+                writer.close()
+        async with asyncio.timeout(10):  # room again once the server saw them close
+            while (await exchange(port, get("/admin/v1/tenants", auth))).status == 503:  # noqa: ASYNC110 (polling the server over a socket)
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(probe_edge())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert text not in stderr
+    assert "(at most 2 connections)" in stderr

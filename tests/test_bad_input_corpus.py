@@ -26,10 +26,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdp.gateway import parse_routes
+from pdp.http_edge import EdgeLimits
 from pdp.metrics import Metrics
 from pdp.web.app import build_app
 from pdp.web.forward_auth import Gateway, RouteBox
-from pdp.web.http_edge import EdgeLimits
 from tests.raw_http import Answer, edge_server, exchange, get, post
 from tests.test_web_support import Clock, evaluation, loaded_replica, settings
 

@@ -1,4 +1,4 @@
-"""The HTTP edge (`pdp.web.http_edge`) on a real socket: compressed bodies, the read
+"""The HTTP edge (`pdp.http_edge`) on a real socket: compressed bodies, the read
 timeout, what aiohttp refuses itself, client disconnects, NUL ids and the connection cap.
 
 Every answer is a JSON 4xx (or, at the cap, a JSON 503), never a 500 and never a
@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pdp.http_edge import EdgeLimits, EdgeRunner, EdgeServer
 from pdp.metrics import Metrics
-from pdp.web.http_edge import EdgeLimits
 from tests.raw_http import Answer, edge_server, exchange, get, post, read_answer
 from tests.test_web_support import Clock, evaluation, loaded_replica, make_app
 
@@ -28,9 +28,18 @@ SLACK = 2.0  # seconds a closing may take beyond its bound on a busy shared mach
 
 
 class Edge:
-    def __init__(self, port: int, metrics: Metrics) -> None:
+    def __init__(self, port: int, metrics: Metrics, runner: EdgeRunner) -> None:
         self.port = port
         self.metrics = metrics
+        self.runner = runner
+
+    async def busy(self, n: int) -> None:
+        """Wait until the server holds `n` connections, none of them idle."""
+        server = self.runner.server
+        assert isinstance(server, EdgeServer)
+        async with asyncio.timeout(10):
+            while len(server._live) < n or any(h.idle for h in server._live):  # noqa: ASYNC110 (in-process state, no event)
+                await asyncio.sleep(0.005)
 
     async def send(self, data: bytes, timeout: float = 10.0, close_wait: float = 0.0) -> Answer:
         return await exchange(self.port, data, timeout, close_wait)
@@ -53,8 +62,9 @@ async def edge() -> AsyncIterator[Edge]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     app = make_app(loaded_replica(Clock()), registry=registry, metrics=metrics)
-    async with edge_server(app, EdgeLimits(READ_TIMEOUT, max_connections=8)) as port:
-        yield Edge(port, metrics)
+    runners: list[EdgeRunner] = []
+    async with edge_server(app, EdgeLimits(READ_TIMEOUT, max_connections=8), runners=runners) as port:
+        yield Edge(port, metrics, runners[0])
 
 
 def _no_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -314,7 +324,7 @@ async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(
         writer.write(b"GET /healthz HTTP/1.1\r\n")
         busy.append((reader, writer))
     try:
-        await asyncio.sleep(0.1)  # let the server receive the partial requests
+        await edge.busy(8)  # the server has read every partial request
         answer = await edge.send(get("/healthz"))
         _is_json_error(answer, 503, "unavailable")
         assert answer.closed

@@ -23,7 +23,10 @@ import os
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pdp.decision_log import DecisionLog
+from pdp.metrics import Metrics
 from tests.schemathesis_run import fuzz
 from tests.test_web_support import TENANT, Clock, loaded_replica, make_app, settings
 
@@ -43,12 +46,23 @@ EXAMPLES = int(os.environ.get("PDP_SCHEMATHESIS_EXAMPLES", "30"))
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("default_tenant", [TENANT, None], ids=["default-tenant", "no-default"])
+@pytest.mark.parametrize(
+    ("default_tenant", "logged"),
+    [(TENANT, False), (None, False), (TENANT, True)],
+    ids=["default-tenant", "no-default", "decision-log"],
+)
 async def test_api_conforms_to_its_openapi_document(
-    tmp_path: Path, default_tenant: str | None
+    tmp_path: Path, default_tenant: str | None, logged: bool
 ) -> None:
     config = settings(max_batch=1000, consistency_wait_ms=5, default_tenant=default_tenant)
-    app = make_app(loaded_replica(Clock()), config)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    # Decision logs on (answers carry decision_id); no writer: a full buffer drops.
+    decision_log = DecisionLog(metrics) if logged else None
+    app = make_app(
+        loaded_replica(Clock()), config, registry=registry, metrics=metrics,
+        decision_log=decision_log,
+    )  # fmt: skip
     code, text = await fuzz(
         app, "/openapi.yaml", CONFIG, tmp_path,
         "--checks", "all", "--max-examples", str(EXAMPLES), timeout=850,

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from pdp.conditions import Facts
 from pdp.config import Settings
+from pdp.decision_log import DecisionLog
 from pdp.engine import Engine, Snapshot
 from pdp.metrics import Metrics
 from pdp.replica import Fallback, Replica
@@ -126,6 +127,7 @@ def make_app(
     registry: CollectorRegistry | None = None,
     metrics: Metrics | None = None,
     api_keys: ApiKeys | None = None,
+    decision_log: DecisionLog | None = None,
 ) -> web.Application:
     return build_app(
         config or settings(),
@@ -134,6 +136,7 @@ def make_app(
         metrics=metrics,
         fallback=fallback,
         api_keys=api_keys,
+        decision_log=decision_log,
     )
 
 

@@ -11,7 +11,9 @@
    `anon-<HMAC-SHA256(key, tenant NUL user), 32 hex>`, and the user rows' `attributes`
    (names, e-mail addresses...) become `{}`. Same key, same user, same pseudonym:
    records stay linkable for the audit retention without naming the person;
-3. marks the tenant bulk-loaded (`pdp.mark_bulk_load`): the rows of step 1 now carry
+3. rewrites the decision log's rows of the user in the tenant (`subject_id`, whatever
+   the subject type: a user id is what names the person) to the same pseudonym;
+4. marks the tenant bulk-loaded (`pdp.mark_bulk_load`): the rows of step 1 now carry
    the pseudonym, so a sidecar could not find the user by them; the marker makes
    every sidecar reload the tenant at a snapshot where the user is gone instead.
 
@@ -35,6 +37,9 @@ MIN_KEY_BYTES = 16
 # entity -> the key column naming a user
 USER_COLUMN = {"users": "id", "group_members": "user_id", "user_roles": "user_id"}
 HISTORY = ("change_log", "audit_archive")
+DECISION_LOG = (
+    "UPDATE pdp.decision_log SET subject_id = $3 WHERE tenant_id = $1 AND subject_id = $2"
+)
 
 
 def read_key(path: Path | None) -> bytes:
@@ -120,6 +125,8 @@ async def erase(conn: asyncpg.Connection, tenant: str, user: str, key: bytes) ->
         for table in HISTORY:
             status = await conn.execute(_rewrite(table), tenant, user, alias)
             rewritten[table] = int(status.split()[-1])
+        status = await conn.execute(DECISION_LOG, tenant, user, alias)
+        rewritten["decision_log"] = int(status.split()[-1])
         if deleted is not None or rewritten["change_log"]:  # what a sidecar may still read
             await conn.execute("SELECT pdp.mark_bulk_load($1)", tenant)
         revision = str(await conn.fetchval("SELECT pg_current_xact_id()::text"))

@@ -13,9 +13,12 @@ from pdp.pg.schema import SCHEMA
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    """Alembic filter: only the pdp schema, and not alembic's own version table."""
+    """Alembic filter: only the pdp schema, not alembic's own version table, and not the
+    decision log's daily partitions (created at run time, not by migrations)."""
     if type_ == "schema":
         return name == SCHEMA
+    if type_ == "table" and name is not None and name.startswith("decision_log_p"):
+        return False
     return not (type_ == "table" and name == "alembic_version")
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Double,
     ForeignKeyConstraint,
     Index,
     MetaData,
@@ -275,6 +276,31 @@ audit_archive = Table(
     CheckConstraint("op IN ('insert', 'update', 'delete', 'truncate', 'bulk_load')", name="op"),
     Index("audit_archive_changed_at_idx", "changed_at"),
     Index("audit_archive_tenant_id_idx", "tenant_id", "id"),
+)
+
+# Decision logs (revision 0006): one row per logged decision, written by the sidecars'
+# decision-log worker with COPY, partitioned by day on `time` (partitions
+# pdp.decision_log_pYYYYMMDD are created ahead and dropped past PDP_DECISION_LOG_RETENTION
+# by pdp.decision_log_maintain). `id` is the X-PDP-Decision-Id / context.decision_id.
+decision_log = Table(
+    "decision_log",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("time", TIMESTAMP(timezone=True), nullable=False),
+    Column("endpoint", Text, nullable=False),
+    Column("tenant_id", Text, nullable=False),
+    Column("subject_type", Text, nullable=False),
+    Column("subject_id", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("resource_type", Text, nullable=False),
+    Column("resource_id", Text, nullable=False),
+    Column("decision", Boolean, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("revision", Text, nullable=True),
+    Column("latency_ms", Double, nullable=False),
+    Index("decision_log_id_idx", "id"),
+    Index("decision_log_subject_idx", "tenant_id", "subject_id"),
+    postgresql_partition_by="RANGE (time)",
 )
 
 # The admin API's tokens (revision 0004): the SHA-256 of each secret, never the secret.

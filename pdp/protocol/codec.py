@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - the plain path; orjson is an optional 
 
 JsonObject = dict[str, Any]
 
+
 class _NotFinite(ValueError):
     """A number JSON cannot carry: NaN, Infinity, or one that overflows a double."""
 

@@ -35,6 +35,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
+from pdp.decision_log import DecisionLog
 from pdp.errors import DependencyError, RequestError, RequestReadTimeout
 from pdp.metrics import Metrics
 from pdp.protocol import error_body
@@ -89,6 +90,7 @@ def build_app(
     fallback: Fallback | None = None,
     api_keys: ApiKeys | None = None,
     gateway: Gateway | None = None,
+    decision_log: DecisionLog | None = None,
     cleanup: Sequence[CleanupContext] = (),
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
@@ -98,7 +100,9 @@ def build_app(
     answers consistent checks whose revision is not yet in memory (None: those are
     denied). `api_keys`, when given, guards every route but `PUBLIC_PATHS`. `gateway`
     holds forward-auth's route table and JWT keys (None: every /forward-auth request is
-    denied, no table). Each `cleanup` context is appended to `app.cleanup_ctx` in order.
+    denied, no table). `decision_log`, when given, is where every evaluation, batch entry
+    and forward-auth decision is recorded (its worker is the caller's). Each `cleanup`
+    context is appended to `app.cleanup_ctx` in order.
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -121,8 +125,8 @@ def build_app(
     app[FALLBACK] = fallback
     app[GATEWAY] = gateway
     routes = [
-        *AuthzenApi(settings, replica, metrics, fallback).routes(),
-        *ForwardAuthApi(settings, replica, metrics, gateway).routes(),
+        *AuthzenApi(settings, replica, metrics, fallback, decision_log).routes(),
+        *ForwardAuthApi(settings, replica, metrics, gateway, decision_log).routes(),
         *OpsApi(settings, health, registry).routes(),
     ]
     for route in routes:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from pdp import protocol
 from pdp.config import Settings
+from pdp.decision_log import DecisionLog
 from pdp.engine import Decision, Engine, ResourcesResult, Snapshot
 from pdp.errors import DependencyError, RequestError, UnsupportedEncoding
 from pdp.metrics import Metrics
@@ -114,8 +115,10 @@ class AuthzenApi:
         replica: Replica,
         metrics: Metrics,
         fallback: Fallback | None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self._replica = replica
+        self._log = decision_log
         self._metrics = metrics
         self._fallback = fallback
         self._default_tenant = settings.default_tenant
@@ -184,12 +187,16 @@ class AuthzenApi:
         if MIN_REVISION not in request.headers and query.subject_type in self._user_types:
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory
+                now = time.time()
                 decision = engine.check(
                     query.tenant, query.user, query.resource_type, query.resource_id,
-                    query.action, time.time(), query.facts,
+                    query.action, now, query.facts,
                 )  # fmt: skip
                 body = self._body_of(decision, engine.revision)
-                self._metrics.decided("evaluation", decision.allowed, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._metrics.decided("evaluation", decision.allowed, seconds)
+                if self._log is not None:
+                    body = self._logged(body, query, decision, engine.revision, now, seconds)
                 headers = _JSON_HEADERS if stale is None else {**_JSON_HEADERS, STALE: stale}
                 return web.Response(body=body, headers=headers)
         return await self._single(request, query, "evaluation", started)
@@ -213,6 +220,22 @@ class AuthzenApi:
         self._bodies[id(decision)] = (decision, body)
         return body
 
+    def _logged(  # noqa: PLR0917 -- internal, the decision's parts
+        self, body: bytes, query: Query, decision: Decision, revision: Snapshot, now: float,
+        seconds: float,
+    ) -> bytes:  # fmt: skip
+        """`body` with `context.decision_id` spliced in when the decision is logged (the
+        cached body ends with the context's closing brace and the object's)."""
+        assert self._log is not None
+        decision_id = self._log.record(
+            None, now, "evaluation", query.tenant, query.subject_type, query.user,
+            query.action, query.resource_type, query.resource_id, decision.allowed,
+            decision.reason, revision, seconds,
+        )  # fmt: skip
+        if decision_id is None:
+            return body
+        return b'%s,"decision_id":"%s"}}' % (body[:-2], decision_id.encode())
+
     async def _single(
         self, request: web.Request, query: Query, endpoint: str, started: float
     ) -> web.Response:
@@ -228,7 +251,16 @@ class AuthzenApi:
             revision = self._revision()
             if revision is not None:
                 context["revision"] = revision
-        self._metrics.decided(endpoint, allowed, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._metrics.decided(endpoint, allowed, seconds)
+        if self._log is not None:
+            decision_id = self._log.record(
+                None, time.time(), endpoint, query.tenant, query.subject_type, query.user,
+                query.action, query.resource_type, query.resource_id, allowed,
+                str(context["reason"]), context.get("revision"), seconds,
+            )  # fmt: skip
+            if decision_id is not None:
+                context["decision_id"] = decision_id
         return json_response({"decision": allowed, "context": context}, stale=stale)
 
     async def _consistent(self, query: Query, mode: Consistency) -> tuple[bool, JsonObject]:
@@ -273,38 +305,45 @@ class AuthzenApi:
         mode = Consistency.MEMORY if raw is None else await self._consistency(raw)
         stale = None
         top: JsonObject = {}
+        # Each entry's reason, for the decision log only (a bare entry does not carry it).
+        why: list[str] = []
+        reasons = None if self._log is None else why
         if mode is Consistency.MEMORY:
             engine, blocked, stale = self._gate()
-            results = self._batch_from_memory(parsed, engine, blocked)
+            results = self._batch_from_memory(parsed, engine, blocked, reasons)
             if blocked is not None:
                 top.update(blocked)
         else:
-            results = await self._batch_consistent(parsed, mode)
+            results = await self._batch_consistent(parsed, mode, reasons)
         revision = self._revision()
         if revision is not None:
             top["revision"] = revision
         allowed = sum(1 for r in results if r["decision"])
-        self._metrics.decided_batch(
-            "evaluations", allowed, len(results) - allowed, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        self._metrics.decided_batch("evaluations", allowed, len(results) - allowed, seconds)
+        if self._log is not None:
+            self._log_batch(parsed, results, why, top, seconds)
         return json_response({"evaluations": results, "context": top}, stale=stale)
 
     def _batch_from_memory(
-        self, batch: Batch, engine: Engine | None, blocked: JsonObject | None
-    ) -> list[JsonObject]:
+        self, batch: Batch, engine: Engine | None, blocked: JsonObject | None,
+        why: list[str] | None = None,
+    ) -> list[JsonObject]:  # fmt: skip
         """Each entry from memory. A malformed entry always carries its error (it is a
-        report to the caller, not a decision's reason)."""
+        report to the caller, not a decision's reason). `why`, when given, receives each
+        entry's reason in order."""
         now = time.time()
         semantic, reasons, user_types = batch.semantic, batch.reasons, self._user_types
         reason_only = {"reason": "not_ready" if blocked is None else blocked["reason"]}
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
-                result = protocol.entry_error(entry)
+                result, reason = protocol.entry_error(entry), "bad_request"
             elif entry.subject_type not in user_types:
                 result = _entry_result(False, {"reason": _UNSUPPORTED}, reasons)
+                reason = _UNSUPPORTED
             elif engine is None:
-                result = _entry_result(False, reason_only, reasons)
+                result, reason = _entry_result(False, reason_only, reasons), reason_only["reason"]
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
@@ -317,20 +356,56 @@ class AuthzenApi:
                         "decision": decision.allowed,
                         "context": {"reason": decision.reason},
                     }
+                reason = decision.reason
             results.append(result)
+            if why is not None:
+                why.append(reason)
             if semantic != "execute_all" and protocol.stops_after(semantic, result["decision"]):
                 break
         return results
 
-    async def _batch_consistent(self, batch: Batch, mode: Consistency) -> list[JsonObject]:
+    def _log_batch(
+        self, batch: Batch, results: list[JsonObject], why: list[str], top: JsonObject,
+        seconds: float,
+    ) -> None:  # fmt: skip
+        """Log each decided entry as `<batch id>.<index>`; the batch id goes in the top
+        context (`decision_id`), each entry's also in its context when it has one.
+
+        Entries keep their bare `{"decision": ...}` otherwise: AuthZEN clients compare
+        them exactly. Every entry is given the whole request's latency."""
+        assert self._log is not None
+        batch_id, now, kept = self._log.new_id(), time.time(), False
+        revision = top.get("revision")
+        for index, (entry, result) in enumerate(zip(batch.entries, results, strict=False)):
+            if isinstance(entry, RequestError):
+                continue  # malformed: no decision to log
+            context = result.get("context")
+            entry_id = self._log.record(
+                f"{batch_id}.{index}", now, "evaluations", entry.tenant, entry.subject_type,
+                entry.user, entry.action, entry.resource_type, entry.resource_id,
+                result["decision"], why[index], revision, seconds,
+            )  # fmt: skip
+            if entry_id is not None:
+                kept = True
+                if context is not None:
+                    results[index] = {**result, "context": {**context, "decision_id": entry_id}}
+        if kept:
+            top["decision_id"] = batch_id
+
+    async def _batch_consistent(
+        self, batch: Batch, mode: Consistency, why: list[str] | None = None
+    ) -> list[JsonObject]:
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
-                result = protocol.entry_error(entry)
+                result, reason = protocol.entry_error(entry), "bad_request"
             else:
                 allowed, context = await self._consistent(entry, mode)
                 result = _entry_result(allowed, context, batch.reasons)
+                reason = str(context["reason"])
             results.append(result)
+            if why is not None:
+                why.append(reason)
             if protocol.stops_after(batch.semantic, result["decision"]):
                 break
         return results

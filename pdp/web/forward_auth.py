@@ -18,7 +18,9 @@ or, when a JWKS is configured, only from a verified bearer JWT. Answers, all sma
          is false); a public route or `default: allow` carries no subject
     401  no subject, or an invalid token: WWW-Authenticate, {"error", "message"}
     403  deny: {"error": "forbidden", "reason"} (or "bad_request" for a request the
-         gateway described badly: it is still a deny)
+         gateway described badly: it is still a deny); with decision logs on
+         (PDP_DECISION_LOG) an engine's deny carries its X-PDP-Decision-Id too, the id
+         of its row in the log
     503  no decision possible (no data yet, stale data, JWKS unreachable): fail closed
 
 never a 3xx or a 404 (nginx would turn them into 500s, Traefik and Envoy would show
@@ -44,6 +46,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pdp.config import Settings
+from pdp.decision_log import DecisionLog
 from pdp.engine import Decision, Engine
 from pdp.errors import ConfigError
 from pdp.gateway import (
@@ -153,13 +156,23 @@ _ID_PREFIX = "fa" + uuid.uuid4().hex[:14]
 _IDS = itertools.count(1)
 
 
+def _new_decision_id() -> str:
+    return f"{_ID_PREFIX}{next(_IDS):012x}"
+
+
 class ForwardAuthApi:
     """The forward-auth handler over one replica; `routes()` gives its two routes."""
 
     def __init__(
-        self, settings: Settings, replica: Replica, metrics: Metrics, gateway: Gateway | None
+        self,
+        settings: Settings,
+        replica: Replica,
+        metrics: Metrics,
+        gateway: Gateway | None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self._replica = replica
+        self._log = decision_log
         self._metrics = metrics
         self._gateway = gateway or Gateway(RouteBox(None))
         self._mode = settings.forward_auth_mode
@@ -217,11 +230,35 @@ class ForwardAuthApi:
         engine, stale = self._gate()
         selected = selected_headers(request.headers, self._selected) if self._selected else {}
         asked = GatewayRequest(method, segments, match, subject, tenant, selected)
-        decision = _decide(engine, asked, time.time())
-        self._metrics.decided(ENDPOINT, decision.allowed, time.perf_counter() - started)
+        now = time.time()
+        decision = _decide(engine, asked, now)
+        seconds = time.perf_counter() - started
+        self._metrics.decided(ENDPOINT, decision.allowed, seconds)
+        if self._log is not None:
+            return self._logged(asked, decision, engine, now, seconds, stale)
         if not decision.allowed:
             return self._denied(decision.reason)
         return self._allow(subject, stale)
+
+    def _logged(  # noqa: PLR0917 -- internal, the decision's parts
+        self, asked: GatewayRequest, decision: Decision, engine: Engine, now: float,
+        seconds: float, stale: str | None,
+    ) -> web.Response:  # fmt: skip
+        """The answer of a logged decision: its X-PDP-Decision-Id (on a deny too) is the
+        decision log row's id."""
+        assert self._log is not None
+        decision_id = _new_decision_id()
+        match = asked.match
+        self._log.record(
+            decision_id, now, ENDPOINT, asked.tenant, "user", asked.subject, asked.action,
+            match.resource_type, match.resource_id, decision.allowed, decision.reason,
+            engine.revision, seconds,
+        )  # fmt: skip
+        if decision.allowed:
+            return self._allow(asked.subject, stale, decision_id)
+        denied = self._denied(decision.reason)
+        denied.headers[DECISION_ID] = decision_id
+        return denied
 
     def _original(self, request: web.Request) -> tuple[str, str]:
         """(method, URI) of the request the gateway asks about, as the mode says."""
@@ -304,8 +341,10 @@ class ForwardAuthApi:
 
     # --- answers -----------------------------------------------------------------------
 
-    def _allow(self, subject: str | None, stale: str | None) -> web.Response:
-        headers = {DECISION_ID: f"{_ID_PREFIX}{next(_IDS):012x}"}
+    def _allow(
+        self, subject: str | None, stale: str | None, decision_id: str | None = None
+    ) -> web.Response:
+        headers = {DECISION_ID: decision_id or _new_decision_id()}
         if subject is not None and self._send_subject:
             headers[SUBJECT] = subject
         if stale is not None:
