@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from pdp.config import Settings, redact_url
 from pdp.decision_log import DecisionLog, StdoutSink
-from pdp.errors import ConfigError, DependencyError, PdpError
+from pdp.errors import ConfigError, PdpError
 from pdp.http_edge import (
     EdgeLimits,
     EdgeRunner,
@@ -46,7 +46,6 @@ from sync.pg_decision_log import PgDecisionLog
 from sync.pg_fallback import PgFallback
 from sync.pg_verifier import PgVerifier
 from sync.redis_follower import RedisFollower
-from sync.redis_stream import REDIS_ERRORS
 from sync.relay import Relay
 from sync.service import SyncService
 
@@ -337,17 +336,14 @@ async def _relay(settings: Settings, url: str, redis_url: str) -> None:
         except OSError as exc:
             where = f"{settings.host}:{settings.relay_port}"
             raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
-        try:
-            async with supervisor.running():
-                log.info(
-                    "relay %s: PostgreSQL -> %s stream %r; metrics on http://%s:%d/metrics",
-                    worker.name, redact_url(redis_url), options.stream, settings.host,
-                    _bound_port(runner, settings.relay_port),
-                )  # fmt: skip
-                signame = await stop.get()
-                log.info("%s: the relay stops (its lock is released)", signame)
-        except REDIS_ERRORS as exc:
-            raise DependencyError(f"cannot reach Redis at {redact_url(redis_url)}: {exc}") from exc
+        async with supervisor.running():  # Redis not answering: DependencyError
+            log.info(
+                "relay %s: PostgreSQL -> %s stream %r; metrics on http://%s:%d/metrics",
+                worker.name, redact_url(redis_url), options.stream, settings.host,
+                _bound_port(runner, settings.relay_port),
+            )  # fmt: skip
+            signame = await stop.get()
+            log.info("%s: the relay stops (its lock is released)", signame)
     finally:
         await runner.cleanup()
 

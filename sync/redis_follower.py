@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from pdp.backoff import Backoff
 from pdp.engine import Engine, Snapshot
+from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.replica import Replica
 from pdp.supervisor import Body
@@ -96,7 +97,10 @@ class RedisFollower:
             socket_connect_timeout=self._options.connect_timeout,
         )
         try:
-            self._run_id = await self._server_run_id()
+            try:
+                self._run_id = await self._server_run_id()
+            except rs.REDIS_ERRORS as exc:
+                raise DependencyError(f"cannot reach Redis (PDP_REDIS_URL): {exc}") from exc
             yield self.run
         finally:
             client, self._redis = self._redis, None

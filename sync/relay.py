@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 
 from pdp.backoff import Backoff
 from pdp.engine import KEY_WIDTH, Engine, Row, Snapshot
+from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.replica import Replica
 from pdp.supervisor import Body
@@ -161,7 +162,10 @@ class Relay:
             socket_connect_timeout=self._options.connect_timeout,
         )
         try:
-            await self._redis.ping()
+            try:
+                await self._redis.ping()
+            except rs.REDIS_ERRORS as exc:
+                raise DependencyError(f"cannot reach Redis (PDP_REDIS_URL): {exc}") from exc
             yield self.run
         finally:
             client, self._redis = self._redis, None

@@ -201,5 +201,15 @@ def test_relay_with_redis_down_is_one_line(db_url: str) -> None:
         PDP_RELAY_PORT="0",
     )  # fmt: skip
     assert result.returncode == 1
-    assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in _one_error_line(result)
+    assert "cannot reach Redis (PDP_REDIS_URL)" in _one_error_line(result)
+    assert "s3cret" not in result.stderr
+
+
+def test_relay_mode_sidecar_with_redis_down_is_one_line(db_url: str) -> None:
+    result = _pdp(
+        "serve", PDP_DATABASE_URL=db_url, PDP_SYNC_SOURCE="redis", PDP_PORT="0",
+        PDP_REDIS_URL="redis://:s3cret@127.0.0.1:1/0",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot reach Redis (PDP_REDIS_URL)" in _one_error_line(result)
     assert "s3cret" not in result.stderr
