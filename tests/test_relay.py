@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from pdp.engine import Snapshot
 from pdp.replica import Replica
 from pdp.supervisor import Lifespan, Supervisor
-from sync.options import RelayOptions, SyncOptions
 from sync import redis_follower
+from sync.options import RelayOptions, SyncOptions
 from sync.redis_follower import RedisFollower
 from sync.redis_stream import covers
 from sync.relay import Relay
@@ -372,8 +372,7 @@ async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
             await pg.execute("SET session_replication_role = DEFAULT")
             assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == logged
             entries = side.entries
-            assert worker._sync is not None  # noqa: SLF001 -- the current term's loop
-            worker._sync.reload_tenant("tenant-1")  # noqa: SLF001
+            assert worker.reload_tenant("tenant-1")
             await until(lambda: side.entries > entries, 10, "nothing arrived")
             await assert_equal(pg, side.replica)
             assert side.reloads == ["bootstrap"], side.reloads
