@@ -167,6 +167,27 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(handler=_cmd_serve)
 
 
+def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    from pdp.sidecar import relay  # noqa: PLC0415  (aiohttp only for the commands that serve)
+
+    return relay(settings)
+
+
+def _add_relay(sub: Any) -> None:
+    p = sub.add_parser(
+        "relay",
+        help="publish the database's changes to a Redis Stream for sidecars in relay mode",
+        description="Run the sidecar's catch-up loop once against PostgreSQL and publish\n"
+        "every batch to the Redis Stream PDP_REDIS_STREAM at PDP_REDIS_URL, with a\n"
+        "per-tenant snapshot. Run two or more for high availability: one leads\n"
+        "(a PostgreSQL advisory lock), the others take over when it fails.\n"
+        "Sidecars follow it with PDP_SYNC_SOURCE=redis. /metrics and /healthz on\n"
+        "PDP_HOST:PDP_RELAY_PORT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=_cmd_relay)
+
+
 def _shown(default: object) -> str:
     if default is None:
         return "none"
@@ -464,6 +485,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_migrate,
     _add_seed,
     _add_serve,
+    _add_relay,
     _add_prune,
     _add_api_key,
     _add_admin,

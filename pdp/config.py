@@ -25,6 +25,7 @@ from pdp.errors import ConfigError
 
 DEFAULT_PORT = 8282
 DEFAULT_ADMIN_PORT = 8283
+DEFAULT_RELAY_PORT = 8284
 MAX_ID_LENGTH = 256  # as pdp.pg.schema.MAX_ID_LENGTH (the database's CHECK constraints)
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # as pdp.gateway.tokens.SUPPORTED_ALGORITHMS
 MAX_JWT_LEEWAY_SECONDS = 300.0  # as pdp.gateway.tokens.MAX_LEEWAY_SECONDS
@@ -114,6 +115,31 @@ def _check_ports(url: str) -> None:
     for port in filter(None, ports):
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError("the URL's port is not a TCP port (1-65535)")
+
+
+def _redis_url(text: str) -> str:
+    parts = urlsplit(text)
+    # Never echo the value: it may hold a password.
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("the URL names no host (redis://host:6379/0)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the URL's port is not a TCP port (1-65535)") from None
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("the URL's port is not a TCP port (1-65535)")
+    return text
+
+
+def _stream_name(text: str) -> str:
+    if not 0 < len(text) <= 200 or any(c.isspace() for c in text):
+        raise ValueError(f"must be a Redis key of 1 to 200 characters without spaces, got {text!r}")
+    return text
 
 
 def _http_url(text: str) -> str:
@@ -345,6 +371,23 @@ OPTIONS: tuple[Option, ...] = (
         "verify_interval_seconds", "PDP_VERIFY_INTERVAL_SECONDS", _positive_seconds,
         "consistency verifier period", "--verify-interval", "SECONDS",
     ),
+    # --- the relay (pdp relay) and sidecars that follow it ---
+    Option(
+        "sync_source", "PDP_SYNC_SOURCE", _choice("postgres", "redis"),
+        "where the sidecar's replica comes from: PostgreSQL directly, or the relay's stream",
+        "--sync-source", "postgres|redis",
+    ),
+    Option("redis_url", "PDP_REDIS_URL", _redis_url, "Redis URL of the relay's stream"),
+    Option("redis_stream", "PDP_REDIS_STREAM", _stream_name, "the relay's stream key"),
+    Option(
+        "relay_stream_maxlen", "PDP_RELAY_STREAM_MAXLEN", _positive_int,
+        "entries the relay keeps in the stream (XADD MAXLEN ~)",
+    ),
+    Option(
+        "relay_snapshot_interval_seconds", "PDP_RELAY_SNAPSHOT_INTERVAL_SECONDS",
+        _positive_seconds, "how often the relay rewrites the snapshot it stores in Redis",
+    ),
+    Option("relay_port", "PDP_RELAY_PORT", _port, "port of the relay's /metrics and /healthz"),
     Option(
         "change_retention_seconds", "PDP_CHANGE_RETENTION", parse_duration,
         "change-log retention of pdp prune",
@@ -477,6 +520,12 @@ class Settings:
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
+    sync_source: str = "postgres"
+    redis_url: str | None = field(default=None, repr=False)
+    redis_stream: str = "pdp:changes"
+    relay_stream_maxlen: int = 100_000
+    relay_snapshot_interval_seconds: float = 60.0
+    relay_port: int = DEFAULT_RELAY_PORT
     change_retention_seconds: float = 7 * 86400.0
     audit_retention_seconds: float = 400 * 86400.0
     pseudonym_key_file: Path | None = None
@@ -538,6 +587,8 @@ class Settings:
             raise ConfigError("PDP_TLS_CLIENT_CA_FILE needs PDP_TLS_CERT_FILE and PDP_TLS_KEY_FILE")
         if self.jwt_jwks_url is not None and self.jwt_jwks_file is not None:
             raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
+        if self.sync_source == "redis" and self.redis_url is None:
+            raise ConfigError("PDP_SYNC_SOURCE=redis needs PDP_REDIS_URL (the relay's Redis)")
         if self.decision_log_retention_seconds < 86400.0:
             raise ConfigError(
                 "PDP_DECISION_LOG_RETENTION: must be at least 1d (partitions are days)"

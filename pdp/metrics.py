@@ -271,6 +271,48 @@ class Metrics:
             yield objects
 
 
+class RelayMetrics(Metrics):
+    """The relay's metrics: the sync ones (its catch-up loop) and its publishing."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
+        self.relay_leading = Gauge(
+            "pdp_relay_leader", "1 while this relay holds the lock and publishes", registry=registry
+        )
+        self.relay_entries = Counter(
+            "pdp_relay_entries_published",
+            "Stream entries appended, by kind (changes, heartbeat, reset)",
+            ["kind"],
+            registry=registry,
+        )
+        self.relay_snapshot_seconds = Gauge(
+            "pdp_relay_snapshot_write_seconds",
+            "Duration of the last stored-snapshot write",
+            registry=registry,
+        )
+        self.relay_snapshot_bytes = Gauge(
+            "pdp_relay_snapshot_bytes", "Size of the last stored snapshot", registry=registry
+        )
+        self.relay_divergences = Counter(
+            "pdp_relay_diverged",
+            "Appends refused because the stream ended elsewhere (another relay wrote)",
+            registry=registry,
+        )
+
+    def relay_leader(self, leading: bool) -> None:
+        self.relay_leading.set(1 if leading else 0)
+
+    def relay_published(self, kind: str) -> None:
+        self.relay_entries.labels(kind).inc()
+
+    def relay_snapshot_written(self, seconds: float, size: int) -> None:
+        self.relay_snapshot_seconds.set(seconds)
+        self.relay_snapshot_bytes.set(size)
+
+    def relay_diverged(self) -> None:
+        self.relay_divergences.inc()
+
+
 class _ScrapeCollector:
     """Adapts `Metrics.collect` to the registry (kept apart so `describe` is static)."""
 

@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from ssl import SSLContext
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from pdp.config import Settings
+from pdp.config import Settings, redact_url
 from pdp.decision_log import DecisionLog, StdoutSink
 from pdp.errors import ConfigError, PdpError
 from pdp.http_edge import (
@@ -32,7 +32,7 @@ from pdp.http_edge import (
     default_max_connections,
     raise_file_limit,
 )
-from pdp.metrics import Metrics
+from pdp.metrics import Metrics, RelayMetrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
 from pdp.replica import Replica
@@ -41,10 +41,12 @@ from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
 from pdp.web.tls import server_context
-from sync.options import SyncOptions
+from sync.options import RelayOptions, SyncOptions
 from sync.pg_decision_log import PgDecisionLog
 from sync.pg_fallback import PgFallback
 from sync.pg_verifier import PgVerifier
+from sync.redis_follower import RedisFollower
+from sync.relay import Relay
 from sync.service import SyncService
 
 log = logging.getLogger(__name__)
@@ -76,10 +78,21 @@ def sidecar_app(
     supervisor = Supervisor(
         metrics, backoff_initial=restart_backoff[0], backoff_max=restart_backoff[1]
     )
-    service = SyncService(url, replica, metrics, sync_options(settings))
-    supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
-    verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
-    supervisor.add(VERIFIER_WORKER, verifier.lifespan)
+    if settings.sync_source == "redis":
+        # Relay mode: the replica follows the relay's stream; PostgreSQL is read only to
+        # bootstrap when Redis holds no usable snapshot, and by the SQL fallback. The
+        # verifier needs a catch-up of its own to share a snapshot: off in this mode.
+        assert settings.redis_url is not None  # Settings holds it
+        follower = RedisFollower(
+            settings.redis_url, url, replica, metrics, sync_options(settings),
+            settings.redis_stream,
+        )  # fmt: skip
+        supervisor.add(SYNC_WORKER, follower.lifespan, critical=True)
+    else:
+        service = SyncService(url, replica, metrics, sync_options(settings))
+        supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
+        verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
+        supervisor.add(VERIFIER_WORKER, verifier.lifespan)
     fallback = PgFallback(url)
     decision_log = _decision_log(settings, url, metrics, supervisor)
     api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
@@ -286,3 +299,68 @@ def _bound_port(runner: web.AppRunner, asked: int) -> int:
     for address in runner.addresses:
         return int(address[1])
     return asked
+
+
+# --- pdp relay ------------------------------------------------------------------------
+
+
+def relay(settings: Settings) -> int:
+    """Run the relay (`sync.relay`) until SIGINT/SIGTERM; /metrics and /healthz on
+    PDP_HOST:PDP_RELAY_PORT. Raises PdpError when Redis or the port is unusable."""
+    if settings.redis_url is None:
+        raise ConfigError("pdp relay needs PDP_REDIS_URL (where it publishes)")
+    _event_loop_policy()
+    with database_url(settings) as url:
+        asyncio.run(_relay(settings, url, settings.redis_url))
+    return 0
+
+
+async def _relay(settings: Settings, url: str, redis_url: str) -> None:
+    registry = CollectorRegistry()
+    metrics = RelayMetrics(registry)
+    options = RelayOptions(
+        stream=settings.redis_stream,
+        maxlen=settings.relay_stream_maxlen,
+        snapshot_interval=settings.relay_snapshot_interval_seconds,
+    )
+    worker = Relay(url, redis_url, metrics, sync_options(settings), options)
+    supervisor = Supervisor(metrics)
+    supervisor.add("relay", worker.lifespan, critical=True)
+    runner = web.AppRunner(_relay_app(registry, worker, supervisor), access_log=None)
+    await runner.setup()
+    stop = _stop_signals()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.relay_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{settings.host}:{settings.relay_port}"
+            raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
+        async with supervisor.running():  # Redis not answering: DependencyError
+            log.info(
+                "relay %s: PostgreSQL -> %s stream %r; metrics on http://%s:%d/metrics",
+                worker.name, redact_url(redis_url), options.stream, settings.host,
+                _bound_port(runner, settings.relay_port),
+            )  # fmt: skip
+            signame = await stop.get()
+            log.info("%s: the relay stops (its lock is released)", signame)
+    finally:
+        await runner.cleanup()
+
+
+def _relay_app(
+    registry: CollectorRegistry, worker: Relay, supervisor: Supervisor
+) -> web.Application:
+    async def metrics_page(_request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        up = not supervisor.down
+        state = {"status": "ok" if up else "down", "leader": worker.leading.is_set()}
+        return web.json_response(state, status=200 if up else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    return app

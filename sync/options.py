@@ -21,3 +21,15 @@ class SyncOptions:
     read_timeout: float = 10.0
     full_read_timeout: float = 600.0
     statement_timeout_ms: int = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """The relay's Redis stream and its leader election (see `sync.relay`)."""
+
+    stream: str = "pdp:changes"
+    maxlen: int = 100_000  # entries kept (MAXLEN ~): about a day of 1 s heartbeats
+    snapshot_interval: float = 60.0  # the stored snapshot is rewritten this often
+    election_interval: float = 1.0  # a standby tries to take the lock this often
+    lock_heartbeat: float = 1.0  # the leader proves its lock connection alive this often
+    lock_key: int = 0x7064705F72656C61  # pg advisory lock id ("pdp_rela")

@@ -8,6 +8,9 @@ synchronous step (`sync.apply`).
 Failures talking to PostgreSQL are expected: the query connection is dropped and
 the same cursor retried after a capped, jittered backoff (reads are idempotent).
 Anything else is a bug and escapes `run`, so the supervisor restarts the worker.
+
+A `sink` (the relay's publisher) sees each batch after it is read and before it is
+applied; if it raises, nothing is applied and the same cursor is read again.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from sync import apply, pg_read
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor, Probe
+from sync.tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
+
+Sink = Callable[[Batch], Awaitable[None]]
 
 
 class PgSync:
@@ -44,8 +50,10 @@ class PgSync:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        sink: Sink | None = None,
     ) -> None:
         self._url = url
+        self._sink = sink
         self._replica = replica
         self._metrics = metrics or NullMetrics()
         self._options = options or SyncOptions()
@@ -112,6 +120,7 @@ class PgSync:
         options = self._options
         backoff = Backoff(options.backoff_initial, options.backoff_max)
         while True:
+            raise_if_cancelling()  # a sink's Redis call may have swallowed a stop
             started = self._clock()
             try:
                 await self.catch_up()
@@ -140,6 +149,8 @@ class PgSync:
         tenants, self._reload_tenants = self._reload_tenants, set()
         try:
             batch = await self._read(probes, tenants)
+            if self._sink is not None:
+                await self._sink(batch)
             await self._apply(batch)
         except BaseException as exc:
             self._drop_connection()

@@ -19,7 +19,7 @@ from pdp.supervisor import Body
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_listener import PgListener
-from sync.pg_sync import PgSync
+from sync.pg_sync import PgSync, Sink
 
 
 class SyncService:
@@ -31,10 +31,12 @@ class SyncService:
         replica: Replica,
         metrics: SyncMetrics | None = None,
         options: SyncOptions | None = None,
+        *,
+        sink: Sink | None = None,
     ) -> None:
         self.options = options or SyncOptions()
         metrics = metrics or NullMetrics()
-        self.sync = PgSync(url, replica, metrics, self.options)
+        self.sync = PgSync(url, replica, metrics, self.options, sink=sink)
         self.listener = PgListener(
             url,
             replica.wake,

@@ -128,12 +128,14 @@ SERVE_FLAG_CASES = [
     ("--api-keys-file", "/", "is a directory", "/etc/pdp/keys", Path("/etc/pdp/keys")),
     ("--routes", "/no/routes.yaml", "no such file", A_FILE, Path(A_FILE)),
     ("--forward-auth-mode", "haproxy", "must be one of nginx, traefik, envoy", "envoy", "envoy"),
+    ("--sync-source", "kafka", "must be one of postgres, redis", "redis", "redis"),
 ]
 # Settings that only make sense together: a good value is given with its companions.
 COMPANIONS = {
     "tls_cert_file": {"tls_key_file": A_FILE},
     "tls_key_file": {"tls_cert_file": A_FILE},
     "tls_client_ca_file": {"tls_cert_file": A_FILE, "tls_key_file": A_FILE},
+    "sync_source": {"redis_url": "redis://127.0.0.1:6379/0"},
 }
 
 
@@ -163,3 +165,51 @@ def test_serve_flag_is_validated_like_its_variable(
     assert getattr(Settings.from_env({}, flags), option.field) == parsed
     # A flag wins over its variable.
     assert getattr(Settings.from_env({option.env: bad}, flags), option.field) == parsed
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://:hunter2@127.0.0.1/0", "must be a redis://, rediss:// or unix:// URL"),
+        ("redis://:hunter2@127.0.0.1:99999/0", "not a TCP port"),
+        ("redis://:hunter2@/0", "names no host"),
+        ("unix://", "needs the socket's path"),
+    ],
+)
+def test_redis_url_is_checked_and_not_echoed(url: str, message: str) -> None:
+    result = _pdp("relay", PDP_REDIS_URL=url)
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    assert "PDP_REDIS_URL" in line
+    assert message in line
+    assert "hunter2" not in result.stderr
+
+
+def test_relay_mode_and_the_relay_need_a_redis_url() -> None:
+    result = _pdp("serve", PDP_SYNC_SOURCE="redis")
+    assert result.returncode == 2
+    assert "PDP_SYNC_SOURCE=redis needs PDP_REDIS_URL" in _one_error_line(result)
+    result = _pdp("relay")
+    assert result.returncode == 2
+    assert "pdp relay needs PDP_REDIS_URL" in _one_error_line(result)
+
+
+def test_relay_with_redis_down_is_one_line(db_url: str) -> None:
+    # Port 1 on loopback: nothing listens there, the connection is refused at once.
+    result = _pdp(
+        "relay", PDP_DATABASE_URL=db_url, PDP_REDIS_URL="redis://:s3cret@127.0.0.1:1/0",
+        PDP_RELAY_PORT="0",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot reach Redis (PDP_REDIS_URL)" in _one_error_line(result)
+    assert "s3cret" not in result.stderr
+
+
+def test_relay_mode_sidecar_with_redis_down_is_one_line(db_url: str) -> None:
+    result = _pdp(
+        "serve", PDP_DATABASE_URL=db_url, PDP_SYNC_SOURCE="redis", PDP_PORT="0",
+        PDP_REDIS_URL="redis://:s3cret@127.0.0.1:1/0",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot reach Redis (PDP_REDIS_URL)" in _one_error_line(result)
+    assert "s3cret" not in result.stderr
