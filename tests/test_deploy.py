@@ -48,9 +48,7 @@ IMAGE_SCRIPTS = DEPLOY / "image"
 KUBERNETES_VERSION = "1.37.0"
 CRD_API = "monitoring.coreos.com/v1"
 PDP_NAME = re.compile(r"\bPDP_[A-Z][A-Z0-9_]*")
-# Issue 14's `pdp relay` (another branch) adds PDP_REDIS_URL to pdp/config.py; until it is
-# merged the relay's variable is the one name allowed that config.py does not have yet.
-PENDING = {"PDP_REDIS_URL"}
+PENDING: set[str] = set()  # names a later issue brings (none now)
 PDP_COMMANDS = {"migrate", "seed", "serve", "relay", "admin"}
 
 
@@ -174,11 +172,12 @@ def test_compose_services_dependencies_and_healthchecks() -> None:
                 check = services[dep].get("healthcheck", {})
                 assert check.get("test"), (name, dep)
                 assert not check.get("disable"), (name, dep)
-    # pdp's readiness, the admin API's answer; one-shot jobs and the relay opt out of the
-    # image's HEALTHCHECK (the check API's /healthz, which they do not serve).
+    # pdp's readiness, the admin API's answer, the relay's /healthz; one-shot jobs opt out
+    # of the image's HEALTHCHECK (the check API's /healthz, which they do not serve).
     assert services["pdp"]["healthcheck"]["test"][-1] == "/readyz"
     assert services["admin"]["healthcheck"]["test"][-1] == "--admin"
-    for name in ("migrate", "seed", "relay"):
+    assert services["relay"]["healthcheck"]["test"][-1] == "--relay"
+    for name in ("migrate", "seed"):
         assert services[name]["healthcheck"] == {"disable": True}
 
 

@@ -19,6 +19,8 @@ from loadtests.run import free_port
 from pdp.pg import seed, seed_data
 from tests.redis_server import RedisServer
 
+HEALTHCHECK = Path(__file__).resolve().parent.parent / "deploy" / "image" / "healthcheck.py"
+
 CAROL_WRITES = {
     "subject": {"type": "user", "id": "carol", "properties": {"tenant": "demo"}},
     "action": {"name": "write"},
@@ -92,6 +94,14 @@ async def test_relay_and_a_sidecar_in_relay_mode(
             await _until_ok(
                 session, f"http://127.0.0.1:{relay_port}/healthz", procs[0], logs["relay"]
             )
+            # The image's probe script (Compose's healthcheck of the relay) agrees.
+            for port, expected in ((relay_port, 0), (free_port(), 1)):
+                probe = await asyncio.create_subprocess_exec(
+                    sys.executable, str(HEALTHCHECK), "--relay",
+                    env=_env(PDP_RELAY_PORT=str(port)), stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await asyncio.wait_for(probe.communicate(), 30)
+                assert probe.returncode == expected, (port, err)
             with logs["serve"].open("wb") as out:
                 procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "pdp", "serve",

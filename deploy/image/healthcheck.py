@@ -1,10 +1,12 @@
 """The image's HEALTHCHECK and the Kubernetes probes (exec: pdp listens on loopback).
 
-    healthcheck.py [PATH] [--admin]
+    healthcheck.py [PATH] [--admin | --relay]
 
 GET PATH (default /healthz; /readyz for readiness) of the check API on
-127.0.0.1:PDP_PORT, or with --admin the admin API's unauthenticated
-/admin/v1/openapi.yaml on 127.0.0.1:PDP_ADMIN_PORT. Exit 0 when it answers 200, else 1.
+127.0.0.1:PDP_PORT, with --admin the admin API's unauthenticated
+/admin/v1/openapi.yaml on 127.0.0.1:PDP_ADMIN_PORT, with --relay `pdp relay`'s
+/healthz on 127.0.0.1:PDP_RELAY_PORT (503 while its worker is down). Exit 0 when it
+answers 200, else 1.
 pdp must listen on loopback (PDP_HOST 127.0.0.1, the default, or 0.0.0.0).
 Standard library only.
 """
@@ -17,7 +19,9 @@ import urllib.request
 args = sys.argv[1:]
 admin = "--admin" in args
 paths = [a for a in args if a.startswith("/")]
-if admin:
+if "--relay" in args:
+    url = f"http://127.0.0.1:{os.environ.get('PDP_RELAY_PORT') or '8284'}/healthz"
+elif admin:
     url = f"http://127.0.0.1:{os.environ.get('PDP_ADMIN_PORT') or '8283'}/admin/v1/openapi.yaml"
 else:
     scheme = "https" if os.environ.get("PDP_TLS_CERT_FILE") else "http"
