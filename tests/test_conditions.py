@@ -568,7 +568,7 @@ def test_conditional_subjects_come_in_pieces_that_add_up() -> None:
         REV,
     )
     pieces = list(engine.conditional_subject_chunks("t", "doc", "1", "read", NOW))
-    assert len(pieces) == 3  # 200 candidates a piece
+    assert len(pieces) == 9  # 50 candidates a piece
     ids = sorted(uid for allowed, _ in pieces for uid in allowed)
     assert ids == sorted(engine.conditional_subjects("t", "doc", "1", "read", NOW)[0])
     assert ids == [f"u{i:03d}" for i in range(0, 450, 3)]
@@ -586,7 +586,7 @@ def test_resource_search_pauses_between_pieces_of_inventory() -> None:
             result = done.value
             break
         pauses += 1
-    assert pauses == 2  # after 200 and 400 resources
+    assert pauses == 9  # after every 50 resources
     assert result == engine.resources("t", "alice", "doc", "read", NOW)
     assert result.ids == tuple(f"d{i:03d}" for i in range(0, 450, 2))
     assert list(engine.resource_steps("t9", "alice", "doc", "read", NOW)) == []  # no tenant

@@ -47,6 +47,9 @@ from pdp.engine.tenant import TenantState, UserRec
 ACTIVE = "active"
 # Inventory resources a resource search examines at most (a condition costs ~10 us each).
 INVENTORY_LIMIT = 10_000
+# Condition evaluations between two pauses of a search: ~10 us each, so a piece of 50 is
+# ~0.5 ms of the event loop (200 were 2-2.7 ms, measured at 5,000 candidates).
+CONDITION_PIECE = 50
 # subjects(): scan all users once the candidates reach len(users) / _SCAN_SHARE. Per
 # user a scan costs under half of a candidate's (set building, lookup, and sorting
 # ids that come out of a set in no order): scanning is then no slower.
@@ -374,7 +377,7 @@ def resource_steps(  # noqa: PLR0912, PLR0917 -- mirrors Engine.resources, one p
     facts: FactsSource = None,
     limit: int = INVENTORY_LIMIT,
     *,
-    size: int = 200,
+    size: int = CONDITION_PIECE,
 ) -> Generator[None, None, ResourcesResult]:
     """`resources` as a generator that pauses after every `size` inventory resources
     decided by a condition (its return value is the result), so a caller can give other
@@ -559,7 +562,7 @@ def conditional_subject_chunks(  # noqa: PLR0917 -- mirrors Engine.subjects
     now: float,
     facts: FactsSource = None,
     *,
-    size: int = 200,
+    size: int = CONDITION_PIECE,
 ) -> Iterator[tuple[list[str], set[str]]]:
     """`conditional_subjects` in pieces of at most `size` candidates decided each.
 
