@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_MS = 1000  # one XREAD waits at most this long
 READ_COUNT = 1000  # entries per XREAD at most
+BIG_ENTRY = 256 * 1024  # compressed bytes: larger entries are decoded off the event loop
 
 
 class RedisFollower:
@@ -202,7 +203,10 @@ class RedisFollower:
         for _stream, entries in found or ():
             for entry_id, fields in entries:
                 try:
-                    entry = rs.decode_entry(entry_id, fields)
+                    if len(fields.get(b"data", b"")) > BIG_ENTRY:  # a tenant reload, say
+                        entry = await asyncio.to_thread(rs.decode_entry, entry_id, fields)
+                    else:
+                        entry = rs.decode_entry(entry_id, fields)
                 except (ValueError, KeyError, TypeError, zlib.error) as exc:
                     # Not the relay's format (another writer, another version): the
                     # chain is broken here; reload rather than guess.

@@ -151,6 +151,13 @@ class Relay:
         """Catch-ups against PostgreSQL, over every term (for benchmarks and tests)."""
         return self._past_catchups + (self._sync.catchups if self._sync is not None else 0)
 
+    def reload_tenant(self, tenant: str) -> bool:
+        """Have the leader re-read `tenant` whole and publish it (False: not leading)."""
+        if self._sync is None:
+            return False
+        self._sync.reload_tenant(tenant)
+        return True
+
     # -- the worker ------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from pdp.engine import Snapshot
 from pdp.replica import Replica
 from pdp.supervisor import Lifespan, Supervisor
+from sync import redis_follower
 from sync.options import RelayOptions, SyncOptions
 from sync.redis_follower import RedisFollower
 from sync.redis_stream import covers
@@ -350,3 +351,28 @@ async def test_a_foreign_entry_in_the_stream_reloads_and_the_relay_starts_it_ove
                 await asyncio.sleep(0.5)
             await assert_equal(pg, side.replica)
             assert worker.terms >= 2  # the append was refused: a new term, a reset
+
+
+async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that replaces a tenant whole (a bulk load, a verifier repair) carries the
+    tenant's rows; decoded off the event loop when large (here: every entry)."""
+    monkeypatch.setattr(redis_follower, "BIG_ENTRY", 0)
+    async with relay(seeded, redis_server.url) as worker:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        side = follower(seeded, redis_server.url)
+        async with supervised("sync", side.lifespan):
+            await until(lambda: side.replica.ready, 10, "the follower did not load")
+            # Change the tenant behind the change log's back, then have the relay
+            # re-read it whole: only the tenant entry can make the follower equal.
+            logged = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+            await pg.execute("SET session_replication_role = replica")
+            await pg.execute("DELETE FROM pdp.group_members WHERE tenant_id = 'tenant-1'")
+            await pg.execute("SET session_replication_role = DEFAULT")
+            assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == logged
+            entries = side.entries
+            assert worker.reload_tenant("tenant-1")
+            await until(lambda: side.entries > entries, 10, "nothing arrived")
+            await assert_equal(pg, side.replica)
+            assert side.reloads == ["bootstrap"], side.reloads
