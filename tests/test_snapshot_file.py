@@ -256,7 +256,7 @@ async def test_a_write_that_fails_is_logged_and_the_sidecar_goes_on(
     gone.mkdir()
     async with sidecar(db_url, gone / "replica.pdpsnap", interval=0.05) as run:
         await settle(pg, run.replica)
-        gone.rmdir()
+        gone.rename(tmp_path / "moved")  # atomic, unlike removing it while files come and go
         async with asyncio.timeout(10):
             while run.sample("pdp_snapshot_file_writes_total", result="error") == 0:
                 attempted = run.file.attempted
