@@ -181,6 +181,20 @@ def _file_path(text: str) -> Path:
     return path
 
 
+def _snapshot_path(text: str) -> Path:
+    path = _file_path(text)
+    if not path.parent.is_dir():
+        raise ValueError(f"no such directory: {path.parent}")
+    return path
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive duration, got {text!r}")
+    return value
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text):
         raise ValueError(f"not a host name or address: {text!r}")
@@ -371,6 +385,19 @@ OPTIONS: tuple[Option, ...] = (
         "verify_interval_seconds", "PDP_VERIFY_INTERVAL_SECONDS", _positive_seconds,
         "consistency verifier period", "--verify-interval", "SECONDS",
     ),
+    Option(
+        "snapshot_file", "PDP_SNAPSHOT_FILE", _snapshot_path,
+        "keep the replica in this local file: a restart loads it, then catches up",
+        "--snapshot-file", "FILE",
+    ),
+    Option(
+        "snapshot_file_interval_seconds", "PDP_SNAPSHOT_FILE_INTERVAL", _positive_duration,
+        "how often the snapshot file is rewritten (and once at a clean shutdown)",
+    ),
+    Option(
+        "snapshot_file_max_age_seconds", "PDP_SNAPSHOT_FILE_MAX_AGE", _positive_duration,
+        "an older snapshot file is not used at start (a normal load instead)",
+    ),
     # --- the relay (pdp relay) and sidecars that follow it ---
     Option(
         "sync_source", "PDP_SYNC_SOURCE", _choice("postgres", "redis"),
@@ -520,6 +547,9 @@ class Settings:
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0
+    snapshot_file: Path | None = None
+    snapshot_file_interval_seconds: float = 300.0
+    snapshot_file_max_age_seconds: float = 86400.0
     sync_source: str = "postgres"
     redis_url: str | None = field(default=None, repr=False)
     redis_stream: str = "pdp:changes"
@@ -589,6 +619,11 @@ class Settings:
             raise ConfigError("PDP_JWT_JWKS_URL and PDP_JWT_JWKS_FILE: set one, not both")
         if self.sync_source == "redis" and self.redis_url is None:
             raise ConfigError("PDP_SYNC_SOURCE=redis needs PDP_REDIS_URL (the relay's Redis)")
+        if self.snapshot_file is not None and self.sync_source != "postgres":
+            raise ConfigError(
+                "PDP_SNAPSHOT_FILE works with PDP_SYNC_SOURCE=postgres only (not yet with "
+                "the relay's stream)"
+            )
         if self.decision_log_retention_seconds < 86400.0:
             raise ConfigError(
                 "PDP_DECISION_LOG_RETENTION: must be at least 1d (partitions are days)"

@@ -43,7 +43,8 @@ class Metrics:
     Hot path (web layer): `decided`, `decided_batch`, `http_request`: plain int
     arithmetic, no locks. HTTP edge: `connection_rejected`. Sync layer:
     `observe_propagation`, `changes_applied`,
-    `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `set_consistent`,
+    `catchup`, `full_reload`, `reconnect`, `snapshot_loaded`, `snapshot_file_loaded`,
+    `snapshot_file_written`, `set_consistent`,
     `forget_tenant`, `tenant_reloaded`, `decision_log_dropped`. Supervisor:
     `worker_restarted`, `worker_up`. Call `watch(health)` once so the scrape-time
     gauges have a source.
@@ -93,6 +94,28 @@ class Metrics:
             " near PDP_CHANGE_RETENTION)",
             registry=registry,
         )
+        self.snapshot_file_loads = Counter(
+            "pdp_snapshot_file_loads",
+            "Starts that looked for PDP_SNAPSHOT_FILE, by result: loaded, missing, expired, "
+            "corrupt",
+            ["result"],
+            registry=registry,
+        )
+        self.snapshot_file_writes = Counter(
+            "pdp_snapshot_file_writes",
+            "PDP_SNAPSHOT_FILE writes, by result: ok or error",
+            ["result"],
+            registry=registry,
+        )
+        self.snapshot_file_write_seconds = Gauge(
+            "pdp_snapshot_file_write_seconds",
+            "Duration of the last PDP_SNAPSHOT_FILE write (encode, fsync, rename)",
+            registry=registry,
+        )
+        self.snapshot_file_bytes = Gauge(
+            "pdp_snapshot_file_bytes", "Size of the last PDP_SNAPSHOT_FILE written",
+            registry=registry,
+        )  # fmt: skip
         self.consistent = Gauge(
             "pdp_cache_consistent",
             "1 when the tenant's cache digest matched PostgreSQL's at the last verification",
@@ -177,6 +200,16 @@ class Metrics:
 
     def snapshot_loaded(self, seconds: float) -> None:
         self.snapshot_load.set(seconds)
+
+    def snapshot_file_loaded(self, result: str) -> None:
+        """`result`: loaded, missing, expired or corrupt."""
+        self.snapshot_file_loads.labels(result).inc()
+
+    def snapshot_file_written(self, ok: bool, seconds: float, size: int) -> None:
+        self.snapshot_file_writes.labels("ok" if ok else "error").inc()
+        if ok:
+            self.snapshot_file_write_seconds.set(seconds)
+            self.snapshot_file_bytes.set(size)
 
     def set_consistent(self, tenant: str, ok: bool) -> None:
         self.consistent.labels(tenant).set(1 if ok else 0)

@@ -76,6 +76,16 @@ class Replica:
         self._epoch = epoch
         self.mark_synced(synced_at)
 
+    def restore(self, engine: Engine, epoch: str) -> None:
+        """Swap in an engine restored from a local file: loaded, but not proven current.
+
+        Staleness stays as it was (infinite at start) until a catch-up from the engine's
+        revision succeeds, so readiness and the stale gate treat it as stale data.
+        Never awaits.
+        """
+        self._engine = engine
+        self._epoch = epoch
+
     def apply(self, changes: Iterable[RowChange], revision: Snapshot, synced_at: float) -> int:
         """Apply one catch-up batch atomically and move to `revision`. Never awaits."""
         if self._engine is None:

@@ -41,6 +41,7 @@ from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
 from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
 from pdp.web.tls import server_context
+from sync.file_snapshot import SnapshotFile
 from sync.options import RelayOptions, SyncOptions
 from sync.pg_decision_log import PgDecisionLog
 from sync.pg_fallback import PgFallback
@@ -89,7 +90,10 @@ def sidecar_app(
         )  # fmt: skip
         supervisor.add(SYNC_WORKER, follower.lifespan, critical=True)
     else:
-        service = SyncService(url, replica, metrics, sync_options(settings))
+        service = SyncService(
+            url, replica, metrics, sync_options(settings),
+            snapshot_file=_snapshot_file(settings, metrics),
+        )  # fmt: skip
         supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
         verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
         supervisor.add(VERIFIER_WORKER, verifier.lifespan)
@@ -108,6 +112,15 @@ def sidecar_app(
         decision_log=decision_log,
         cleanup=[_workers(fallback, supervisor)],
     )
+
+
+def _snapshot_file(settings: Settings, metrics: Metrics) -> SnapshotFile | None:
+    if settings.snapshot_file is None:
+        return None
+    return SnapshotFile(
+        settings.snapshot_file, settings.snapshot_file_interval_seconds,
+        settings.snapshot_file_max_age_seconds, metrics,
+    )  # fmt: skip
 
 
 def _decision_log(

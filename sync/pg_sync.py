@@ -28,6 +28,7 @@ from pdp.engine import Snapshot
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.replica import Replica
 from sync import apply, pg_read
+from sync.file_snapshot import SnapshotFile
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor, Probe
@@ -51,9 +52,11 @@ class PgSync:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         sink: Sink | None = None,
+        snapshot_file: SnapshotFile | None = None,
     ) -> None:
         self._url = url
         self._sink = sink
+        self._file = snapshot_file
         self._replica = replica
         self._metrics = metrics or NullMetrics()
         self._options = options or SyncOptions()
@@ -119,6 +122,8 @@ class PgSync:
         wake = self._replica.wake
         options = self._options
         backoff = Backoff(options.backoff_initial, options.backoff_max)
+        if self._file is not None and self._replica.engine is None:
+            await self._file.restore(self._replica)
         while True:
             raise_if_cancelling()  # a sink's Redis call may have swallowed a stop
             started = self._clock()
@@ -129,6 +134,9 @@ class PgSync:
                 await backoff.wait()
                 continue
             backoff.reset()
+            if self._file is not None and self._file.due():
+                # Between catch-ups: nothing applies while the rows are captured.
+                await self._file.save(self._replica)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), options.poll_interval)
             # Under a stream of commits, gather a few milliseconds of them per catch-up
@@ -136,6 +144,14 @@ class PgSync:
             rest = started + options.min_interval - self._clock()
             if rest > 0:
                 await asyncio.sleep(rest)
+
+    async def save_snapshot_file(self) -> None:
+        """Write the snapshot file now and wait for it (at shutdown, the loop stopped)."""
+        if self._file is not None:
+            await self._file.flush()
+            if self._replica.staleness() != float("inf"):
+                await self._file.save(self._replica)
+            await self._file.flush()
 
     async def catch_up(self) -> None:
         """One catch-up (or the first load): read in one snapshot, then apply at once.

@@ -5,7 +5,8 @@ connects the listener and proves notifications arrive (failing loudly, e.g. behi
 a transaction-mode pooler); its body runs the listener's heartbeat and the catch-up
 loop until cancelled. If either fails in a way that is not PostgreSQL's, both stop
 and the supervisor restarts the whole worker from the replica's cursor. The first
-snapshot loads in the body: readiness says when it is in.
+snapshot loads in the body: readiness says when it is in. With a snapshot file
+(`sync.file_snapshot`) the body restores it first and leaving writes it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from pdp.replica import Replica
 from pdp.supervisor import Body
+from sync.file_snapshot import SnapshotFile
 from sync.metrics import NullMetrics, SyncMetrics
 from sync.options import SyncOptions
 from sync.pg_listener import PgListener
@@ -33,10 +35,13 @@ class SyncService:
         options: SyncOptions | None = None,
         *,
         sink: Sink | None = None,
+        snapshot_file: SnapshotFile | None = None,
     ) -> None:
         self.options = options or SyncOptions()
         metrics = metrics or NullMetrics()
-        self.sync = PgSync(url, replica, metrics, self.options, sink=sink)
+        self.sync = PgSync(
+            url, replica, metrics, self.options, sink=sink, snapshot_file=snapshot_file
+        )
         self.listener = PgListener(
             url,
             replica.wake,
@@ -54,6 +59,8 @@ class SyncService:
             await self.listener.self_test(await self.sync.connection())
             yield self._run
         finally:
+            # The body has stopped (nothing applies now): write the snapshot file.
+            await self.sync.save_snapshot_file()
             await self.listener.close()
             await self.sync.close()
 

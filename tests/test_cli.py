@@ -129,6 +129,7 @@ SERVE_FLAG_CASES = [
     ("--routes", "/no/routes.yaml", "no such file", A_FILE, Path(A_FILE)),
     ("--forward-auth-mode", "haproxy", "must be one of nginx, traefik, envoy", "envoy", "envoy"),
     ("--sync-source", "kafka", "must be one of postgres, redis", "redis", "redis"),
+    ("--snapshot-file", "/no/such/dir/replica.pdpsnap", "no such directory", A_FILE + ".snap", Path(A_FILE + ".snap")),
 ]
 # Settings that only make sense together: a good value is given with its companions.
 COMPANIONS = {
@@ -192,6 +193,15 @@ def test_relay_mode_and_the_relay_need_a_redis_url() -> None:
     result = _pdp("relay")
     assert result.returncode == 2
     assert "pdp relay needs PDP_REDIS_URL" in _one_error_line(result)
+
+
+def test_the_snapshot_file_is_for_direct_mode_only(tmp_path: Path) -> None:
+    result = _pdp(
+        "serve", PDP_SYNC_SOURCE="redis", PDP_REDIS_URL="redis://127.0.0.1:1/0",
+        PDP_SNAPSHOT_FILE=str(tmp_path / "replica.pdpsnap"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "PDP_SNAPSHOT_FILE works with PDP_SYNC_SOURCE=postgres only" in _one_error_line(result)
 
 
 def test_relay_with_redis_down_is_one_line(db_url: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from pdp.engine import evaluate
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
+from pdp.engine.export import TableRows, empty_tables, tenant_tables
 from pdp.engine.rows import ENTITIES, Row, RowChange
 from pdp.engine.snapshot import Snapshot
 from pdp.engine.tenant import TenantState, upserter
@@ -127,6 +128,16 @@ class Engine:
             self._tenants[tenant_id] = states[tenant_id]
         else:
             self._tenants.pop(tenant_id, None)
+
+    def tables(self) -> TableRows:
+        """Every held row, by entity, in the row format `build` takes (see `export`).
+
+        Reads only; O(rows). Safe in a worker thread while nothing applies changes.
+        """
+        out = empty_tables()
+        for state in list(self._tenants.values()):
+            tenant_tables(state, out)
+        return out
 
     def tenants(self) -> tuple[str, ...]:
         """Ids of the existing tenants, sorted."""
