@@ -68,7 +68,7 @@ request = function()
   i = i %% #lines + 1
   return wrk.format("GET", "/forward-auth" .. lines[i][1], {["X-User-Id"] = lines[i][2]})
 end
-""" + LUA[LUA.index("done = function"):].replace("e.status + ", "")  # a 403 deny is an answer
+""" + LUA[LUA.index("done = function") :].replace("e.status + ", "")  # a 403 deny is an answer
 
 
 # --- the pdp server process --------------------------------------------------------

@@ -206,8 +206,11 @@ def _report(port: int, bodies: list[bytes], args: argparse.Namespace,
             runs[mode].append(_phase(port, bodies, args, question, mode))
     base50 = statistics.median(r[0] for r in runs["alone"])
     base99 = statistics.median(r[1] for r in runs["alone"])
-    labels = {"alone": "checks alone", "same": "+ searches, same question",
-              "distinct": "+ searches, new question each"}
+    labels = {
+        "alone": "checks alone",
+        "same": "+ searches, same question",
+        "distinct": "+ searches, new question each",
+    }
     print(f"{'phase':32} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6} {'searches/s':>11}")
     for mode in modes:
         p50 = statistics.median(r[0] for r in runs[mode])

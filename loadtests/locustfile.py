@@ -112,7 +112,10 @@ def _body(value: Any) -> bytes:
 
 
 def _post(
-    session: FastHttpSession, path: str, body: bytes, name: str,
+    session: FastHttpSession,
+    path: str,
+    body: bytes,
+    name: str,
     headers: dict[str, str] | None = None,
 ) -> ResponseContextManager:
     """POST a serialized body, the response caught for checking."""

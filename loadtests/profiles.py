@@ -344,9 +344,7 @@ def cpu_stats(
             "mean": round(sum(values) / len(values), 3),
             "p95": round(sample_percentile(values, 0.95) or 0.0, 3),
             "max": round(max(values), 3),
-            "saturated_share": round(
-                sum(1 for v in values if v >= limit) / len(values), 3
-            ),
+            "saturated_share": round(sum(1 for v in values if v >= limit) / len(values), 3),
         }
     return out
 

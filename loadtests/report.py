@@ -316,9 +316,7 @@ def table(summary: dict[str, Any]) -> str:
     ))  # fmt: skip
     per = main.get("cpu_ms_per_decision", {})
     if per.get("sidecar") is not None:
-        lines.append(
-            f"  CPU per decision: sidecar {per['sidecar']} ms, Locust {per['locust']} ms"
-        )
+        lines.append(f"  CPU per decision: sidecar {per['sidecar']} ms, Locust {per['locust']} ms")
     for role, stats in main.get("cpu_per_second", {}).items():
         if role.endswith(".wait"):
             lines.append(
@@ -412,9 +410,7 @@ def plot(out: Path) -> list[Path]:
     return written
 
 
-def _plot_cpu(
-    timeline: list[dict[str, Any]], samples: list[dict[str, Any]], path: Path
-) -> Path:
+def _plot_cpu(timeline: list[dict[str, Any]], samples: list[dict[str, Any]], path: Path) -> Path:
     """Cores per process each second (the busiest Locust process bold) under the
     single evaluations' p99 per timeline window: the generator's CPU beside the tail."""
     import matplotlib.pyplot as plt  # noqa: PLC0415

@@ -206,9 +206,7 @@ class Phase:
     workers: int = 0  # > 0: distributed mode, a master and this many worker processes
 
 
-def locust_command(
-    phase: Phase, host: str, out: Path, master_port: int | None = None
-) -> list[str]:
+def locust_command(phase: Phase, host: str, out: Path, master_port: int | None = None) -> list[str]:
     """The Locust command of a phase: one process, `--processes N` (forked workers), or
     with `phase.workers` the master of distributed mode (`--master --expect-workers`),
     listening on 127.0.0.1:`master_port` for the workers of `worker_command`."""

@@ -262,6 +262,7 @@ async def test_handler_bug_is_500_json(
         raise KeyError("bug")
 
     monkeypatch.setattr(protocol, "parse_evaluation", broken)
+    monkeypatch.setattr(protocol, "decode_evaluation", broken)  # the typed fast path too
     response = await client.post(EVALUATION, json=evaluation(), headers={"X-Request-ID": "b"})
     assert response.status == 500
     assert await response.json() == {"error": "internal", "message": "internal error"}

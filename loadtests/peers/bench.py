@@ -73,9 +73,7 @@ def in_process(
     out: dict[str, dict[str, Any]] = {}
     for engine in engines:
         ns = samples[engine.name]
-        ratios = [
-            m / p for m, p in zip(medians[engine.name], medians.get("pdp", []), strict=False)
-        ]
+        ratios = [m / p for m, p in zip(medians[engine.name], medians.get("pdp", []), strict=False)]
         out[engine.name] = {
             "median_us": round(statistics.median(ns) / 1000, 2),
             "p99_us": round((sample_percentile(ns, 0.99) or 0) / 1000, 2),

@@ -132,7 +132,11 @@ def write(data: Dataset, workdir: Path, http_port: int, grpc_port: int) -> Path:
 
 
 def start(
-    binary: Path, conf: Path, http_port: int, log: Path, pin: Sequence[str] = (),
+    binary: Path,
+    conf: Path,
+    http_port: int,
+    log: Path,
+    pin: Sequence[str] = (),
     deadline_s: float = 60.0,
 ) -> subprocess.Popen[bytes]:
     """`cerbos server` (GOMAXPROCS=1 when pinned: Go then runs on the one CPU it may

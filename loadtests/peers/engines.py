@@ -122,8 +122,7 @@ def opa_data(data: Dataset) -> dict[str, Any]:
 
     def grants(rows: tuple[tuple[str, str, float | None], ...]) -> list[dict[str, Any]]:
         return [
-            {"role": r, "scope": s, **({"expires": e} if e is not None else {})}
-            for r, s, e in rows
+            {"role": r, "scope": s, **({"expires": e} if e is not None else {})} for r, s, e in rows
         ]
 
     return {

@@ -13,6 +13,7 @@ members are ignored, as the spec requires.
     paging       page tokens bound to their request, page slicing
     discovery    the metadata document
     headers      X-PDP-Min-Revision
+    typed        the msgspec fast path of one evaluation's common shape
 """
 
 from pdp.protocol.codec import JsonObject, dumps, error_body, loads
@@ -37,6 +38,7 @@ from pdp.protocol.search import (
     parse_resource_search,
     parse_subject_search,
 )
+from pdp.protocol.typed import TYPED, decode_evaluation
 
 __all__ = [
     "DEFAULT_PAGE_LIMIT",
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_PAGE_LIMIT",
     "MIN_REVISION",
     "SEMANTICS",
+    "TYPED",
     "ActionSearch",
     "Batch",
     "JsonObject",
@@ -52,6 +55,7 @@ __all__ = [
     "ResourceSearch",
     "SubjectSearch",
     "configuration",
+    "decode_evaluation",
     "dumps",
     "entry_error",
     "error_body",

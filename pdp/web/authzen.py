@@ -1,8 +1,9 @@
 """AuthZEN 1.0 HTTP handlers: evaluation, evaluations, the three searches, discovery.
 
 The hot path (`evaluation` with no `X-PDP-Min-Revision`) reads the body, parses it
-(`pdp.protocol`), asks the in-memory engine, serializes and counts: no database, no
-lock, no log line, no await other than reading the body. Parse errors are raised as
+(`pdp.protocol`: typed with msgspec for the common shape, else the general parser),
+asks the in-memory engine, serializes and counts: no database, no lock, no log line,
+no await other than reading the body. Parse errors are raised as
 `RequestError` and turned into 400 by the one guard around every route (`pdp.web.app`).
 
 Answers that memory cannot give are still decisions (deny, fail closed), each with
@@ -53,25 +54,32 @@ class Consistency(enum.Enum):
 
 
 async def read_json(request: web.Request) -> JsonObject:
-    """The body as a JSON object; RequestError (400) for a non-JSON type or body.
+    """The body as a JSON object; RequestError (400) for a non-JSON type or body (see
+    `read_body`)."""
+    return protocol.loads(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body of a JSON request; RequestError (400) for a non-JSON type.
 
     A body over `client_max_size` raises aiohttp's 413 from `read()`. A compressed body
     (any Content-Encoding but identity) is refused with 415 before it is read: it is
     never inflated (a small gzip body can inflate to gigabytes, on the loop).
     """
-    encoding = request.headers.get("Content-Encoding")
+    headers = request.headers
+    encoding = headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding(
             f"Content-Encoding {_shown(encoding)} is not accepted; send the body "
             "uncompressed (identity)",
             "Content-Encoding",
         )
-    ctype = request.headers.get("Content-Type")
+    ctype = headers.get("Content-Type")
     if ctype != JSON_TYPE and (
         ctype is None or ctype.partition(";")[0].strip().lower() != JSON_TYPE
     ):
         raise RequestError("Content-Type must be application/json", "Content-Type")
-    return protocol.loads(await request.read())
+    return await request.read()
 
 
 def _shown(text: str, limit: int = 40) -> str:
@@ -183,7 +191,12 @@ class AuthzenApi:
 
     async def evaluation(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        query = protocol.parse_evaluation(await read_json(request), self._default_tenant)
+        raw = await read_body(request)
+        # The common shape decoded typed (msgspec); anything else, and every error
+        # message, from the general parser.
+        query = protocol.decode_evaluation(raw, self._default_tenant)
+        if query is None:
+            query = protocol.parse_evaluation(protocol.loads(raw), self._default_tenant)
         if MIN_REVISION not in request.headers and query.subject_type in self._user_types:
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory

@@ -1,0 +1,66 @@
+"""The typed fast path of `POST /access/v1/evaluation`: msgspec decodes the common shape
+straight into a `Query`, or says None and the caller takes the general path.
+
+The common shape is exactly `{"subject": {"type", "id"}, "action": {"name"},
+"resource": {"type", "id"}}` with string ids: no properties, no context, no unknown
+member anywhere (`forbid_unknown_fields`). Every byte of such a body is decoded into a
+typed string, so the fast path accepts exactly the bodies the general path
+(`codec.loads` + `parse_evaluation`) would accept with the same Query; anything else
+(a `properties` member, a number, malformed JSON, an id of the wrong length or with a
+NUL) makes it return None, and the general path answers, with its error messages. A
+Struct decode costs ~0.3 us where orjson + `parse_evaluation` cost ~2 us (measured in
+the README's Benchmarks). Without msgspec installed (an optional extra, like orjson)
+`decode_evaluation` always returns None.
+"""
+
+from __future__ import annotations
+
+from pdp.protocol.evaluation import Query
+from pdp.protocol.fields import MAX_ID_LENGTH
+
+try:
+    import msgspec
+except ImportError:  # pragma: no cover - the plain path; msgspec is an optional extra
+    msgspec = None  # type: ignore[assignment]
+
+__all__ = ["TYPED", "decode_evaluation"]
+
+TYPED = msgspec is not None  # whether this install has the fast path
+
+if msgspec is not None:
+
+    class _Entity(msgspec.Struct, forbid_unknown_fields=True):
+        type: str
+        id: str
+
+    class _Action(msgspec.Struct, forbid_unknown_fields=True):
+        name: str
+
+    class _Evaluation(msgspec.Struct, forbid_unknown_fields=True):
+        subject: _Entity
+        action: _Action
+        resource: _Entity
+
+    _decode = msgspec.json.Decoder(_Evaluation).decode
+    _ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError,)
+
+
+def decode_evaluation(raw: bytes, default_tenant: str | None) -> Query | None:
+    """The Query of a body of the common shape (see the module), else None."""
+    if msgspec is None or default_tenant is None:  # no default: the tenant is a property
+        return None
+    try:
+        body = _decode(raw)
+    except _ERRORS:
+        return None
+    subject, resource = body.subject, body.resource
+    stype, user, name = subject.type, subject.id, body.action.name
+    rtype, rid = resource.type, resource.id
+    m = MAX_ID_LENGTH
+    if not (
+        0 < len(stype) <= m and 0 < len(user) <= m and 0 < len(name) <= m
+        and 0 < len(rtype) <= m and 0 < len(rid) <= m
+        and "\x00" not in stype + user + name + rtype + rid
+    ):  # fmt: skip
+        return None
+    return Query(default_tenant, stype, user, rtype, rid, name)
