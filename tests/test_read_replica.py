@@ -10,6 +10,7 @@ for the replay instead of answering early; staleness grows while the standby lag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,10 +27,15 @@ from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.engine import Snapshot
+from pdp.errors import ConfigError
+from pdp.replica import Replica
 from pdp.sidecar import sidecar_app
 from pdp.web.app import REPLICA
+from sync.options import SyncOptions
 from sync.pg_sync import covers
-from tests.sync_harness import assert_equal, seed
+from sync.pg_verifier import PgVerifier
+from sync.service import SyncService
+from tests.sync_harness import assert_equal, current_xid, seed
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = pytest.mark.skipif(not (BIN / "initdb").exists(), reason="no PostgreSQL 15 binaries")
@@ -229,3 +235,56 @@ def test_covers() -> None:
     assert not covers(Snapshot.parse("10:12:11"), sample)  # 12 not yet replayed
     assert not covers(Snapshot.parse("10:14:12"), sample)  # 12 seen running
     assert covers(Snapshot.parse("10:12:11"), Snapshot.parse("10:14:11,12,13"))
+
+
+async def test_a_notification_before_the_replay_is_not_lost(
+    pair: tuple[str, str, Any, Any],
+) -> None:
+    """Polls 30 s apart: after the standby resumes, the change arrives with no poll or wake.
+
+    The notification rang while the standby had not replayed the write; the catch-up
+    then found nothing new and must retry until the standby's snapshot covers the
+    primary's, not leave the change for the next poll.
+    """
+    primary_url, standby_url, primary, standby = pair
+    replica = Replica()
+    options = SyncOptions(poll_interval=30.0, heartbeat=0.5)
+    service = SyncService(primary_url, replica, options=options, read_url=standby_url)
+    async with service.lifespan() as body:
+        running = asyncio.create_task(body())
+        try:
+            assert await replica.wait_for_revision(await current_xid(primary), 30)
+            await standby.execute("SELECT pg_wal_replay_pause()")
+
+            async def paused() -> bool:
+                state = await standby.fetchval("SELECT pg_get_wal_replay_pause_state()")
+                return bool(state == "paused")
+
+            await _until(paused, 10)
+            catchups = service.sync.catchups
+            xid = await _committed_xid(primary, "INSERT INTO pdp.tenants (id) VALUES ('t2')")
+
+            async def retried() -> bool:  # the doorbell rang and catch-ups keep coming
+                return service.sync.catchups > catchups + 3
+
+            await _until(retried, 10)
+            assert not replica.has_revision(xid)
+            await standby.execute("SELECT pg_wal_replay_resume()")
+            assert await replica.wait_for_revision(xid, 8)
+            # The verifier compares at the catch-up's exported snapshot: the standby's.
+            verifier = PgVerifier(standby_url, service.sync, None, 3600)
+            assert await verifier.verify_once() == {"t2": True}
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+
+def test_read_url_needs_direct_mode() -> None:
+    env = {
+        "PDP_READ_DATABASE_URL": "postgresql://standby/pdp",
+        "PDP_SYNC_SOURCE": "redis",
+        "PDP_REDIS_URL": "redis://127.0.0.1:6379",
+    }
+    with pytest.raises(ConfigError, match="PDP_READ_DATABASE_URL"):
+        Settings.from_env(env)
