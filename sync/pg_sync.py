@@ -15,8 +15,10 @@ snapshot is sampled (`pg_current_snapshot()`, one round trip). A read is current
 of the latest sample its own snapshot covers (every transaction visible in the sample
 is visible in the read: the standby had replayed it), so staleness counts from that
 sample, not from the read. While the standby is behind a sample (a notification
-arrived before it replayed the change) the loop retries every `REPLAY_RETRY` seconds,
-for at most `options.read_timeout` per sample, instead of waiting for the next poll.
+arrived before it replayed the change) the loop retries every `REPLAY_RETRY` seconds
+instead of waiting for the next poll, while the oldest sample not yet replayed is less
+than `options.read_timeout` old (a standby lagging longer is caught up at the poll
+interval, not hammered).
 
 A `sink` (the relay's publisher) sees each batch after it is read and before it is
 applied; if it raises, nothing is applied and the same cursor is read again.
