@@ -293,6 +293,10 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", "PDP_DATABASE_URL", _postgres_url, "PostgreSQL URL"),
+    Option(
+        "read_database_url", "PDP_READ_DATABASE_URL", _postgres_url,
+        "PostgreSQL URL of a hot standby the sync worker reads (default PDP_DATABASE_URL)",
+    ),
     Option("data_dir", "PDP_DATA_DIR", Path, "data directory of the embedded PostgreSQL"),
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
@@ -523,6 +527,7 @@ class Settings:
     """Everything configurable. The README's configuration table documents each field."""
 
     database_url: str | None = field(default=None, repr=False)
+    read_database_url: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".pdp-data")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -622,6 +627,11 @@ class Settings:
         if self.snapshot_file is not None and self.sync_source != "postgres":
             raise ConfigError(
                 "PDP_SNAPSHOT_FILE works with PDP_SYNC_SOURCE=postgres only (not yet with "
+                "the relay's stream)"
+            )
+        if self.read_database_url is not None and self.sync_source != "postgres":
+            raise ConfigError(
+                "PDP_READ_DATABASE_URL works with PDP_SYNC_SOURCE=postgres only (not yet with "
                 "the relay's stream)"
             )
         if self.decision_log_retention_seconds < 86400.0:

@@ -93,9 +93,14 @@ def sidecar_app(
         service = SyncService(
             url, replica, metrics, sync_options(settings),
             snapshot_file=_snapshot_file(settings, metrics),
+            read_url=settings.read_database_url,
         )  # fmt: skip
         supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
-        verifier = PgVerifier(url, service.sync, metrics, settings.verify_interval_seconds)
+        # The verifier imports the catch-up's exported snapshot: from the same server.
+        verifier = PgVerifier(
+            settings.read_database_url or url, service.sync, metrics,
+            settings.verify_interval_seconds,
+        )  # fmt: skip
         supervisor.add(VERIFIER_WORKER, verifier.lifespan)
     fallback = PgFallback(url)
     decision_log = _decision_log(settings, url, metrics, supervisor)

@@ -30,7 +30,7 @@ def install(
     replica: Replica, engine: Engine, batch: Batch, metrics: SyncMetrics, seconds: float
 ) -> None:
     """Swap in the engine built from a full batch that took `seconds` to read and build."""
-    replica.install(engine, batch.epoch, batch.started)
+    replica.install(engine, batch.epoch, batch.synced_at)
     # Millions of long-lived engine objects: keep the cyclic collector from walking
     # them on every full collection (a p99 spike each time). The old engine is
     # acyclic and still freed by reference counting.
@@ -60,7 +60,7 @@ def apply_changes(
     for tenant, tables in batch.tenants.items():
         engine.replace_tenant(tenant, tables)
         metrics.tenant_reloaded()
-    applied = replica.apply(batch.changes, batch.snapshot, batch.started)
+    applied = replica.apply(batch.changes, batch.snapshot, batch.synced_at)
     now = wall()
     for committed in batch.committed_at:
         metrics.observe_propagation(max(0.0, now - committed))

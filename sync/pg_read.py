@@ -69,6 +69,13 @@ class Batch:
     tenants: dict[str, dict[str, list[Row]]] = field(default_factory=dict)
     changes: list[RowChange] = field(default_factory=list)
     committed_at: list[float] = field(default_factory=list)  # one wall time per transaction
+    # When the data was proven current (monotonic); None: when the read started. A read
+    # from a standby proves only what the standby had replayed (-inf: nothing new).
+    proven_at: float | None = None
+
+    @property
+    def synced_at(self) -> float:
+        return self.started if self.proven_at is None else self.proven_at
 
 
 def key_tuple(entity: str, key: dict[str, Any]) -> tuple[str, ...]:

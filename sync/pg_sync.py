@@ -9,6 +9,17 @@ Failures talking to PostgreSQL are expected: the query connection is dropped and
 the same cursor retried after a capped, jittered backoff (reads are idempotent).
 Anything else is a bug and escapes `run`, so the supervisor restarts the worker.
 
+With a `read_url` (a hot standby of the primary at `url`) every read goes to the
+standby, and currency is proven against the primary: before each read the primary's
+snapshot is sampled (`pg_current_snapshot()`, one round trip). A read is current as
+of the latest sample its own snapshot covers (every transaction visible in the sample
+is visible in the read: the standby had replayed it), so staleness counts from that
+sample, not from the read. While the standby is behind a sample (a notification
+arrived before it replayed the change) the loop retries every `REPLAY_RETRY` seconds
+instead of waiting for the next poll, while the oldest sample not yet replayed is less
+than `options.read_timeout` old (a standby lagging longer is caught up at the poll
+interval, not hammered).
+
 A `sink` (the relay's publisher) sees each batch after it is read and before it is
 applied; if it raises, nothing is applied and the same cursor is read again.
 """
@@ -19,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -38,6 +50,19 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[Batch], Awaitable[None]]
 
+# Between catch-ups while a standby has not replayed what the primary had committed.
+REPLAY_RETRY = 0.02
+PRIMARY_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+_SAMPLES = 1000  # primary snapshots awaiting the standby's replay, at most
+
+
+def covers(read: Snapshot, sample: Snapshot) -> bool:
+    """Whether every transaction visible in `sample` is visible in `read`."""
+    newest = sample.xmax - 1  # the newest transaction `sample` shows
+    while newest >= sample.xmin and newest in sample.xip:
+        newest -= 1
+    return newest < read.xmax and not any(sample.visible(x) for x in read.xip)
+
 
 class PgSync:
     """Owns the query connection and the catch-up loop for one Replica."""
@@ -53,8 +78,13 @@ class PgSync:
         wall: Callable[[], float] = time.time,
         sink: Sink | None = None,
         snapshot_file: SnapshotFile | None = None,
+        read_url: str | None = None,
     ) -> None:
         self._url = url
+        self._read_url = read_url
+        self._primary: asyncpg.Connection | None = None
+        # (monotonic time, primary snapshot) sampled before reads, not yet replayed.
+        self._samples: deque[tuple[float, Snapshot]] = deque(maxlen=_SAMPLES)
         self._sink = sink
         self._file = snapshot_file
         self._replica = replica
@@ -92,28 +122,41 @@ class PgSync:
     # -- the query connection ------------------------------------------------------
 
     async def connection(self) -> asyncpg.Connection:
-        """The dedicated query connection, (re)connected on demand."""
+        """The dedicated query connection (to the read server), (re)connected on demand."""
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                self._url,
-                timeout=self._options.connect_timeout,
-                server_settings={
-                    "application_name": "pdp-sync",
-                    "statement_timeout": str(self._options.statement_timeout_ms),
-                    "idle_in_transaction_session_timeout": "60000",
-                },
-            )
+            self._conn = await self._connect(self._read_url or self._url, "pdp-sync")
         return self._conn
 
+    async def primary_connection(self) -> asyncpg.Connection:
+        """A connection to the primary: the query connection unless reads go to a standby."""
+        if self._read_url is None:
+            return await self.connection()
+        if self._primary is None or self._primary.is_closed():
+            self._primary = await self._connect(self._url, "pdp-sync-primary")
+        return self._primary
+
+    async def _connect(self, url: str, name: str) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            url,
+            timeout=self._options.connect_timeout,
+            server_settings={
+                "application_name": name,
+                "statement_timeout": str(self._options.statement_timeout_ms),
+                "idle_in_transaction_session_timeout": "60000",
+            },
+        )
+
     async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.close(timeout=2)
+        for conn in (self._conn, self._primary):
+            if conn is not None:
+                await conn.close(timeout=2)
+        self._conn = self._primary = None
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
+        for conn in (self._conn, self._primary):
+            if conn is not None:
+                conn.terminate()
+        self._conn = self._primary = None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -138,12 +181,18 @@ class PgSync:
                 # Between catch-ups: nothing applies while the rows are captured.
                 await self._file.save(self._replica)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), options.poll_interval)
+                await asyncio.wait_for(wake.wait(), self._next_wait())
             # Under a stream of commits, gather a few milliseconds of them per catch-up
             # instead of one transaction each: bounded extra latency, far less work.
             rest = started + options.min_interval - self._clock()
             if rest > 0:
                 await asyncio.sleep(rest)
+
+    def _next_wait(self) -> float:
+        """How long to wait for a wake: shorter while the standby replays a sample."""
+        if self._samples and self._clock() - self._samples[0][0] < self._options.read_timeout:
+            return min(REPLAY_RETRY, self._options.poll_interval)
+        return self._options.poll_interval
 
     async def save_snapshot_file(self) -> None:
         """Write the snapshot file now and wait for it (at shutdown, the loop stopped)."""
@@ -187,6 +236,28 @@ class PgSync:
 
     async def _read(self, probes: list[Probe], tenants: set[str]) -> Batch:
         conn = await self.connection()
+        if self._read_url is not None:
+            primary = await self.primary_connection()
+            sampled = self._clock()
+            async with asyncio.timeout(self._options.read_timeout):
+                text = await primary.fetchval(PRIMARY_SNAPSHOT)
+            self._samples.append((sampled, Snapshot.parse(text)))
+        batch = await self._read_batch(conn, probes, tenants)
+        if self._read_url is not None:
+            proven = self._proven(batch.snapshot)
+            batch.proven_at = float("-inf") if proven is None else proven
+        return batch
+
+    def _proven(self, read: Snapshot) -> float | None:
+        """The time of the latest sample `read` covers (dropping it and older ones)."""
+        proven = None
+        while self._samples and covers(read, self._samples[0][1]):
+            proven = self._samples.popleft()[0]
+        return proven
+
+    async def _read_batch(
+        self, conn: asyncpg.Connection, probes: list[Probe], tenants: set[str]
+    ) -> Batch:
         replica = self._replica
         cursor = Cursor(replica.revision, replica.epoch)
         options = self._options

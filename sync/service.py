@@ -6,7 +6,9 @@ a transaction-mode pooler); its body runs the listener's heartbeat and the catch
 loop until cancelled. If either fails in a way that is not PostgreSQL's, both stop
 and the supervisor restarts the whole worker from the replica's cursor. The first
 snapshot loads in the body: readiness says when it is in. With a snapshot file
-(`sync.file_snapshot`) the body restores it first and leaving writes it.
+(`sync.file_snapshot`) the body restores it first and leaving writes it. With a
+`read_url` (a hot standby) the catch-ups read the standby while the listener stays on
+the primary (a standby delivers no notifications, and NOTIFY fails there).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ class SyncService:
         *,
         sink: Sink | None = None,
         snapshot_file: SnapshotFile | None = None,
+        read_url: str | None = None,
     ) -> None:
         self.options = options or SyncOptions()
         metrics = metrics or NullMetrics()
         self.sync = PgSync(
-            url, replica, metrics, self.options, sink=sink, snapshot_file=snapshot_file
-        )
+            url, replica, metrics, self.options,
+            sink=sink, snapshot_file=snapshot_file, read_url=read_url,
+        )  # fmt: skip
         self.listener = PgListener(
             url,
             replica.wake,
@@ -56,7 +60,7 @@ class SyncService:
         """Connect and self-test (raises on failure), yield the body, then disconnect."""
         try:
             await self.listener.connect()
-            await self.listener.self_test(await self.sync.connection())
+            await self.listener.self_test(await self.sync.primary_connection())
             yield self._run
         finally:
             # The body has stopped (nothing applies now): write the snapshot file.
