@@ -342,7 +342,7 @@ def _cmd_admin_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _add_admin(sub: Any) -> None:
     p = sub.add_parser(
         "admin",
-        help="the admin API's tokens",
+        help="the admin API: serve it, manage its tokens",
         description="Admin tokens are stored in PostgreSQL as the SHA-256 of their secret;\n"
         "a token is printed once, when it is created. Runs as the database owner.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
