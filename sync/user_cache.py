@@ -1,23 +1,34 @@
-"""PROTOTYPE (not wired, not for merge): on-demand loading of one user's rows.
+"""On-demand mode (`PDP_CACHE_MODE=on_demand`): one user's rows loaded on first use.
 
-Issue 14 item 5. A user's `users` row, memberships and direct assignments are read in
-ONE statement (one snapshot, one round trip) on a pool, kept in a bounded LRU+TTL, and
-concurrent misses for the same user share one query. The caller (web layer) would
-apply the returned rows to the engine before the pure, synchronous check, and remove
-them when `on_evict` fires. Nothing here touches the engine.
+Roles, inheritance, grants, groups and group grants stay whole in the engine; a user's
+`users` row, memberships and direct assignments are read in ONE statement (one
+snapshot, one round trip) on a small pool when a request first names the user, and
+kept in a bounded LRU with a TTL. Concurrent misses for the same user share one query.
+
+Consistency with the change stream (`pdp.replica.Replica.apply` drops changes of users
+not cached): the cache insert and the engine update happen in one synchronous step, so
+a batch applied before it is covered by the read (its snapshot must cover the
+replica's revision, else it is read again) and a batch applied after it updates both.
+An evicted or expired user's rows are dropped from the engine; a later load starts
+fresh, so nothing a batch dropped is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from cachetools import TTLCache
 
 from pdp.engine import RowChange, Snapshot
+from pdp.errors import DependencyError
+from pdp.replica import USER_ENTITIES, Replica
+from sync.metrics import CacheMetrics
 
 # One statement: its snapshot (pg_current_snapshot is the statement's snapshot under
 # READ COMMITTED, as FAST_CATCHUP relies on) and the user's rows in the engine's
@@ -32,8 +43,9 @@ USER_ROWS = (
     "extract(epoch FROM t.expires_at)::float8)) "
     "FROM pdp.user_roles t WHERE t.tenant_id = $1 AND t.user_id = $2)::text"
 )
-USER_ENTITIES = ("users", "group_members", "user_roles")
 UserKey = tuple[str, str]  # (tenant, user)
+LOAD_TIMEOUT = 5.0
+_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +72,7 @@ async def read_user(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, user: 
 
 
 class _Evicting(TTLCache[UserKey, UserRows]):
-    """A TTLCache that reports every entry it drops (size eviction or expiry)."""
+    """A TTLCache that reports every entry it drops by size or age."""
 
     def __init__(self, size: int, ttl: float, on_evict: Callable[[UserKey], None]) -> None:
         super().__init__(size, ttl)
@@ -79,68 +91,107 @@ class _Evicting(TTLCache[UserKey, UserRows]):
 
 
 class UserLoader:
-    """Loads users on first use; one query per user however many requests wait."""
+    """`pdp.replica.UserLoads` over PostgreSQL: loads users on first use into `replica`."""
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        url: str,
+        replica: Replica,
+        metrics: CacheMetrics,
         *,
         size: int,
         ttl: float,
-        on_evict: Callable[[UserKey], None],
-        on_load: Callable[[UserKey, UserRows], None] = lambda _k, _r: None,
-        revision: Callable[[], Snapshot | None],
+        pool_size: int = 4,
+        timeout: float = LOAD_TIMEOUT,
         attempts: int = 3,
     ) -> None:
-        self._pool = pool
-        self._cache = _Evicting(size, ttl, on_evict)
-        self._pending: dict[UserKey, asyncio.Future[UserRows]] = {}
-        self._on_load = on_load
-        self._revision = revision
+        self._url = url
+        self._replica = replica
+        self._metrics = metrics
+        self._cache = _Evicting(size, ttl, self._forget)
+        self._pending: dict[UserKey, asyncio.Future[None]] = {}
+        self._pool_size = pool_size
+        self._timeout = timeout
         self._attempts = attempts
-        self.hits = 0
-        self.misses = 0
-        self.queries = 0
+        self._pool: asyncpg.Pool | None = None
+        self.queries = 0  # statements run (tests and benchmarks read it)
 
-    def cached(self, key: UserKey) -> bool:
-        return key in self._cache
+    # --- UserLoads -----------------------------------------------------------------
 
-    def evict(self, key: UserKey) -> None:
-        """Forget a user (e.g. a catch-up batch changed its rows and the caller drops them)."""
-        self._cache.pop(key, None)
+    def cached(self, tenant: str, user: str) -> bool:
+        return (tenant, user) in self._cache
 
-    async def ensure(self, tenant: str, user: str) -> UserRows:
-        """The user's rows, read at a snapshot covering the replica's revision when loaded.
+    def clear(self) -> None:
+        self._cache.clear()
 
-        `on_load` runs once per load, in the same step as the cache insert.
+    def evict_tenant(self, tenant: str) -> None:
+        for key in [k for k in self._cache if k[0] == tenant]:
+            self._cache.pop(key, None)
+            self._forget(key)
 
-        Raises whatever the database raises (the caller fails closed).
-        """
+    async def ensure(self, tenant: str, user: str) -> None:
         key = (tenant, user)
-        found = self._cache.get(key)
-        if found is not None:
-            self.hits += 1
-            return found
-        self.misses += 1
+        if key in self._cache:
+            self._metrics.cache_hit()
+            return
+        self._metrics.cache_miss()
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._load(key))
             self._pending[key] = pending
             pending.add_done_callback(lambda _f: self._pending.pop(key, None))
-        return await asyncio.shield(pending)
+        await asyncio.shield(pending)
 
-    async def _load(self, key: UserKey) -> UserRows:
+    # --- internals -----------------------------------------------------------------
+
+    def _forget(self, key: UserKey) -> None:
+        engine = self._replica.engine
+        if engine is not None:
+            engine.forget_user(*key)
+
+    async def _load(self, key: UserKey) -> None:
+        pool = self._pool
+        if pool is None:
+            raise DependencyError("the on-demand user loader is not started")
         for _ in range(self._attempts):
             self.queries += 1
-            rows = await read_user(self._pool, *key)
-            revision = self._revision()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    rows = await read_user(pool, *key)
+            except _DRIVER_ERRORS as exc:
+                raise DependencyError(f"loading user rows failed: {exc!r}") from exc
+            engine, revision = self._replica.engine, self._replica.revision
+            if engine is None or revision is None:
+                raise DependencyError("no replica loaded")
             # Rows older than the replica would undo a batch already applied: re-read.
-            if revision is None or covers(rows.snapshot, revision):
-                # Cache and engine change in one synchronous step: a catch-up batch
-                # applied later updates both; one applied earlier is covered.
+            if covers(rows.snapshot, revision):
                 self._cache[key] = rows
-                self._on_load(key, rows)
-                return rows
-        raise RuntimeError(
+                engine.forget_user(*key)  # an expired entry's rows may linger
+                engine.apply(rows.changes, revision)
+                return
+        raise DependencyError(
             f"user rows did not reach the replica's revision in {self._attempts} reads"
         )
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._url,
+            min_size=0,
+            max_size=self._pool_size,
+            timeout=self._timeout,
+            server_settings={"application_name": "pdp-user-cache"},
+        )
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Any]:
+        """The pool open for the duration of the block."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()

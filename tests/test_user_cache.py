@@ -1,7 +1,8 @@
-"""PROTOTYPE tests for sync.user_cache (issue 14 item 5, not wired into the sidecar).
+"""On-demand mode's loader (sync.user_cache) against a real PostgreSQL.
 
-An engine holding no user rows, fed each user's rows by the loader on first use, must
-decide like the engine holding everything and like `pdp.check`.
+An engine holding no user rows, fed each user's rows by the loader on first use,
+decides like the engine holding everything and like `pdp.check`; concurrent misses
+share one query; evictions drop the rows; a database that fails fails closed.
 """
 
 from __future__ import annotations
@@ -13,91 +14,161 @@ import asyncpg
 import pytest
 
 from pdp.engine import Engine, Snapshot
+from pdp.errors import DependencyError
+from pdp.replica import USER_ENTITIES, Replica
 from sync import pg_queries as q
-from sync.user_cache import USER_ENTITIES, UserKey, UserLoader, UserRows, covers
+from sync.metrics import NullMetrics
+from sync.user_cache import UserLoader, covers
 from tests.test_check_sql import CASES, DATA, FUTURE, PAST, T0
 
 
+class Counts(NullMetrics):
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+
+    def cache_hit(self) -> None:
+        self.hits += 1
+
+    def cache_miss(self) -> None:
+        self.misses += 1
+
+
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+async def seeded(db_url: str) -> str:
     script = DATA
     for n, moment in ((1, PAST), (2, FUTURE), (3, T0)):
         script = script.replace(f"${n}", f"'{moment.isoformat()}'::timestamptz")
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=4) as p:
-        await p.execute(script)
-        yield p
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(script)
+    finally:
+        await conn.close()
+    return db_url
 
 
-async def _engines(pool: asyncpg.Pool) -> tuple[Engine, Engine, Snapshot]:
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        snap = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
-        tables = {e: list(await conn.fetch(sql)) for e, sql in q.ALL_ROWS.items()}
+async def _replicas(url: str) -> tuple[Engine, Replica]:
+    """The full engine, and a replica holding everything but users' rows."""
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction(isolation="repeatable_read"):
+            snap = Snapshot.parse(await conn.fetchval("SELECT pg_current_snapshot()::text"))
+            tables = {e: list(await conn.fetch(sql)) for e, sql in q.ALL_ROWS.items()}
+    finally:
+        await conn.close()
     partial = {e: rows for e, rows in tables.items() if e not in USER_ENTITIES}
-    return Engine.build(tables, snap), Engine.build(partial, snap), snap
+    replica = Replica()
+    replica.install(Engine.build(partial, snap), "epoch", 0.0)
+    return Engine.build(tables, snap), replica
 
 
-async def test_loaded_users_decide_like_full_engine_and_sql(pool: asyncpg.Pool) -> None:
-    full, lazy, snap = await _engines(pool)
-    evicted: list[UserKey] = []
-    loads: list[UserKey] = []
+@pytest.fixture
+async def loaded(seeded: str) -> AsyncIterator[tuple[Engine, Replica, UserLoader, Counts]]:
+    full, replica = await _replicas(seeded)
+    counts = Counts()
+    loader = UserLoader(seeded, replica, counts, size=3, ttl=60)
+    replica.users = loader
+    async with loader.running():
+        yield full, replica, loader, counts
 
-    def load(key: UserKey, rows: UserRows) -> None:
-        loads.append(key)
-        lazy.apply(rows.changes, lazy.revision)
 
-    loader = UserLoader(
-        pool, size=100, ttl=60, on_evict=evicted.append, on_load=load, revision=lambda: snap
-    )
+async def test_loaded_users_decide_like_full_engine_and_sql(
+    loaded: tuple[Engine, Replica, UserLoader, Counts], seeded: str
+) -> None:
+    full, replica, loader, _ = loaded
     now = T0.timestamp()
-    for tenant, user, rtype, rid, action, expected, why in CASES:
-        await loader.ensure(tenant, user)
-        sql = await pool.fetchval(
-            "SELECT pdp.check($1, $2, $3, $4, $5, $6)", tenant, user, rtype, rid, action, T0
-        )
-        want = full.check(tenant, user, rtype, rid, action, now)
-        got = lazy.check(tenant, user, rtype, rid, action, now)
-        assert got == want, why
-        assert got.allowed is sql is expected, why
-    assert evicted == []
-    assert len(loads) == len(set(loads)) == loader.queries
+    conn = await asyncpg.connect(seeded)
+    try:
+        for tenant, user, rtype, rid, action, expected, why in CASES:
+            await loader.ensure(tenant, user)
+            lazy = replica.engine
+            assert lazy is not None
+            sql = await conn.fetchval(
+                "SELECT pdp.check($1, $2, $3, $4, $5, $6)", tenant, user, rtype, rid, action, T0
+            )
+            want = full.check(tenant, user, rtype, rid, action, now)
+            assert lazy.check(tenant, user, rtype, rid, action, now) == want, why
+            assert want.allowed is sql is expected, why
+    finally:
+        await conn.close()
 
 
-async def test_concurrent_misses_share_one_query(pool: asyncpg.Pool) -> None:
-    loader = UserLoader(pool, size=10, ttl=60, on_evict=lambda _k: None, revision=lambda: None)
-    results = await asyncio.gather(*(loader.ensure("acme", "greta") for _ in range(50)))
-    assert loader.queries == 1
-    assert loader.misses == 50
-    assert all(r is results[0] for r in results)
-    assert {c.entity for c in results[0].changes} == {"users", "group_members"}
+async def test_concurrent_misses_share_one_query(
+    loaded: tuple[Engine, Replica, UserLoader, Counts],
+) -> None:
+    _, replica, loader, counts = loaded
+    await asyncio.gather(*(loader.ensure("acme", "greta") for _ in range(50)))
+    assert (loader.queries, counts.misses, counts.hits) == (1, 50, 0)
     await loader.ensure("acme", "greta")
-    assert (loader.hits, loader.queries) == (1, 1)
+    assert (loader.queries, counts.hits) == (1, 1)
+    assert replica.engine is not None
+    assert replica.engine.check("acme", "greta", "document", "d3", "write", 0.0).allowed
 
 
-async def test_unknown_user_is_cached_empty(pool: asyncpg.Pool) -> None:
-    loader = UserLoader(pool, size=10, ttl=60, on_evict=lambda _k: None, revision=lambda: None)
-    assert (await loader.ensure("acme", "nobody")).changes == ()
+async def test_unknown_user_is_cached_empty(
+    loaded: tuple[Engine, Replica, UserLoader, Counts],
+) -> None:
+    _, _, loader, counts = loaded
     await loader.ensure("acme", "nobody")
-    assert (loader.hits, loader.queries) == (1, 1)
+    await loader.ensure("acme", "nobody")
+    assert (loader.queries, counts.hits) == (1, 1)
 
 
-async def test_size_eviction_reports_the_user(pool: asyncpg.Pool) -> None:
-    evicted: list[UserKey] = []
-    loader = UserLoader(pool, size=2, ttl=60, on_evict=evicted.append, revision=lambda: None)
-    for user in ("alice", "bob", "carol"):
+async def test_eviction_drops_the_users_rows(
+    loaded: tuple[Engine, Replica, UserLoader, Counts],
+) -> None:
+    _, replica, loader, _ = loaded
+    engine = replica.engine
+    assert engine is not None
+    for user in ("alice", "bob", "carol", "greta"):  # size 3: alice is evicted
         await loader.ensure("acme", user)
-    assert evicted == [("acme", "alice")]
-    loader.evict(("acme", "bob"))
-    assert not loader.cached(("acme", "bob"))
-    assert loader.cached(("acme", "carol"))
+    assert not loader.cached("acme", "alice")
+    assert engine.check("acme", "alice", "document", "d9", "read", 0.0).reason == "unknown_user"
+    assert engine.check("acme", "bob", "document", "d1", "write", 0.0).allowed
+    loader.evict_tenant("acme")
+    assert not loader.cached("acme", "bob")
+    assert engine.counts()["user_roles"] == engine.counts()["group_members"] == 0
 
 
-async def test_rows_older_than_the_replica_are_re_read_then_refused(pool: asyncpg.Pool) -> None:
-    ahead = Snapshot(2**40, 2**40)
-    loader = UserLoader(pool, size=10, ttl=60, on_evict=lambda _k: None, revision=lambda: ahead)
-    with pytest.raises(RuntimeError, match="revision"):
-        await loader.ensure("acme", "alice")
+async def test_a_batch_reaches_cached_users_only(
+    loaded: tuple[Engine, Replica, UserLoader, Counts],
+) -> None:
+    from pdp.engine import RowChange
+
+    _, replica, loader, _ = loaded
+    await loader.ensure("acme", "bob")
+    revision = replica.revision
+    assert revision is not None
+    grant = ("acme", "-", "admin", "*", None)
+    replica.apply(
+        [RowChange.upsert("user_roles", (grant[0], u, *grant[2:])) for u in ("bob", "carol")],
+        revision,
+        0.0,
+    )
+    engine = replica.engine
+    assert engine is not None
+    assert engine.check("acme", "bob", "document", "x", "purge", 0.0).allowed
+    assert engine.check("acme", "carol", "document", "x", "purge", 0.0).reason == "unknown_user"
+
+
+async def test_rows_older_than_the_replica_are_re_read_then_refused(seeded: str) -> None:
+    replica = Replica()
+    replica.install(Engine.build({}, Snapshot(2**40, 2**40)), "epoch", 0.0)
+    loader = UserLoader(seeded, replica, NullMetrics(), size=10, ttl=60)
+    async with loader.running():
+        with pytest.raises(DependencyError, match="revision"):
+            await loader.ensure("acme", "alice")
     assert loader.queries == 3
-    assert not loader.cached(("acme", "alice"))
+    assert not loader.cached("acme", "alice")
+
+
+async def test_a_database_down_fails_closed(seeded: str) -> None:
+    _, replica = await _replicas(seeded)
+    dead = "postgresql://postgres@127.0.0.1:1/postgres"
+    loader = UserLoader(dead, replica, NullMetrics(), size=10, ttl=60, timeout=2.0)
+    async with loader.running():
+        with pytest.raises(DependencyError, match="loading user rows failed"):
+            await loader.ensure("acme", "alice")
+    assert not loader.cached("acme", "alice")
 
 
 def test_covers() -> None:
