@@ -122,12 +122,23 @@ async def test_on_demand_mode_end_to_end(
     assert resp.status == 400
     assert "on_demand" in (await resp.json())["message"]
 
+    # A bulk load (capture off, one marker) replaces the tenant: its loaded users are
+    # forgotten and read fresh, so u's new grant shows although no row change named it.
+    async with pg.transaction():
+        await pg.execute("SET LOCAL pdp.capture = 'off'")
+        await pg.execute(
+            "INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES ('t', 'u', 'reader')"
+        )
+        await pg.execute("SELECT pdp.mark_bulk_load('t')")
+        xid = str(await pg.fetchval("SELECT pg_current_xact_id()::text"))
+    assert (await _check(client, "u", xid))["decision"] is True
+
     # PostgreSQL unreachable: an uncached user is denied with a reason, a cached one is not.
     tcp.cut()
     answer = await _check(client, "w")
     assert answer["decision"] is False
     assert answer["context"]["reason"] == "user_unavailable"
-    assert (await _check(client, "v"))["decision"] is True
+    assert (await _check(client, "u"))["decision"] is True  # loaded after the bulk load
 
 
 def test_on_demand_needs_direct_sync_and_no_snapshot_file() -> None:

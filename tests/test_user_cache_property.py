@@ -1,9 +1,11 @@
-"""PROTOTYPE property test (issue 14 item 5): an engine holding only the users it has
+"""On-demand mode's core, as a property: a replica holding only the users it has
 loaded decides exactly like the engine holding everything.
 
-The lazy engine starts without users, memberships and direct assignments; a check
-first loads its user's rows from the model ("the database"); catch-up batches reach it
-only for loaded users; users are evicted at random (`Engine.forget_user`).
+The lazy replica starts without users, memberships and direct assignments; a check
+first loads its user's rows from the model ("the database"); catch-up batches go
+through `Replica.apply`, which passes them on for loaded users only; users are
+evicted at random (`Engine.forget_user`). The SQL loader itself is checked against
+`pdp.check` in tests/test_user_cache.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdp.engine import Engine, RowChange
+from pdp.replica import USER_ENTITIES, Replica, user_of
 from tests.test_engine_property import (
     ACTIONS,
     NOWS,
@@ -27,15 +30,27 @@ from tests.test_engine_property import (
     tables_of,
 )
 
-USER_ENTITIES = ("users", "group_members", "user_roles")
+
+class Loaded:
+    """The set of loaded users, as `pdp.replica.UserLoads` (loading done by the test)."""
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, str]] = set()
+
+    def cached(self, tenant: str, user: str) -> bool:
+        return (tenant, user) in self.keys
+
+    async def ensure(self, tenant: str, user: str) -> None:
+        raise AssertionError("not used")
+
+    def clear(self) -> None:
+        self.keys.clear()
+
+    def evict_tenant(self, tenant: str) -> None:
+        self.keys = {k for k in self.keys if k[0] != tenant}
 
 
-def _user_of(c: RowChange) -> tuple[str, str] | None:
-    if c.entity == "group_members":
-        return c.key[0], c.key[2]
-    if c.entity in ("users", "user_roles"):
-        return c.key[0], c.key[1]
-    return None
+_user_of = user_of
 
 
 def _load(lazy: Engine, model: Model, tenant: str, user: str) -> None:
@@ -68,13 +83,16 @@ def test_lazy_engine_decides_like_full(data: list, steps: list) -> None:  # type
     model = model_of(data)
     full = Engine.build(tables_of(model), REV)
     lazy = Engine.build({e: r for e, r in tables_of(model).items() if e not in USER_ENTITIES}, REV)
-    cached: set[tuple[str, str]] = set()
+    replica, loaded = Replica(), Loaded()
+    replica.install(lazy, "epoch", 0.0)
+    replica.users = loaded
+    cached = loaded.keys
     for s in steps:
         if s[0] == "batch":
             batch = s[1]
             apply_to_model(model, batch)
             full.apply(batch, REV)
-            lazy.apply([c for c in batch if _user_of(c) in (None, *cached)], REV)
+            replica.apply(batch, REV, 0.0)
         elif s[0] == "evict":
             cached.discard((s[1], s[2]))
             lazy.forget_user(s[1], s[2])
