@@ -402,6 +402,18 @@ OPTIONS: tuple[Option, ...] = (
         "snapshot_file_max_age_seconds", "PDP_SNAPSHOT_FILE_MAX_AGE", _positive_duration,
         "an older snapshot file is not used at start (a normal load instead)",
     ),
+    Option(
+        "cache_mode", "PDP_CACHE_MODE", _choice("full", "on_demand"),
+        "full: every row in memory; on_demand: users' rows loaded on first use (huge tenants)",
+    ),
+    Option(
+        "cache_users", "PDP_CACHE_USERS", _positive_int,
+        "on_demand: users kept loaded at most (least recently used evicted)",
+    ),
+    Option(
+        "cache_ttl_seconds", "PDP_CACHE_TTL_SECONDS", _positive_duration,
+        "on_demand: a loaded user is dropped this long after its load",
+    ),
     # --- the relay (pdp relay) and sidecars that follow it ---
     Option(
         "sync_source", "PDP_SYNC_SOURCE", _choice("postgres", "redis"),
@@ -555,6 +567,9 @@ class Settings:
     snapshot_file: Path | None = None
     snapshot_file_interval_seconds: float = 300.0
     snapshot_file_max_age_seconds: float = 86400.0
+    cache_mode: str = "full"
+    cache_users: int = 100_000
+    cache_ttl_seconds: float = 600.0
     sync_source: str = "postgres"
     redis_url: str | None = field(default=None, repr=False)
     redis_stream: str = "pdp:changes"
@@ -633,6 +648,13 @@ class Settings:
             raise ConfigError(
                 "PDP_READ_DATABASE_URL works with PDP_SYNC_SOURCE=postgres only (not yet with "
                 "the relay's stream)"
+            )
+        if self.cache_mode == "on_demand" and (
+            self.sync_source != "postgres" or self.snapshot_file is not None
+        ):
+            raise ConfigError(
+                "PDP_CACHE_MODE=on_demand works with PDP_SYNC_SOURCE=postgres and without "
+                "PDP_SNAPSHOT_FILE only (not yet with the relay's stream or a snapshot file)"
             )
         if self.decision_log_retention_seconds < 86400.0:
             raise ConfigError(

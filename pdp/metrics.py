@@ -82,6 +82,17 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.cache_hits = Counter(
+            "pdp_cache_hits",
+            "On-demand mode: checks whose user was already loaded",
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "pdp_cache_misses",
+            "On-demand mode: checks that waited for their user's rows (concurrent misses"
+            " for one user share one query)",
+            registry=registry,
+        )
         self.reconnects = Counter(
             "pdp_sync_reconnects", "Listener reconnections", registry=registry
         )
@@ -197,6 +208,12 @@ class Metrics:
 
     def reconnect(self) -> None:
         self.reconnects.inc()
+
+    def cache_hit(self) -> None:
+        self.cache_hits.inc()
+
+    def cache_miss(self) -> None:
+        self.cache_misses.inc()
 
     def snapshot_loaded(self, seconds: float) -> None:
         self.snapshot_load.set(seconds)

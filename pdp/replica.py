@@ -34,6 +34,37 @@ class Fallback(Protocol):
     ) -> bool: ...
 
 
+class UserLoads(Protocol):
+    """On-demand mode (`PDP_CACHE_MODE=on_demand`): which users' rows the engine holds.
+
+    Implemented by `sync.user_cache.UserLoader`, wired by the sidecar. The engine holds
+    the rows of cached users only; catch-up batches reach it for those users only.
+    """
+
+    def cached(self, tenant: str, user: str) -> bool: ...
+
+    async def ensure(self, tenant: str, user: str) -> None:
+        """Load the user's rows into the engine unless cached; DependencyError on failure."""
+
+    def clear(self) -> None:
+        """Forget every user (a new engine holds none)."""
+
+    def evict_tenant(self, tenant: str) -> None:
+        """Forget the tenant's users (its state was replaced without them)."""
+
+
+USER_ENTITIES = ("users", "group_members", "user_roles")
+
+
+def user_of(change: RowChange) -> tuple[str, str] | None:
+    """(tenant, user) whose on-demand rows a change is about; None for shared rows."""
+    if change.entity == "group_members":
+        return change.key[0], change.key[2]
+    if change.entity in ("users", "user_roles"):
+        return change.key[0], change.key[1]
+    return None
+
+
 class Replica:
     """Holds the current engine; tracks staleness and lets callers wait for a revision."""
 
@@ -46,6 +77,8 @@ class Replica:
         # Set by anyone who wants a catch-up now (the listener, a consistency wait);
         # the sync worker waits on it.
         self.wake = asyncio.Event()
+        # On-demand mode only (set by the sidecar before sync starts).
+        self.users: UserLoads | None = None
 
     @property
     def engine(self) -> Engine | None:
@@ -73,6 +106,8 @@ class Replica:
     def install(self, engine: Engine, epoch: str, synced_at: float) -> None:
         """Swap in a freshly loaded engine (bootstrap or full reload). Never awaits."""
         self._engine = engine
+        if self.users is not None:
+            self.users.clear()
         self._epoch = epoch
         self.mark_synced(synced_at)
 
@@ -90,9 +125,18 @@ class Replica:
         """Apply one catch-up batch atomically and move to `revision`. Never awaits."""
         if self._engine is None:
             raise RuntimeError("apply before install")
+        users = self.users
+        if users is not None:
+            # Rows of users not loaded are dropped: a later load reads them fresh.
+            changes = [c for c in changes if (who := user_of(c)) is None or users.cached(*who)]
         applied = self._engine.apply(changes, revision)
         self.mark_synced(synced_at)
         return applied
+
+    def tenant_replaced(self, tenant: str) -> None:
+        """A tenant's state was rebuilt (without users' rows in on-demand mode)."""
+        if self.users is not None:
+            self.users.evict_tenant(tenant)
 
     def mark_synced(self, synced_at: float) -> None:
         """Record that the data was current as of monotonic time `synced_at`."""

@@ -49,6 +49,7 @@ from sync.pg_verifier import PgVerifier
 from sync.redis_follower import RedisFollower
 from sync.relay import Relay
 from sync.service import SyncService
+from sync.user_cache import UserLoader
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ DECISION_LOG_WORKER = "decision_log"
 
 def sync_options(settings: Settings) -> SyncOptions:
     return SyncOptions(
-        poll_interval=settings.poll_interval_seconds, heartbeat=settings.heartbeat_seconds
+        poll_interval=settings.poll_interval_seconds,
+        heartbeat=settings.heartbeat_seconds,
+        on_demand=settings.cache_mode == "on_demand",
     )
 
 
@@ -96,12 +99,21 @@ def sidecar_app(
             read_url=settings.read_database_url,
         )  # fmt: skip
         supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
-        # The verifier imports the catch-up's exported snapshot: from the same server.
-        verifier = PgVerifier(
-            settings.read_database_url or url, service.sync, metrics,
-            settings.verify_interval_seconds,
-        )  # fmt: skip
-        supervisor.add(VERIFIER_WORKER, verifier.lifespan)
+        if settings.cache_mode == "full":
+            # The verifier imports the catch-up's exported snapshot: from the same server.
+            # In on-demand mode the engine holds a subset of the rows: no digest to match.
+            verifier = PgVerifier(
+                settings.read_database_url or url, service.sync, metrics,
+                settings.verify_interval_seconds,
+            )  # fmt: skip
+            supervisor.add(VERIFIER_WORKER, verifier.lifespan)
+    loader = None
+    if settings.cache_mode == "on_demand":
+        # Users' rows are read from the primary: always at least as new as the replica.
+        loader = UserLoader(
+            url, replica, metrics, size=settings.cache_users, ttl=settings.cache_ttl_seconds
+        )
+        replica.users = loader
     fallback = PgFallback(url)
     decision_log = _decision_log(settings, url, metrics, supervisor)
     api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
@@ -115,7 +127,7 @@ def sidecar_app(
         api_keys=api_keys,
         gateway=gateway,
         decision_log=decision_log,
-        cleanup=[_workers(fallback, supervisor)],
+        cleanup=[_workers(fallback, supervisor, loader)],
     )
 
 
@@ -144,9 +156,15 @@ def _decision_log(
     return decision_log
 
 
-def _workers(fallback: PgFallback, supervisor: Supervisor) -> CleanupContext:
+def _workers(
+    fallback: PgFallback, supervisor: Supervisor, loader: UserLoader | None = None
+) -> CleanupContext:
     async def cleanup(_app: web.Application) -> AsyncIterator[None]:
-        async with fallback.running(), supervisor.running():
+        async with contextlib.AsyncExitStack() as stack:
+            if loader is not None:
+                await stack.enter_async_context(loader.running())
+            await stack.enter_async_context(fallback.running())
+            await stack.enter_async_context(supervisor.running())
             yield
 
     return cleanup

@@ -59,6 +59,7 @@ def apply_changes(
     assert engine is not None, "a batch of changes needs a loaded replica"
     for tenant, tables in batch.tenants.items():
         engine.replace_tenant(tenant, tables)
+        replica.tenant_replaced(tenant)
         metrics.tenant_reloaded()
     applied = replica.apply(batch.changes, batch.snapshot, batch.synced_at)
     now = wall()

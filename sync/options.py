@@ -21,6 +21,9 @@ class SyncOptions:
     read_timeout: float = 10.0
     full_read_timeout: float = 600.0
     statement_timeout_ms: int = 600_000
+    # On-demand mode: loads (full and per tenant) leave out users, memberships and
+    # direct assignments; `sync.user_cache` reads them per user on first use.
+    on_demand: bool = False
 
 
 @dataclass(frozen=True, slots=True)

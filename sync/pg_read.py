@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from pdp.engine import COLUMNS, KEY_WIDTH, Row, RowChange, Snapshot
+from pdp.replica import USER_ENTITIES
 from sync import pg_queries as q
 from sync.options import SyncOptions
 
@@ -156,7 +157,7 @@ async def read(
         if reason is not None:
             batch.reload_reason = reason
             bound.reschedule(asyncio.get_running_loop().time() + options.full_read_timeout)
-            batch.full = await _read_all(conn)
+            batch.full = await _read_all(conn, options.on_demand)
         await tx.commit()
     return batch
 
@@ -189,7 +190,7 @@ async def _read_changes(
     for tenant in reload_tenants:
         batch.tenants[tenant] = {}
     for tenant in batch.tenants:
-        batch.tenants[tenant] = await _read_tenant(conn, tenant)
+        batch.tenants[tenant] = await _read_tenant(conn, tenant, options.on_demand)
     for entity, entity_keys in keys.items():
         wanted = [k for k in entity_keys if k[0] not in batch.tenants]
         batch.changes.extend(await read_keys(conn, entity, wanted))
@@ -209,12 +210,22 @@ def current(
     ]
 
 
-async def _read_all(conn: asyncpg.Connection) -> dict[str, list[Row]]:
-    return {entity: list(await conn.fetch(sql)) for entity, sql in q.ALL_ROWS.items()}
+async def _read_all(conn: asyncpg.Connection, on_demand: bool) -> dict[str, list[Row]]:
+    return {
+        entity: list(await conn.fetch(sql))
+        for entity, sql in q.ALL_ROWS.items()
+        if not (on_demand and entity in USER_ENTITIES)
+    }
 
 
-async def _read_tenant(conn: asyncpg.Connection, tenant: str) -> dict[str, list[Row]]:
-    return {entity: list(await conn.fetch(sql, tenant)) for entity, sql in q.TENANT_ROWS.items()}
+async def _read_tenant(
+    conn: asyncpg.Connection, tenant: str, on_demand: bool
+) -> dict[str, list[Row]]:
+    return {
+        entity: list(await conn.fetch(sql, tenant))
+        for entity, sql in q.TENANT_ROWS.items()
+        if not (on_demand and entity in USER_ENTITIES)
+    }
 
 
 async def read_keys(

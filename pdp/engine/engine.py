@@ -116,6 +116,29 @@ class Engine:
         self._revision = revision
         return len(batch)
 
+    def forget_user(self, tenant: str, user: str) -> int:
+        """Drop one user's rows (users row, memberships, direct assignments); never awaits.
+
+        For on-demand caching: an evicted user holds nothing, so a later load starts
+        fresh. Roles, groups and group grants are untouched. Returns the rows dropped.
+        """
+        state = self._tenants.get(tenant)
+        rec = None if state is None else state.users.get(user)
+        if state is None or rec is None:
+            return 0
+        status, grants, groups = rec
+        held = grants.values() if isinstance(grants, dict) else (grants,)
+        keys: list[tuple[str, tuple[str, ...]]] = [
+            ("user_roles", (tenant, user, role, scope)) for part in held for role, scope, _ in part
+        ]
+        keys += [("group_members", (tenant, gid, user)) for gid in groups]
+        if status is not None:
+            keys.append(("users", (tenant, user)))
+        for entity, key in keys:
+            state.delete(entity, key)
+        self._version += 1
+        return len(keys)
+
     def replace_tenant(self, tenant_id: str, tables: Tables) -> None:
         """Swap in one tenant's state built from its rows (all rows must be its own).
 

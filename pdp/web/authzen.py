@@ -20,7 +20,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +42,11 @@ JSON_TYPE = "application/json"
 _JSON_HEADERS = {"Content-Type": JSON_TYPE}
 _BODY_CACHE_LIMIT = 4096
 _UNSUPPORTED = "unsupported_subject_type"
+_USER_UNAVAILABLE: JsonObject = {
+    "reason": "user_unavailable",
+    "error": "loading the user's rows from PostgreSQL failed (PDP_CACHE_MODE=on_demand)",
+}
+_NONE_FAILED: frozenset[tuple[str, str]] = frozenset()
 _SEARCH_ATTEMPTS = 3  # a piecewise computation restarted when the engine changes
 
 
@@ -197,7 +202,10 @@ class AuthzenApi:
         query = protocol.decode_evaluation(raw, self._default_tenant)
         if query is None:
             query = protocol.parse_evaluation(protocol.loads(raw), self._default_tenant)
+        failed: Set[tuple[str, str]] | None = None
         if MIN_REVISION not in request.headers and query.subject_type in self._user_types:
+            failed = _NONE_FAILED if self._replica.users is None else await self._load([query])
+        if failed is not None and not failed:  # user types only, no revision asked, user in memory
             engine, _, stale = self._gate()
             if engine is not None:  # the hot path: fresh (or served stale) memory
                 now = time.time()
@@ -212,7 +220,35 @@ class AuthzenApi:
                     body = self._logged(body, query, decision, engine.revision, now, seconds)
                 headers = _JSON_HEADERS if stale is None else {**_JSON_HEADERS, STALE: stale}
                 return web.Response(body=body, headers=headers)
-        return await self._single(request, query, "evaluation", started)
+        return await self._single(request, query, "evaluation", started, failed)
+
+    def _loaded(self, query: Query) -> bool:
+        """On-demand mode: whether the query's user is in memory (a batch naming more
+        users than PDP_CACHE_USERS evicts its own first ones: those deny)."""
+        users = self._replica.users
+        return users is None or users.cached(query.tenant, query.user)
+
+    async def _load(self, queries: list[Query]) -> Set[tuple[str, str]] | None:
+        """On-demand mode: load the users these queries name; the (tenant, user) pairs
+        whose load failed (their checks deny, reason `user_unavailable`: fail closed)."""
+        users = self._replica.users
+        if users is None:
+            return set()
+        if self._replica.engine is None:
+            return None  # not ready: the gate says so
+        keys = list(
+            dict.fromkeys((q.tenant, q.user) for q in queries if q.subject_type in self._user_types)
+        )
+        done = await asyncio.gather(*(users.ensure(*k) for k in keys), return_exceptions=True)
+        failed = set()
+        for key, result in zip(keys, done, strict=True):
+            if isinstance(result, DependencyError):
+                failed.add(key)
+            elif isinstance(result, BaseException):
+                raise result
+        if failed:
+            log.warning("loading %d users' rows failed; denying their checks", len(failed))
+        return failed
 
     def _body_of(self, decision: Decision, revision: Snapshot) -> bytes:
         """The response body of `decision` at `revision`, serialized once per pair.
@@ -250,13 +286,19 @@ class AuthzenApi:
         return b'%s,"decision_id":"%s"}}' % (body[:-2], decision_id.encode())
 
     async def _single(
-        self, request: web.Request, query: Query, endpoint: str, started: float
-    ) -> web.Response:
+        self, request: web.Request, query: Query, endpoint: str, started: float,
+        failed: Set[tuple[str, str]] | None = None,
+    ) -> web.Response:  # fmt: skip
         raw = request.headers.get(MIN_REVISION)
         mode = Consistency.MEMORY if raw is None else await self._consistency(raw)
         stale = None
         if mode is Consistency.MEMORY:
+            # Loaded after the wait, with no await before the check: never evicted between.
+            if failed is None:
+                failed = await self._load([query])
             engine, blocked, stale = self._gate()
+            if failed and blocked is None:
+                blocked, engine = dict(_USER_UNAVAILABLE), None
             allowed, context = self._one(query, engine, blocked, time.time())
         else:
             allowed, context = await self._consistent(query, mode)
@@ -322,8 +364,11 @@ class AuthzenApi:
         why: list[str] = []
         reasons = None if self._log is None else why
         if mode is Consistency.MEMORY:
+            failed = None
+            if self._replica.users is not None:
+                failed = await self._load([e for e in parsed.entries if isinstance(e, Query)])
             engine, blocked, stale = self._gate()
-            results = self._batch_from_memory(parsed, engine, blocked, reasons)
+            results = self._batch_from_memory(parsed, engine, blocked, reasons, failed)
             if blocked is not None:
                 top.update(blocked)
         else:
@@ -340,7 +385,7 @@ class AuthzenApi:
 
     def _batch_from_memory(
         self, batch: Batch, engine: Engine | None, blocked: JsonObject | None,
-        why: list[str] | None = None,
+        why: list[str] | None = None, failed: Set[tuple[str, str]] | None = None,
     ) -> list[JsonObject]:  # fmt: skip
         """Each entry from memory. A malformed entry always carries its error (it is a
         report to the caller, not a decision's reason). `why`, when given, receives each
@@ -357,6 +402,11 @@ class AuthzenApi:
                 reason = _UNSUPPORTED
             elif engine is None:
                 result, reason = _entry_result(False, reason_only, reasons), reason_only["reason"]
+            elif failed is not None and (
+                (entry.tenant, entry.user) in failed or not self._loaded(entry)
+            ):
+                result = _entry_result(False, dict(_USER_UNAVAILABLE), reasons)
+                reason = "user_unavailable"
             else:
                 decision = engine.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
@@ -447,6 +497,12 @@ class AuthzenApi:
         async with self._searcher.turn() as meter:
             with meter.timing():
                 search = protocol.parse_subject_search(body, self._default_tenant)
+            if self._replica.users is not None:
+                raise RequestError(
+                    "subject search needs every user in memory: not available with "
+                    "PDP_CACHE_MODE=on_demand (use the SQL reference pdp.check per user)",
+                    "subject",
+                )
             engine, context, stale = await self._search_engine(request)
             ids: tuple[str, ...] = ()
             if engine is not None and search.subject_type in self._user_types:
@@ -502,9 +558,24 @@ class AuthzenApi:
             if engine.version != version:
                 return engine.resources(*args, now, search.facts)
 
+    async def _load_searcher(self, subject_type: str, tenant: str, user: str) -> bool:
+        """On-demand mode: load the searching user; whether that failed."""
+        users = self._replica.users
+        if users is None or self._replica.engine is None or subject_type not in self._user_types:
+            return False
+        try:
+            await users.ensure(tenant, user)
+        except DependencyError:
+            log.warning("loading the user's rows failed; the search answers nothing")
+            return True
+        return False
+
     async def search_resource(self, request: web.Request) -> web.Response:
         search = protocol.parse_resource_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
+        unavailable = await self._load_searcher(search.subject_type, search.tenant, search.user)
+        if unavailable and engine is not None:
+            engine, context = None, {**context, **_USER_UNAVAILABLE}
         ids: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
             found = await self._resources(engine, search)
@@ -521,6 +592,9 @@ class AuthzenApi:
     async def search_action(self, request: web.Request) -> web.Response:
         search = protocol.parse_action_search(await read_json(request), self._default_tenant)
         engine, context, stale = await self._search_engine(request)
+        unavailable = await self._load_searcher(search.subject_type, search.tenant, search.user)
+        if unavailable and engine is not None:
+            engine, context = None, {**context, **_USER_UNAVAILABLE}
         names: tuple[str, ...] = ()
         if engine is not None and search.subject_type in self._user_types:
             found = engine.actions(

@@ -48,7 +48,7 @@ from aiohttp import web
 from pdp.config import Settings
 from pdp.decision_log import DecisionLog
 from pdp.engine import Decision, Engine
-from pdp.errors import ConfigError
+from pdp.errors import ConfigError, DependencyError
 from pdp.gateway import (
     GatewayRequest,
     Identity,
@@ -227,6 +227,13 @@ class ForwardAuthApi:
         else:
             subject, token_tenant = await self._token_subject(request, self._gateway.keys)
         tenant = token_tenant or self._tenant(request)
+        users = self._replica.users
+        if users is not None and self._replica.engine is not None:
+            try:  # on-demand mode: the subject's rows into memory first
+                await users.ensure(tenant, subject)
+            except DependencyError:
+                log.warning("loading the subject's rows failed; refusing", exc_info=True)
+                raise _Answer(503, {"error": "unavailable", "reason": "user_unavailable"}) from None
         engine, stale = self._gate()
         selected = selected_headers(request.headers, self._selected) if self._selected else {}
         asked = GatewayRequest(method, segments, match, subject, tenant, selected)
