@@ -26,7 +26,7 @@ from hypothesis import settings
 from pdp.pg import migrate
 from tests.pg_url import with_database
 
-pytest_plugins = ["tests.loop_guard"]
+pytest_plugins = ["tests.loop_guard", "tests.redis_server"]
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RUN_ID = uuid.uuid4().hex[:8]

@@ -11,6 +11,8 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,17 @@ class RedisServer:
             process.terminate()
             process.wait(10)
         self.socket.unlink(missing_ok=True)
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A private redis-server on a Unix socket for one test (the `redis_server` fixture)."""
+    # Not tmp_path: a Unix socket path must stay under ~100 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="pdp-redis-"))
+    server = RedisServer(directory)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

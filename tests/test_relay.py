@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -41,18 +38,6 @@ def relay_options(**changes: float) -> RelayOptions:
     }  # fmt: skip
     return RelayOptions(stream=STREAM, **values)  # type: ignore[arg-type]
 
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    # Not tmp_path: a Unix socket path must stay under ~100 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="pdp-redis-"))
-    server = RedisServer(directory)
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 
 from loadtests.run import free_port
 from pdp.pg import seed, seed_data
@@ -32,17 +28,6 @@ def _env(**pdp: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     return {**clean, **pdp}
 
-
-@pytest.fixture
-async def redis_server() -> AsyncIterator[RedisServer]:
-    directory = Path(tempfile.mkdtemp(prefix="pdp-redis-"))
-    server = RedisServer(directory)
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
