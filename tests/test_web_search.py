@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pdp.engine import Engine, RowChange, Snapshot
-from pdp.web.subject_search import CACHE_SECONDS, Question, SubjectSearcher
+from pdp.web.subject_search import CACHE_SECONDS, REQUEST_COST, Question, SubjectSearcher
 
 USERS = 2_500  # more than two pieces of 1,000 (ten of the searcher's 250)
 
@@ -167,3 +167,52 @@ async def test_a_turn_is_held_for_the_cool_down_its_cpu_earned() -> None:
     assert order == ["answered", "released", "second"]
     assert spent[0] > 0
     assert took >= spent[0] * 4 * 0.9, (took, spent)
+
+
+class PieceCountingEngine(Engine):
+    """An engine that counts the pieces of subject walks it handed out."""
+
+    pieces = 0
+
+    def subject_chunks(self, *args: Any, **kw: Any) -> Iterator[list[str]]:
+        for piece in super().subject_chunks(*args, **kw):
+            self.pieces += 1
+            yield piece
+
+
+async def test_a_request_of_a_few_steps_waits_at_most_one_piece() -> None:
+    """A check is a few steps on the loop (bytes read, handler started, answer written);
+    asyncio runs ready callbacks in order, so a search that yielded one turn per piece
+    would put a piece before each step. It yields `YIELDS` turns: one piece at most."""
+    engine = PieceCountingEngine.build(_tables(), Snapshot(1, 1))
+    assert isinstance(engine, PieceCountingEngine)
+    searcher = SubjectSearcher(slice_seconds=0.0)
+    waited: list[int] = []
+
+    async def request(steps: int) -> None:
+        # Arrives while the search is under way: turns of the loop are the point here.
+        while engine.pieces < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        for _ in range(10):
+            before = engine.pieces
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            waited.append(engine.pieces - before)
+
+    await asyncio.gather(_ask(searcher, engine, QUESTION), request(3))
+    assert engine.pieces >= 40  # the search ran on in between (2,500 users, pieces of 50)
+    assert max(waited) <= 1, waited
+
+
+async def test_even_a_cached_answer_pays_for_the_http_work_around_it() -> None:
+    """A turn is charged at least REQUEST_COST (aiohttp's parse and write, which no meter
+    in the handler sees), so clients looping a cached page still take a bounded share."""
+    engine = _engine()
+    searcher = SubjectSearcher(concurrency=1, share=0.25)
+    await _ask(searcher, engine, QUESTION)  # computed; the repeats below hit the cache
+    started = time.monotonic()
+    for _ in range(20):
+        await _ask(searcher, engine, QUESTION)
+    took = time.monotonic() - started
+    assert searcher.computed == 1
+    assert took >= 20 * REQUEST_COST * 3, took

@@ -33,7 +33,7 @@ from pdp.errors import DependencyError, RequestError, UnsupportedEncoding
 from pdp.metrics import Metrics
 from pdp.protocol import MIN_REVISION, Batch, JsonObject, Query, dumps
 from pdp.replica import Fallback, Replica
-from pdp.web.subject_search import SubjectSearcher
+from pdp.web.subject_search import SubjectSearcher, yield_turns
 
 log = logging.getLogger(__name__)
 
@@ -534,7 +534,7 @@ class AuthzenApi:
             for allowed, unsure in engine.conditional_subject_chunks(*args, now, search.facts):
                 found.extend(allowed)
                 undecided.update(unsure)
-                await asyncio.sleep(0)
+                await yield_turns()
                 if engine.version != version:
                     break
             else:
@@ -554,7 +554,7 @@ class AuthzenApi:
             except StopIteration as done:
                 result: ResourcesResult = done.value
                 return result
-            await asyncio.sleep(0)
+            await yield_turns()
             if engine.version != version:
                 return engine.resources(*args, now, search.facts)
 

@@ -7,14 +7,19 @@ sidecar is for, so a search:
 
 - computes in pieces of `PIECE` candidates (about 0.1 ms each at 100,000 users),
   yielding to the event loop once `SLICE_SECONDS` of CPU ran (0: after every piece),
-  so checks waiting in the loop run in between;
+  so checks waiting in the loop run in between. A yield is `YIELDS` turns of the
+  loop, not one: a check takes a few (its bytes read, its handler started, its
+  answer written), and asyncio runs ready callbacks in order, so with one turn a
+  check would wait a piece at each of its steps; with `YIELDS` it waits at most one;
 - is one of at most `concurrency` searches at once (PDP_SEARCH_CONCURRENCY); the
   others wait for a turn, checks never do;
 - pays for its CPU: a turn is held, after the answer is ready, for
   `(1 / SEARCH_SHARE - 1)` times the CPU the search took (parsing, computing,
-  rendering), so searches together take at most about `SEARCH_SHARE` of the event
-  loop per turn-holder, however hard clients loop them (even on cached answers: the
-  rendering of a page is work too). A search waits longer; a check does not;
+  rendering, and at least `REQUEST_COST` for the HTTP work before and after the
+  handler that no meter inside it sees), so searches together take at most about
+  `SEARCH_SHARE` of the event loop per turn-holder, however hard clients loop them
+  (even on cached answers: the rendering of a page is work too). A search waits
+  longer; a check does not;
 - is answered from a small cache when the same question was answered at the same
   engine state within `CACHE_SECONDS` (a client paging through 17,000 ids asks
   170 times). The key holds the engine's identity, version and revision, so a
@@ -43,6 +48,10 @@ ATTEMPTS = 3
 CACHE_SECONDS = 1.0
 CACHE_ENTRIES = 64  # at most ~1 MB each for a 100,000-user answer (shared id strings)
 SEARCH_SHARE = 0.25
+YIELDS = 3  # loop turns per yield: a check's steps (read, handle, write) between two pieces
+# aiohttp's own work per request (parse, dispatch, write): a bare handler's whole cost
+# in loadtests/bench_http.py is ~60 us on this 2-core box; a turn is charged that too.
+REQUEST_COST = 60e-6
 
 Question = tuple[str, str, str, str]  # tenant, resource type, resource id, action
 _Key = tuple[Question, int, int, object]
@@ -92,7 +101,7 @@ class SubjectSearcher:
         async with self._turns:
             meter = Meter(self._clock)
             yield meter
-            rest = meter.spent * (1 / self._share - 1)
+            rest = (meter.spent + REQUEST_COST) * (1 / self._share - 1)
             if rest > 0:
                 await asyncio.sleep(rest)
 
@@ -119,7 +128,7 @@ class SubjectSearcher:
                 runs.append(piece)
                 if clock() - started >= budget:
                     meter.spent += clock() - started
-                    await asyncio.sleep(0)
+                    await yield_turns()
                     if engine.version != version:
                         break  # the pieces left would read the changed engine
                     started = clock()
@@ -143,13 +152,19 @@ class SubjectSearcher:
                 merged.append(first)
                 if clock() - started >= budget:
                     meter.spent += clock() - started
-                    await asyncio.sleep(0)
+                    await yield_turns()
                     started = clock()
             if len(runs) % 2:
                 merged.append(runs[-1])
             runs = merged
         meter.spent += clock() - started
         return runs[0] if runs else []
+
+
+async def yield_turns() -> None:
+    """Let the loop run `YIELDS` times: what became ready meanwhile, and its next steps."""
+    for _ in range(YIELDS):
+        await asyncio.sleep(0)
 
 
 def _key(engine: Engine, question: Question) -> _Key:
