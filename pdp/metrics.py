@@ -127,6 +127,12 @@ class Metrics:
             "pdp_snapshot_file_bytes", "Size of the last PDP_SNAPSHOT_FILE written",
             registry=registry,
         )  # fmt: skip
+        self.read_replica_lag = Gauge(
+            "pdp_read_replica_lag_seconds",
+            "With PDP_READ_DATABASE_URL: age of the oldest primary snapshot the standby had "
+            "not replayed at the last catch-up (0: it had replayed all)",
+            registry=registry,
+        )
         self.consistent = Gauge(
             "pdp_cache_consistent",
             "1 when the tenant's cache digest matched PostgreSQL's at the last verification",
@@ -227,6 +233,9 @@ class Metrics:
         if ok:
             self.snapshot_file_write_seconds.set(seconds)
             self.snapshot_file_bytes.set(size)
+
+    def set_read_replica_lag(self, seconds: float) -> None:
+        self.read_replica_lag.set(seconds)
 
     def set_consistent(self, tenant: str, ok: bool) -> None:
         self.consistent.labels(tenant).set(1 if ok else 0)

@@ -246,6 +246,8 @@ class PgSync:
         if self._read_url is not None:
             proven = self._proven(batch.snapshot)
             batch.proven_at = float("-inf") if proven is None else proven
+            behind = self._clock() - self._samples[0][0] if self._samples else 0.0
+            self._metrics.set_read_replica_lag(behind)
         return batch
 
     def _proven(self, read: Snapshot) -> float | None:

@@ -201,6 +201,8 @@ async def test_sidecar_reads_a_hot_standby(
         return replica.staleness() > 1.0
 
     await _until(stale, 10)
+    # The lag SREs alert on: the oldest primary snapshot the standby has not replayed.
+    await _until(lambda: _lag_above(client, 0.5), 10)
     assert not waiting.done(), "answered before the standby replayed the revision"
     assert not replica.has_revision(xid)
     assert (await decision())["decision"] is True  # without a token: the standby's state
@@ -214,12 +216,22 @@ async def test_sidecar_reads_a_hot_standby(
         return replica.staleness() < 1.0
 
     await _until(fresh, 10)
+    await _until(lambda: _lag_above(client, 0.0, caught_up=True), 10)
     # The verifier (reading the standby too) found nothing to repair; and at the end the
     # sidecar equals the primary.
     await _until(lambda: _verified(client), 15)
     # A bulk-loaded tenant (a per-tenant reload, read from the standby too).
     await seed(primary_url, users=200)
     await assert_equal(primary, replica, checks=200)
+
+
+async def _lag_above(client: Any, seconds: float, *, caught_up: bool = False) -> bool:
+    """Whether pdp_read_replica_lag_seconds exceeds `seconds` (caught_up: equals 0)."""
+    text = await (await client.get("/metrics")).text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("pdp_read_replica_lag_seconds ")]
+    assert len(lines) == 1, lines
+    lag = float(lines[0].split()[1])
+    return lag == 0.0 if caught_up else lag > seconds
 
 
 async def _verified(client: Any) -> bool:
