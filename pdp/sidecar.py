@@ -358,6 +358,7 @@ async def _relay(settings: Settings, url: str, redis_url: str) -> None:
         stream=settings.redis_stream,
         maxlen=settings.relay_stream_maxlen,
         snapshot_interval=settings.relay_snapshot_interval_seconds,
+        verify_interval=settings.verify_interval_seconds,
     )
     worker = Relay(url, redis_url, metrics, sync_options(settings), options)
     supervisor = Supervisor(metrics)

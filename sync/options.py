@@ -36,3 +36,6 @@ class RelayOptions:
     election_interval: float = 1.0  # a standby tries to take the lock this often
     lock_heartbeat: float = 1.0  # the leader proves its lock connection alive this often
     lock_key: int = 0x7064705F72656C61  # pg advisory lock id ("pdp_rela")
+    # The leader verifies its replica against PostgreSQL (`sync.pg_verifier`) and
+    # attaches its per-tenant digests to an entry for the followers this often.
+    verify_interval: float = 60.0

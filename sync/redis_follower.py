@@ -10,6 +10,15 @@ reloads. Each entry says when its data was proven current, so the relay's heartb
 keeps the replica fresh when nothing changes: staleness, readiness and revision
 tokens work as in direct mode.
 
+Verification (the direct-mode verifier's counterpart, with no PostgreSQL session):
+every `verify_interval` the relay attaches its replica's per-tenant digests at an
+entry's `from`; the follower, standing at `from`, compares its own (O(1) each: the
+engine keeps them running) before applying the entry, reports each tenant in
+`pdp_cache_consistent{tenant}`, and reloads (`diverged`) when any differs: from the
+stored snapshot (a fleet does not fall on PostgreSQL at once), not comparing that
+entry again. The relay verifies its own replica against PostgreSQL at the same pace,
+so when the relay is the one that drifted, its repair follows in the stream.
+
 After a load from PostgreSQL at snapshot S, the replica stands at the stream's tip T
 read before the load (T is older than S): entries that end before S are skipped
 (the replica already has their effect), and the first that ends after S holds the
@@ -31,13 +40,14 @@ import redis.asyncio as aioredis
 
 from pdp.backoff import Backoff
 from pdp.engine import Engine, Snapshot
+from pdp.engine.digest import EMPTY
 from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.replica import Replica
 from pdp.supervisor import Body
 from sync import apply, pg_read
 from sync import redis_stream as rs
-from sync.metrics import NullMetrics, SyncMetrics
+from sync.metrics import FollowerMetrics, NullMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor
 from sync.tasks import raise_if_cancelling
@@ -57,7 +67,7 @@ class RedisFollower:
         redis_url: str,
         url: str,
         replica: Replica,
-        metrics: SyncMetrics | None = None,
+        metrics: FollowerMetrics | None = None,
         options: SyncOptions | None = None,
         stream: str = "pdp:changes",
         *,
@@ -84,6 +94,9 @@ class RedisFollower:
         self._wait_reset = False  # PostgreSQL's epoch is not the stream's: wait for a reset
         self.entries = 0  # entries applied, for tests
         self.reloads: list[str] = []  # why each load happened, for tests and logs
+        self.verified = 0  # relay digests compared, for tests
+        self._checked = (0, 0)  # digests of entries up to this id were compared already
+        self._reported: set[str] = set()  # tenants in pdp_cache_consistent
 
     @property
     def replica(self) -> Replica:
@@ -234,6 +247,18 @@ class RedisFollower:
                     entry.from_, self._epoch, self._snapshot,
                 )  # fmt: skip
                 return
+        if (
+            self._floor is None
+            and not self._wait_reset
+            and _stream_id(entry.id) > self._checked
+            and not self._agrees(entry.digests)
+        ):
+            # Reloaded from the stored snapshot, which comes before this entry: the
+            # entry is read again and must not fail again (the relay may be the one
+            # that drifted: its own verifier repairs it, and the repair follows).
+            self._checked = _stream_id(entry.id)
+            self._reload = "diverged"
+            return
         self._last_id, self._snapshot = entry.id, entry.to
         if self._wait_reset:
             return
@@ -249,3 +274,29 @@ class RedisFollower:
         apply.apply_changes(self._replica, batch, self._metrics, self._wall)
         self._applied += 1
         self.entries += 1
+
+    def _agrees(self, relay: dict[str, str] | None) -> bool:
+        """Compare the replica's digests with the relay's at the same point (`from`);
+        True when the entry carries none."""
+        if relay is None:
+            return True
+        mine = apply.digests(self._replica)
+        result = {t: mine.get(t, EMPTY) == relay.get(t, EMPTY) for t in relay.keys() | mine}
+        for tenant in self._reported - result.keys():
+            self._metrics.forget_tenant(tenant)
+        self._reported = set(result)
+        for tenant, ok in sorted(result.items()):
+            self._metrics.set_consistent(tenant, ok)
+            if not ok:
+                log.error(
+                    "relay follower: tenant %s differs from the relay's replica at %s; "
+                    "reloading", tenant, self._snapshot,
+                )  # fmt: skip
+        self.verified += 1
+        return all(result.values())
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    """A Redis stream id ("ms-seq") as a pair that sorts as the stream does."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)

@@ -10,7 +10,11 @@ applied, with fields
   and to (`from` is empty after an empty stream);
 - `at`: wall-clock seconds when the data was proven current (the read began);
 - `data`: zlib-compressed JSON of the row changes, the tenants replaced whole and one
-  commit time per transaction (`changes` only).
+  commit time per transaction (`changes` only);
+- `digests` (on a `changes` or `heartbeat` entry every `verify_interval`): zlib JSON
+  of the relay replica's digest of every tenant (`pdp.engine.digest`) at `from`, the
+  state the entry starts from. A follower at `from` compares its own before applying
+  the entry (the relay itself is verified against PostgreSQL at the same pace).
 
 Entries form a chain: an entry is appended only if the stream's last entry ends
 where it begins (`APPEND`, one Lua script, atomic in Redis). So two relays that both
@@ -107,6 +111,7 @@ class Entry:
     changes: list[RowChange] = field(default_factory=list)
     tenants: dict[str, Tables] = field(default_factory=dict)
     committed_at: list[float] = field(default_factory=list)
+    digests: dict[str, str] | None = None  # the relay's, per tenant, at `from`
 
 
 @dataclass(slots=True)
@@ -145,6 +150,7 @@ def entry_fields(  # noqa: PLR0917 -- one field each
     changes: Iterable[RowChange] = (),
     tenants: Mapping[str, Mapping[str, Iterable[Row]]] | None = None,
     committed_at: Iterable[float] = (),
+    digests: Mapping[str, str] | None = None,
 ) -> list[str | bytes]:
     """The field/value pairs of a stream entry (flat, for the APPEND script)."""
     fields: list[str | bytes] = [
@@ -158,6 +164,8 @@ def entry_fields(  # noqa: PLR0917 -- one field each
             "at": list(committed_at),
         }  # fmt: skip
         fields += ["data", pack(data)]
+    if digests is not None and kind != "reset":
+        fields += ["digests", pack(dict(digests))]
     return fields
 
 
@@ -183,6 +191,11 @@ def decode_entry(entry_id: Any, fields: Mapping[Any, Any]) -> Entry:
             for t, tables in data["t"].items()
         }
         entry.committed_at = [float(x) for x in data["at"]]
+    if "digests" in got:
+        digests = unpack(got["digests"])
+        if not isinstance(digests, dict):
+            raise ValueError(f"stream entry {entry.id}: digests are not an object")
+        entry.digests = {str(t): str(d) for t, d in digests.items()}
     return entry
 
 

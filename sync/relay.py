@@ -9,7 +9,12 @@ is applied (`sync.redis_stream` has the format):
 - a batch of changes (or of nothing: a heartbeat proving freshness) is appended
   only if the stream ends where the batch begins (compare-and-append in Lua);
 - a full reload is written as a new snapshot and a `reset` entry, atomically;
-- every `snapshot_interval` the per-tenant snapshot is rewritten at the last entry.
+- every `snapshot_interval` the per-tenant snapshot is rewritten at the last entry;
+- every `verify_interval` the next entry carries the relay replica's per-tenant
+  digests at its `from`, for the followers to compare with theirs; at the same pace
+  the leader's own replica is verified against PostgreSQL (`sync.pg_verifier`, as a
+  direct-mode sidecar does: a tenant that differs is re-read and published whole).
+  So a follower is proven equal to the relay, and the relay to the database.
 
 Leader election: any number of relays run; the one holding a session-level
 PostgreSQL advisory lock, on a dedicated connection, publishes. The others try the
@@ -42,12 +47,13 @@ from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.replica import Replica
 from pdp.supervisor import Body
-from sync import pg_read
+from sync import apply, pg_read
 from sync import redis_stream as rs
 from sync.metrics import NullRelayMetrics, RelayMetrics
 from sync.options import RelayOptions, SyncOptions
 from sync.pg_read import Batch, Cursor
 from sync.pg_sync import PgSync
+from sync.pg_verifier import PgVerifier
 from sync.service import SyncService
 from sync.tasks import raise_if_cancelling
 
@@ -145,6 +151,13 @@ class Relay:
         self._generation: tuple[str, list[str]] | None = None
         self._sync: PgSync | None = None  # the current term's catch-up loop
         self._past_catchups = 0
+        self._replica: Replica | None = None  # the current term's replica
+        # Whether the replica, once the batch being published is applied, is exactly
+        # the stream's state at that batch's end (not so right after adopting a tip:
+        # rows of the load, cursor of the tip, until the first catch-up).
+        self._exact = False
+        self._digests_due = 0.0
+        self.verifier: PgVerifier | None = None  # the current term's (tests read it)
 
     @property
     def catchups(self) -> int:
@@ -243,20 +256,25 @@ class Relay:
         assert self._redis is not None
         replica = Replica(self._clock)
         service = SyncService(self._url, replica, self._metrics, self._options, sink=self._publish)
-        self._sync = service.sync
+        self._sync, self._replica, self._exact = service.sync, replica, False
+        self.verifier = PgVerifier(
+            self._url, service.sync, self._metrics, self._relay.verify_interval
+        )
+        self._digests_due = self._clock() + self._relay.verify_interval
         try:
             await self._run_term(service, replica, lock)
         finally:
             self._past_catchups += service.sync.catchups
-            self._sync = None
+            self._sync = self._replica = self.verifier = None
 
     async def _run_term(
         self, service: SyncService, replica: Replica, lock: asyncpg.Connection
     ) -> None:
         async with service.lifespan() as body:
             await self._adopt(service, replica)
+            assert self.verifier is not None
             try:
-                await _first_failure(self._hold(lock), body())
+                await _first_failure(self._hold(lock), body(), self.verifier.run())
             except ExceptionGroup as group:  # the sync body's TaskGroup wraps the sink's error
                 leaves = _leaves(group)
                 if all(isinstance(e, STEP_DOWN) for e in leaves):
@@ -277,6 +295,7 @@ class Relay:
             await self._publish(batch)  # a reset: the snapshot and its entry
             engine = await asyncio.to_thread(Engine.build, batch.full, batch.snapshot)
             replica.install(engine, batch.epoch, batch.started)
+            self._exact = True
             return
         log.info("relay %s continues the stream from %s (%s)", self.name, tip.snapshot, tip.id)
         full = batch.full
@@ -316,6 +335,7 @@ class Relay:
         """The sink: append this batch to the stream, before the loop applies it."""
         if batch.full is not None:
             await self._reset(batch)
+            self._exact = True
             return
         self._rows.apply(batch)
         epoch, to = batch.epoch, str(batch.snapshot)
@@ -323,11 +343,22 @@ class Relay:
         kind = "changes" if changed else "heartbeat"
         fields = rs.entry_fields(
             kind, epoch, self._tip.partition("|")[2], to, self._proven_at(batch),
-            batch.changes, batch.tenants, batch.committed_at,
+            batch.changes, batch.tenants, batch.committed_at, self._due_digests(),
         )  # fmt: skip
         await self._append(fields, rs.tip_text(epoch, to), kind)
+        self._exact = True
         if self._clock() >= self._snapshot_due:
             await self._write_snapshot(epoch, to, self._proven_at(batch))
+
+    def _due_digests(self) -> dict[str, str] | None:
+        """The replica's digests at the stream's tip, when due and exact (else None).
+
+        The sink runs before the loop applies the batch, so the replica stands where
+        the batch begins: at the tip, once the term's first batch was applied."""
+        if not self._exact or self._replica is None or self._clock() < self._digests_due:
+            return None
+        self._digests_due = self._clock() + self._relay.verify_interval
+        return apply.digests(self._replica)
 
     async def _append(
         self, fields: list[str | bytes], new_tip: str, kind: str, meta: str = ""
