@@ -345,6 +345,12 @@ def relay(settings: Settings) -> int:
     PDP_HOST:PDP_RELAY_PORT. Raises PdpError when Redis or the port is unusable."""
     if settings.redis_url is None:
         raise ConfigError("pdp relay needs PDP_REDIS_URL (where it publishes)")
+    if settings.read_database_url is not None:
+        # Its entries say when their data was proven current; from a standby that
+        # needs the primary-snapshot proof of direct mode, which the relay lacks.
+        raise ConfigError(
+            "pdp relay reads the primary (PDP_DATABASE_URL) only: unset PDP_READ_DATABASE_URL"
+        )
     _event_loop_policy()
     with database_url(settings) as url:
         asyncio.run(_relay(settings, url, settings.redis_url))

@@ -195,6 +195,14 @@ def test_relay_mode_and_the_relay_need_a_redis_url() -> None:
     assert "pdp relay needs PDP_REDIS_URL" in _one_error_line(result)
 
 
+def test_the_relay_does_not_read_a_standby() -> None:
+    standby = "postgresql://reader:hunter2@127.0.0.1:1/pdp"
+    result = _pdp("relay", PDP_REDIS_URL="redis://127.0.0.1:1/0", PDP_READ_DATABASE_URL=standby)
+    assert result.returncode == 2
+    assert "unset PDP_READ_DATABASE_URL" in _one_error_line(result)
+    assert "hunter2" not in result.stderr
+
+
 def test_the_snapshot_file_is_for_direct_mode_only(tmp_path: Path) -> None:
     result = _pdp(
         "serve", PDP_SYNC_SOURCE="redis", PDP_REDIS_URL="redis://127.0.0.1:1/0",
