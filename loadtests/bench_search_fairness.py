@@ -1,7 +1,7 @@
 """Search fairness: checks' latency alone, and with clients looping `search/subject`.
 
     .venv/bin/python -m loadtests.bench_search_fairness [--users 100000] [--seconds 10]
-        [--searchers 4] [--rounds 2] [--nice 10]
+        [--searchers 4] [--rounds 2] [--nice 10] [--share 0.25]
 
 A real `pdp serve` over a database seeded by the real `pdp seed --users N` (database
 `pdp_bench_search_fairness` on PDP_DATABASE_URL's server, else the embedded one;
@@ -183,6 +183,8 @@ def orchestrate(args: argparse.Namespace) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     env |= {"PDP_DATABASE_URL": url, "PDP_PORT": str(port), "PDP_DEFAULT_TENANT": TENANT,
             "PDP_LOG_LEVEL": "WARNING"}  # fmt: skip
+    if args.share is not None:
+        env["PDP_SEARCH_SHARE"] = str(args.share)
     with tempfile.TemporaryDirectory(prefix="pdp-fairness-") as tmp:
         serve = Proc("serve", [sys.executable, "-m", "pdp", "serve"], Path(tmp) / "serve.log", env)
         try:
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--searchers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--nice", type=int, default=10, help="the search loops' niceness")
+    parser.add_argument("--share", type=float, default=None,
+                        help="PDP_SEARCH_SHARE for the server (default: its own)")  # fmt: skip
     parser.add_argument("--loop", nargs=5, metavar=("PORT", "TYPE", "ACTION", "MODE", "SECONDS"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)

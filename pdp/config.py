@@ -251,6 +251,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"must be a number above 0 and at most 1, got {value:g}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -376,6 +383,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "search_concurrency", "PDP_SEARCH_CONCURRENCY", _positive_int,
         "subject searches computing at once (the others wait; checks never do)",
+    ),
+    Option(
+        "search_share", "PDP_SEARCH_SHARE", _share,
+        "the share of the event loop subject searches may take together (0 < x <= 1)",
     ),
     Option(
         "poll_interval_seconds", "PDP_POLL_INTERVAL_SECONDS", _positive_seconds,
@@ -561,6 +572,7 @@ class Settings:
     stale_mode: str = "deny"
     consistency_wait_ms: int = 200
     search_concurrency: int = 1
+    search_share: float = 0.25
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0

@@ -8,7 +8,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
+from pdp.config import Settings
 from pdp.engine import Engine, RowChange, Snapshot
+from pdp.errors import ConfigError
 from pdp.web.subject_search import CACHE_SECONDS, REQUEST_COST, Question, SubjectSearcher
 
 USERS = 2_500  # more than two pieces of 1,000 (ten of the searcher's 250)
@@ -216,3 +220,11 @@ async def test_even_a_cached_answer_pays_for_the_http_work_around_it() -> None:
     took = time.monotonic() - started
     assert searcher.computed == 1
     assert took >= 20 * REQUEST_COST * 3, took
+
+
+def test_the_share_is_configured_and_bounded() -> None:
+    assert Settings.from_env({}).search_share == 0.25
+    assert Settings.from_env({"PDP_SEARCH_SHARE": "0.1"}).search_share == 0.1
+    for bad in ("0", "-0.5", "1.5", "nan", "lots"):
+        with pytest.raises(ConfigError, match="PDP_SEARCH_SHARE"):
+            Settings.from_env({"PDP_SEARCH_SHARE": bad})

@@ -145,7 +145,7 @@ class AuthzenApi:
         self._revision_text: str | None = None
         self._bodies: dict[int, tuple[Decision, bytes]] = {}
         self._bodies_revision: Snapshot | None = None
-        self._searcher = SubjectSearcher(settings.search_concurrency)
+        self._searcher = SubjectSearcher(settings.search_concurrency, share=settings.search_share)
 
     def routes(self) -> list[web.RouteDef]:
         return [

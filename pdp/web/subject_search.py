@@ -15,9 +15,9 @@ sidecar is for, so a search:
   others wait for a turn, checks never do;
 - pays for its CPU: a turn is held, after the answer is ready, for
   `(1 / SEARCH_SHARE - 1)` times the CPU the search took (parsing, computing,
-  rendering, and at least `REQUEST_COST` for the HTTP work before and after the
+  rendering, plus `REQUEST_COST` for the HTTP work before and after the
   handler that no meter inside it sees), so searches together take at most about
-  `SEARCH_SHARE` of the event loop per turn-holder, however hard clients loop them
+  `SEARCH_SHARE` (PDP_SEARCH_SHARE) of the event loop, however hard clients loop them
   (even on cached answers: the rendering of a page is work too). A search waits
   longer; a check does not;
 - is answered from a small cache when the same question was answered at the same
