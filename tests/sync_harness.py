@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from pdp.engine import Engine
 from pdp.pg import seed as pg_seed
 from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, SeedSpec, synthetic
 from pdp.replica import Replica
@@ -122,20 +121,43 @@ async def assert_equal(
 
     `within`: how long the replica may take to reach the database's current revision.
     """
-    await settle(pg, replica, within)
-    engine = replica.engine
-    assert engine is not None
+    await assert_all_equal(pg, [replica], checks, within)
+
+
+async def assert_all_equal(
+    pg: asyncpg.Connection, replicas: list[Replica], checks: int = 10_000, within: float = 10.0
+) -> None:
+    """Each replica equals the database, as `assert_equal` says, all at one revision.
+
+    They wait together for one fresh revision, then PostgreSQL computes the digests and
+    the answers to the random checks once, and every replica is compared with them.
+    """
+    xid = await current_xid(pg)
+    reached = await asyncio.gather(*(r.wait_for_revision(xid, within) for r in replicas))
+    assert all(reached), f"revision {xid} not reached by {reached.count(False)} replicas"
     tenants = {r[0] for r in await pg.fetch("SELECT id FROM pdp.tenants")}
-    assert set(engine.tenants()) == tenants
+    digests = {}
     for tenant in tenants:
         total, lines = await pg.fetchrow(q.TENANT_DIGEST, tenant)
-        assert engine.digest(tenant) == f"{int(total):016x}:{lines}", tenant
-    if not tenants:
-        return
-    await _random_checks(pg, engine, sorted(tenants), checks)
+        digests[tenant] = f"{int(total):016x}:{lines}"
+    grid, answers, now = [], [], 0.0
+    if tenants:
+        grid, answers, now = await _random_checks(pg, sorted(tenants), checks)
+    for replica in replicas:
+        engine = replica.engine
+        assert engine is not None
+        assert set(engine.tenants()) == tenants
+        for tenant, digest in digests.items():
+            assert engine.digest(tenant) == digest, tenant
+        for request, expected in zip(grid, answers, strict=True):
+            got = engine.check(*request, now).allowed
+            assert got is expected, (request, got)
 
 
-async def _random_checks(pg: asyncpg.Connection, engine: Engine, tenants: list[str], n: int) -> None:
+async def _random_checks(
+    pg: asyncpg.Connection, tenants: list[str], n: int
+) -> tuple[list[tuple[str, str, str, str, str]], list[bool], float]:
+    """`n` random check requests, `pdp.check`'s answers to them, and the time they hold at."""
     rng = random.Random(n)
     users = [
         r[0]
@@ -156,17 +178,17 @@ async def _random_checks(pg: asyncpg.Connection, engine: Engine, tenants: list[s
         user = rng.choice(users) if users and rng.random() < 0.95 else "nobody"
         grid.append((rng.choice(tenants), user, rtype, rid, rng.choice([*ACTIONS, "other"])))
     now = time.time()
-    answers = await pg.fetch(
-        "SELECT pdp.check(t, u, rt, ri, a, to_timestamp($1)) FROM "
-        "unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS g(t, u, rt, ri, a)",
-        now, *(list(c) for c in zip(*grid, strict=True)),
-    )
-    allowed = 0
-    for request, (expected,) in zip(grid, answers, strict=True):
-        got = engine.check(*request, now).allowed
-        assert got is expected, (request, got)
-        allowed += expected
+    answers = [
+        bool(r[0])
+        for r in await pg.fetch(
+            "SELECT pdp.check(t, u, rt, ri, a, to_timestamp($1)) FROM "
+            "unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS g(t, u, rt, ri, a)",
+            now, *(list(c) for c in zip(*grid, strict=True)),
+        )
+    ]
+    allowed = sum(answers)
     assert 0 < allowed < n, "the random checks must exercise both answers"
+    return grid, answers, now
 
 
 async def random_write(conn: asyncpg.Connection, rng: random.Random) -> None:

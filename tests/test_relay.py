@@ -1,7 +1,8 @@
 """The Redis Streams relay and sidecars in relay mode, against real PostgreSQL and Redis.
 
 Each test starts its own redis-server (tests/redis_server.py, a Unix socket: no
-port to collide on) so it can restart or trim it. After each scenario every
+port to collide on) so it can restart or trim it. Most start from `fleet`: a relay
+that has published and N followers loaded from it. After each scenario every
 follower equals the database (tests/sync_harness.assert_equal: digests per tenant
 and random checks against `pdp.check`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -26,7 +28,7 @@ from sync.redis_follower import RedisFollower
 from sync.redis_stream import covers
 from sync.relay import Relay
 from tests.redis_server import RedisServer
-from tests.sync_harness import MAX_STALENESS, assert_equal, seed, writer
+from tests.sync_harness import MAX_STALENESS, assert_all_equal, assert_equal, seed, writer
 
 STREAM = "pdp:test"
 OPTIONS = SyncOptions(poll_interval=0.2, heartbeat=1.0, backoff_initial=0.05, backoff_max=0.5)
@@ -37,7 +39,6 @@ def relay_options(**changes: float) -> RelayOptions:
         "election_interval": 0.2, "lock_heartbeat": 0.5, "snapshot_interval": 60.0, **changes,
     }  # fmt: skip
     return RelayOptions(stream=STREAM, **values)  # type: ignore[arg-type]
-
 
 
 @pytest.fixture
@@ -65,6 +66,30 @@ def follower(url: str, redis_url: str) -> RedisFollower:
     return RedisFollower(redis_url, url, Replica(), options=OPTIONS, stream=STREAM)
 
 
+@dataclass
+class Fleet:
+    relay: Relay
+    followers: list[RedisFollower]
+
+    @property
+    def side(self) -> RedisFollower:
+        return self.followers[0]
+
+
+@contextlib.asynccontextmanager
+async def fleet(url: str, redis_url: str, n: int = 1, **changes: float) -> AsyncIterator[Fleet]:
+    """A relay that has published and `n` supervised followers, all loaded (stopped in
+    reverse: followers first)."""
+    async with relay(url, redis_url, **changes) as worker, contextlib.AsyncExitStack() as running:
+        await until(lambda: worker.published > 0, 10, "the relay published nothing")
+        followers = [follower(url, redis_url) for _ in range(n)]
+        for side in followers:
+            await running.enter_async_context(supervised("sync", side.lifespan))
+        await until(lambda: all(f.replica.ready for f in followers), 20, "not all followers loaded")
+        assert all(f.reloads == ["bootstrap"] for f in followers)
+        yield Fleet(worker, followers)
+
+
 async def until(condition: Callable[[], bool], within: float, what: str) -> None:
     """Wait for `condition` with a deadline (workers expose no event for these)."""
     async with asyncio.timeout(within):
@@ -88,20 +113,16 @@ async def writers(url: str, n: int = 4) -> AsyncIterator[list[asyncio.Task[int]]
 async def test_relay_publishes_and_a_follower_equals_the_database(
     seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
 ) -> None:
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        side = follower(seeded, redis_server.url)
-        async with supervised("sync", side.lifespan):
-            await until(lambda: side.replica.ready, 10, "the follower did not load")
-            assert side.reloads == ["bootstrap"]
-            async with writers(seeded):
-                await asyncio.sleep(2)  # let them write for a while
-            await assert_equal(pg, side.replica)
-            # Nothing changes now: the relay's heartbeat keeps the follower fresh.
-            applied = side.entries
-            await until(lambda: side.entries >= applied + 5, 10, "no heartbeat arrived")
-            assert side.replica.staleness() < MAX_STALENESS
-            assert side.reloads == ["bootstrap"], side.reloads
+    async with fleet(seeded, redis_server.url) as running:
+        side = running.side
+        async with writers(seeded):
+            await asyncio.sleep(2)  # let them write for a while
+        await assert_equal(pg, side.replica)
+        # Nothing changes now: the relay's heartbeat keeps the follower fresh.
+        applied = side.entries
+        await until(lambda: side.entries >= applied + 5, 10, "no heartbeat arrived")
+        assert side.replica.staleness() < MAX_STALENESS
+        assert side.reloads == ["bootstrap"], side.reloads
     client = aioredis.from_url(redis_server.url)
     try:
         entries: Any = await client.xrange(STREAM)
@@ -164,19 +185,16 @@ async def test_leader_stopped_a_standby_takes_over(
 async def test_redis_restarted_the_follower_reloads_and_converges(
     seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
 ) -> None:
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        side = follower(seeded, redis_server.url)
-        async with supervised("sync", side.lifespan):
-            await until(lambda: side.replica.ready, 10, "the follower did not load")
-            async with writers(seeded):
-                redis_server.stop()
-                await asyncio.sleep(0.5)  # writes happen while Redis is down
-                await redis_server.start()
-                await until(lambda: "redis_restart" in side.reloads, 20, "no reload")
-                await asyncio.sleep(1)
-            await assert_equal(pg, side.replica, within=20)
-            assert worker.terms >= 2  # the relay stepped down and led again
+    async with fleet(seeded, redis_server.url) as running:
+        side = running.side
+        async with writers(seeded):
+            redis_server.stop()
+            await asyncio.sleep(0.5)  # writes happen while Redis is down
+            await redis_server.start()
+            await until(lambda: "redis_restart" in side.reloads, 20, "no reload")
+            await asyncio.sleep(1)
+        await assert_equal(pg, side.replica, within=20)
+        assert running.relay.terms >= 2  # the relay stepped down and led again
 
 
 @pytest.mark.parametrize("snapshot_interval", [0.3, 600.0])
@@ -224,51 +242,51 @@ async def _last_id(client: aioredis.Redis) -> bytes | None:
     return bytes(last[0][0]) if last else None
 
 
+FOLLOWERS = 50
+# The relay's sessions: its LISTEN connection, its lock, its catch-up queries.
+RELAY_SESSIONS = {"pdp-listen": 1, "pdp-relay-lock": 1, "pdp-sync": 1}
+SESSIONS = (
+    "SELECT application_name, count(*) AS n FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    "AND application_name LIKE 'pdp-%' GROUP BY 1"
+)
+
+
 async def test_many_followers_converge_while_postgres_sees_one_listener(
     seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
 ) -> None:
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        followers = [follower(seeded, redis_server.url) for _ in range(30)]
-        async with contextlib.AsyncExitStack() as running:
-            for side in followers:
-                await running.enter_async_context(supervised("sync", side.lifespan))
-            await until(lambda: all(f.replica.ready for f in followers), 20, "not all loaded")
-            async with writers(seeded):
-                await asyncio.sleep(2)
-            sessions = await pg.fetch(
-                "SELECT application_name, count(*) AS n FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "GROUP BY 1 ORDER BY 1"
-            )
-            by_name = {r["application_name"]: r["n"] for r in sessions}
-            # The relay's three sessions; none of the 30 followers holds one.
-            assert by_name == {"pdp-listen": 1, "pdp-relay-lock": 1, "pdp-sync": 1}, by_name
-            await assert_equal(pg, followers[0].replica)
-            for side in followers[1:]:
-                await assert_equal(pg, side.replica, checks=500)
-            assert all(f.reloads == ["bootstrap"] for f in followers)
+    """50 followers (in-process) load, follow writers, and equal the database; all the
+    while PostgreSQL sees the relay's three sessions, one of them the only LISTEN."""
+    async with fleet(seeded, redis_server.url, FOLLOWERS) as running:
+        samples: list[dict[str, int]] = []
+        async with writers(seeded):
+            # Sampled while the writers run (the writers' own sessions are not pdp-*).
+            for _ in range(20):
+                samples.append({r["application_name"]: r["n"] for r in await pg.fetch(SESSIONS)})
+                await asyncio.sleep(0.1)
+        samples.append({r["application_name"]: r["n"] for r in await pg.fetch(SESSIONS)})
+        # No follower holds a session (so none LISTENs): only the relay's.
+        assert all(s == RELAY_SESSIONS for s in samples), samples
+        await assert_all_equal(pg, [f.replica for f in running.followers])
+        assert all(f.reloads == ["bootstrap"] for f in running.followers)
 
 
 async def test_epoch_change_and_truncate_reload_the_followers(
     seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
 ) -> None:
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        side = follower(seeded, redis_server.url)
-        async with supervised("sync", side.lifespan):
-            await until(lambda: side.replica.ready, 10, "the follower did not load")
-            old_epoch = side.replica.epoch
-            await pg.execute("UPDATE pdp.sync_meta SET epoch = gen_random_uuid()")
-            await assert_equal(pg, side.replica)
-            assert side.replica.epoch != old_epoch
-            assert side.reloads == ["bootstrap", "reset"], side.reloads
-            await pg.execute("TRUNCATE pdp.group_members")
-            await assert_equal(pg, side.replica)
-            assert side.reloads == ["bootstrap", "reset", "reset"], side.reloads
-            async with writers(seeded, 2):
-                await asyncio.sleep(0.5)
-            await assert_equal(pg, side.replica)
+    async with fleet(seeded, redis_server.url) as running:
+        side = running.side
+        old_epoch = side.replica.epoch
+        await pg.execute("UPDATE pdp.sync_meta SET epoch = gen_random_uuid()")
+        await assert_equal(pg, side.replica)
+        assert side.replica.epoch != old_epoch
+        assert side.reloads == ["bootstrap", "reset"], side.reloads
+        await pg.execute("TRUNCATE pdp.group_members")
+        await assert_equal(pg, side.replica)
+        assert side.reloads == ["bootstrap", "reset", "reset"], side.reloads
+        async with writers(seeded, 2):
+            await asyncio.sleep(0.5)
+        await assert_equal(pg, side.replica)
 
 
 async def test_follower_bootstraps_from_postgres_when_redis_has_no_snapshot(
@@ -321,21 +339,18 @@ def test_covers(later: str, earlier: str, covered: bool) -> None:
 async def test_a_foreign_entry_in_the_stream_reloads_and_the_relay_starts_it_over(
     seeded: str, pg: asyncpg.Connection, redis_server: RedisServer
 ) -> None:
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        side = follower(seeded, redis_server.url)
-        async with supervised("sync", side.lifespan):
-            await until(lambda: side.replica.ready, 10, "the follower did not load")
-            client = aioredis.from_url(redis_server.url)
-            try:
-                await client.xadd(STREAM, {"something": "else"})
-            finally:
-                await client.aclose()
-            await until(lambda: "bad_entry" in side.reloads, 10, "the follower did not reload")
-            async with writers(seeded, 2):
-                await asyncio.sleep(0.5)
-            await assert_equal(pg, side.replica)
-            assert worker.terms >= 2  # the append was refused: a new term, a reset
+    async with fleet(seeded, redis_server.url) as running:
+        side = running.side
+        client = aioredis.from_url(redis_server.url)
+        try:
+            await client.xadd(STREAM, {"something": "else"})
+        finally:
+            await client.aclose()
+        await until(lambda: "bad_entry" in side.reloads, 10, "the follower did not reload")
+        async with writers(seeded, 2):
+            await asyncio.sleep(0.5)
+        await assert_equal(pg, side.replica)
+        assert running.relay.terms >= 2  # the append was refused: a new term, a reset
 
 
 async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
@@ -344,20 +359,17 @@ async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
     """A batch that replaces a tenant whole (a bulk load, a verifier repair) carries the
     tenant's rows; decoded off the event loop when large (here: every entry)."""
     monkeypatch.setattr(redis_follower, "BIG_ENTRY", 0)
-    async with relay(seeded, redis_server.url) as worker:
-        await until(lambda: worker.published > 0, 10, "the relay published nothing")
-        side = follower(seeded, redis_server.url)
-        async with supervised("sync", side.lifespan):
-            await until(lambda: side.replica.ready, 10, "the follower did not load")
-            # Change the tenant behind the change log's back, then have the relay
-            # re-read it whole: only the tenant entry can make the follower equal.
-            logged = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
-            await pg.execute("SET session_replication_role = replica")
-            await pg.execute("DELETE FROM pdp.group_members WHERE tenant_id = 'tenant-1'")
-            await pg.execute("SET session_replication_role = DEFAULT")
-            assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == logged
-            entries = side.entries
-            assert worker.reload_tenant("tenant-1")
-            await until(lambda: side.entries > entries, 10, "nothing arrived")
-            await assert_equal(pg, side.replica)
-            assert side.reloads == ["bootstrap"], side.reloads
+    async with fleet(seeded, redis_server.url) as running:
+        side = running.side
+        # Change the tenant behind the change log's back, then have the relay
+        # re-read it whole: only the tenant entry can make the follower equal.
+        logged = await pg.fetchval("SELECT count(*) FROM pdp.change_log")
+        await pg.execute("SET session_replication_role = replica")
+        await pg.execute("DELETE FROM pdp.group_members WHERE tenant_id = 'tenant-1'")
+        await pg.execute("SET session_replication_role = DEFAULT")
+        assert await pg.fetchval("SELECT count(*) FROM pdp.change_log") == logged
+        entries = side.entries
+        assert running.relay.reload_tenant("tenant-1")
+        await until(lambda: side.entries > entries, 10, "nothing arrived")
+        await assert_equal(pg, side.replica)
+        assert side.reloads == ["bootstrap"], side.reloads
