@@ -1,9 +1,9 @@
 """PDP_SNAPSHOT_FILE against a real PostgreSQL: restart from the file, then catch up.
 
 Each test runs a supervised sidecar with a snapshot file, stops it (a clean shutdown
-writes the file), changes the database while it is down, starts a new sidecar on the
-same file and checks that it equals the database, and how it got there (caught up
-from the file, or reloaded whole and why).
+writes the file: the `saved` fixture), changes the database while it is down, starts
+a new sidecar on the same file and checks that it equals the database, and how it
+got there (caught up from the file, or reloaded whole and why).
 """
 
 from __future__ import annotations
@@ -62,12 +62,17 @@ async def sidecar(
         yield Run(replica, metrics, file)
 
 
-async def _first_run(url: str, pg: asyncpg.Connection, path: Path) -> None:
-    async with sidecar(url, path) as run:
+@pytest.fixture
+async def saved(db_url: str, pg: asyncpg.Connection, tmp_path: Path) -> Path:
+    """The path of a snapshot file a first sidecar wrote at its clean shutdown."""
+    await seed(db_url)
+    path = tmp_path / "replica.pdpsnap"
+    async with sidecar(db_url, path) as run:
         await settle(pg, run.replica)
         assert _size(path) == 0  # the interval is an hour: only the shutdown writes
     assert run.file.writes == 1
     assert _size(path) > 0
+    return path
 
 
 def _size(path: Path) -> int:
@@ -85,13 +90,10 @@ async def _write_while_down(pg: asyncpg.Connection, n: int = 40) -> int:
 
 
 async def test_restart_from_the_file_catches_up_with_writes_made_while_down(
-    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+    db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
-    await seed(db_url)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
     written = await _write_while_down(pg)
-    async with sidecar(db_url, path) as run:
+    async with sidecar(db_url, saved) as run:
         assert await run.replica.wait_for_revision(written, 10)
         await assert_equal(pg, run.replica)
         assert run.sample("pdp_snapshot_file_loads_total", result="loaded") == 1
@@ -107,13 +109,10 @@ async def test_restart_from_the_file_catches_up_with_writes_made_while_down(
 
 
 async def test_a_restored_file_is_not_ready_until_a_catch_up_proves_it(
-    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+    db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
-    await seed(db_url, users=50)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
     replica = Replica()
-    assert await SnapshotFile(path, HOUR, HOUR).restore(replica)
+    assert await SnapshotFile(saved, HOUR, HOUR).restore(replica)
     health = Health(replica, max_staleness=5.0)
     assert replica.engine is not None
     assert health.readiness().reason == "stale"
@@ -128,14 +127,11 @@ async def test_a_restored_file_is_not_ready_until_a_catch_up_proves_it(
 
 
 async def test_a_file_from_another_epoch_is_not_trusted(
-    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+    db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
-    await seed(db_url)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
     await _write_while_down(pg)
     await pg.execute("UPDATE pdp.sync_meta SET epoch = gen_random_uuid()")
-    async with sidecar(db_url, path) as run:
+    async with sidecar(db_url, saved) as run:
         await assert_equal(pg, run.replica)
         assert run.sample("pdp_snapshot_file_loads_total", result="loaded") == 1
         assert run.sample("pdp_sync_full_reloads_total", reason="epoch") == 1
@@ -143,16 +139,13 @@ async def test_a_file_from_another_epoch_is_not_trusted(
 
 
 async def test_a_file_older_than_the_purge_horizon_reloads(
-    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+    db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
-    await seed(db_url)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
     written = await _write_while_down(pg)
     await horizon_passed(pg, written)
     result = await pg_retention.prune(pg, retention_seconds=0)
     assert result.horizon is not None
-    async with sidecar(db_url, path) as run:
+    async with sidecar(db_url, saved) as run:
         await assert_equal(pg, run.replica)
         assert run.sample("pdp_sync_full_reloads_total", reason="purged") == 1
 
@@ -180,34 +173,28 @@ def _empty(path: Path) -> None:
 async def test_a_corrupt_or_foreign_file_warns_once_then_loads_normally(
     db_url: str,
     pg: asyncpg.Connection,
-    tmp_path: Path,
+    saved: Path,
     caplog: pytest.LogCaptureFixture,
     damage: object,
 ) -> None:
-    await seed(db_url)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
     await _write_while_down(pg)
     assert callable(damage)
-    damage(path)
+    damage(saved)
     caplog.set_level(logging.INFO, logger="sync.file_snapshot")
-    async with sidecar(db_url, path) as run:
+    async with sidecar(db_url, saved) as run:
         await assert_equal(pg, run.replica)
         assert run.sample("pdp_snapshot_file_loads_total", result="corrupt") == 1
         assert run.sample("pdp_sync_full_reloads_total", reason="bootstrap") == 1
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "ignored" in warnings[0].getMessage()
-    assert _size(path) > 100  # the shutdown wrote a good file again
+    assert _size(saved) > 100  # the shutdown wrote a good file again
 
 
 async def test_a_file_older_than_the_max_age_is_not_used(
-    db_url: str, pg: asyncpg.Connection, tmp_path: Path
+    db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
-    await seed(db_url)
-    path = tmp_path / "replica.pdpsnap"
-    await _first_run(db_url, pg, path)
-    async with sidecar(db_url, path, max_age=0.001) as run:
+    async with sidecar(db_url, saved, max_age=0.001) as run:
         await assert_equal(pg, run.replica)
         assert run.sample("pdp_snapshot_file_loads_total", result="expired") == 1
         assert run.sample("pdp_sync_full_reloads_total", reason="bootstrap") == 1
