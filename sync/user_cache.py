@@ -115,6 +115,7 @@ class UserLoader:
         self._attempts = attempts
         self._pool: asyncpg.Pool | None = None
         self.queries = 0  # statements run (tests and benchmarks read it)
+        self.loads = 0  # loads started: one per user however many requests wait on it
 
     # --- UserLoads -----------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class UserLoader:
         self._metrics.cache_miss()
         pending = self._pending.get(key)
         if pending is None:
+            self.loads += 1
             pending = asyncio.ensure_future(self._load(key))
             self._pending[key] = pending
             pending.add_done_callback(lambda _f: self._pending.pop(key, None))

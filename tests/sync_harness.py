@@ -140,7 +140,9 @@ async def assert_all_equal(
     for tenant in tenants:
         total, lines = await pg.fetchrow(q.TENANT_DIGEST, tenant)
         digests[tenant] = f"{int(total):016x}:{lines}"
-    grid, answers, now = [], [], 0.0
+    grid: list[tuple[str, str, str, str, str]] = []
+    answers: list[bool] = []
+    now = 0.0
     if tenants:
         grid, answers, now = await _random_checks(pg, sorted(tenants), checks)
     for replica in replicas:
@@ -191,9 +193,12 @@ async def _random_checks(
     return grid, answers, now
 
 
-async def random_write(conn: asyncpg.Connection, rng: random.Random) -> None:
-    """One random, valid change to the seeded tenant (callers wrap it in a transaction)."""
-    user = f"user-{rng.randrange(300):06d}"
+async def random_write(
+    conn: asyncpg.Connection, rng: random.Random, user: str | None = None
+) -> None:
+    """One random, valid change to the seeded tenant, to `user`'s rows (else a random one
+    of the first 300 users'); callers wrap it in a transaction."""
+    user = user or f"user-{rng.randrange(300):06d}"
     op = rng.randrange(6)
     if op == 0:
         await conn.execute(
