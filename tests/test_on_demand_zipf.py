@@ -36,7 +36,7 @@ from pytest_aiohttp import AiohttpClient
 
 from pdp.config import Settings
 from pdp.engine import Engine, Snapshot
-from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES
+from pdp.pg.seed_data import ACTIONS, RESOURCE_TYPES, user_id
 from pdp.protocol import MIN_REVISION
 from pdp.replica import USER_ENTITIES, Replica
 from pdp.sidecar import sidecar_app
@@ -107,7 +107,7 @@ class Workload:
     ))  # fmt: skip
 
     def __post_init__(self) -> None:
-        self.users = [f"user-{i:06d}" for i in range(USERS)]
+        self.users = [user_id(i) for i in range(1, USERS + 1)]  # the seed's users
         random.Random(1).shuffle(self.users)
         self.cumulative = list(itertools.accumulate(1 / k**ZIPF_S for k in range(1, USERS + 1)))
         self.gates = {u: Gate() for u in self.users}
