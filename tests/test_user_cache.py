@@ -153,7 +153,7 @@ async def test_a_batch_reaches_cached_users_only(
 async def test_rows_older_than_the_replica_are_re_read_then_refused(seeded: str) -> None:
     replica = Replica()
     replica.install(Engine.build({}, Snapshot(2**40, 2**40)), "epoch", 0.0)
-    loader = UserLoader(seeded, replica, NullMetrics(), size=10, ttl=60)
+    loader = UserLoader(seeded, replica, NullMetrics(), size=10, ttl=60, attempts=3)
     async with loader.running():
         with pytest.raises(DependencyError, match="revision"):
             await loader.ensure("acme", "alice")
