@@ -195,8 +195,9 @@ async def _checker(
     rng = random.Random(seed_value)
     for _ in range(CHECKS_EACH):
         user = work.draw(rng)
-        if user not in work.reserved:
-            await _check_one(client, pool, replica, work, user, rng)
+        while user in work.reserved:  # the burst's: drawn again, so every checker checks
+            user = work.draw(rng)  # exactly CHECKS_EACH times
+        await _check_one(client, pool, replica, work, user, rng)
 
 
 @contextlib.asynccontextmanager
