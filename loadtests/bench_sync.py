@@ -267,6 +267,42 @@ async def metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
     return total
 
 
+PHASES = ("notify", "wait", "read", "apply")
+_BUCKET = re.compile(r'pdp_sync_phase_seconds_bucket\{le="([^"]+)",phase="([^"]+)"\} (\S+)')
+_PHASE_SUM = re.compile(r'pdp_sync_phase_seconds_(sum|count)\{phase="([^"]+)"\} (\S+)')
+
+
+async def phases(http: aiohttp.ClientSession, base: str) -> dict[str, dict[str, float]]:
+    """The sidecar's pdp_sync_phase_seconds: per phase its sum, count and buckets."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    found: dict[str, dict[str, float]] = {p: {} for p in PHASES}
+    for le, phase, value in _BUCKET.findall(text):
+        found.setdefault(phase, {})[le] = float(value)
+    for kind, phase, value in _PHASE_SUM.findall(text):
+        found.setdefault(phase, {})[kind] = float(value)
+    return found
+
+
+def phase_report(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """Mean and bucket-bound p99 of each phase over the run (the difference of two scrapes)."""
+    parts = []
+    for phase in PHASES:
+        a, b = after.get(phase, {}), before.get(phase, {})
+        count = a.get("count", 0.0) - b.get("count", 0.0)
+        if count <= 0:
+            parts.append(f"{phase}: none")
+            continue
+        mean = (a.get("sum", 0.0) - b.get("sum", 0.0)) / count
+        bounds = sorted((float(le), le) for le in a if le not in {"sum", "count", "+Inf"})
+        p99 = next(
+            (f"<= {v * 1000:g} ms" for v, le in bounds if a[le] - b.get(le, 0.0) >= 0.99 * count),
+            "> the last bucket",
+        )
+        parts.append(f"{phase}: n={count:.0f} mean={mean * 1000:.2f} ms p99 {p99}")
+    return "; ".join(parts)
+
+
 def _pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -290,6 +326,7 @@ async def main(args: argparse.Namespace) -> None:
                         "pdp_sync_catchup_seconds_sum",
                     )
                 }
+                phases_before = await phases(http, base)
                 results: dict[str, list[float]] = {
                     k: []
                     for k in (
@@ -312,6 +349,7 @@ async def main(args: argparse.Namespace) -> None:
                 busy = await asyncio.to_thread(wrk, base, args.wrk_seconds, args.users)
                 await asyncio.gather(*writers)
                 after = {n: await metric(http, base, n) for n in before}
+                phases_after = await phases(http, base)
     commits = len(results["commits"])
     changes = after["pdp_sync_changes_applied_total"] - before["pdp_sync_changes_applied_total"]
     catchups = after["pdp_sync_catchups_total"] - before["pdp_sync_catchups_total"]
@@ -336,6 +374,7 @@ async def main(args: argparse.Namespace) -> None:
             f"catch-up cost: {catchup_s / max(catchups, 1) * 1000:.2f} ms per catch-up, "
             f"{catchup_s / changes * 1e6:.0f} us per applied change"
         )
+    print(f"where propagation goes: {phase_report(phases_before, phases_after)}")
     print(
         f"check throughput: idle {idle:.0f} req/s, while syncing {busy:.0f} req/s, "
         f"ratio {busy / idle if idle else 0:.2f}"

@@ -64,6 +64,15 @@ class Metrics:
             buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )
+        self.phases = Histogram(
+            "pdp_sync_phase_seconds",
+            "Where propagation goes, by phase: notify (a transaction's start to the doorbell "
+            "that woke its catch-up), wait (doorbell to the catch-up's read: coalescing and "
+            "a catch-up already running), read (the catch-up's SQL), apply (into memory)",
+            ["phase"],
+            buckets=PROPAGATION_BUCKETS,
+            registry=registry,
+        )
         self.changes = Counter(
             "pdp_sync_changes_applied", "Row changes applied to the replica", registry=registry
         )
@@ -202,6 +211,11 @@ class Metrics:
 
     def changes_applied(self, n: int) -> None:
         self.changes.inc(n)
+
+    def sync_phase(self, phase: str, seconds: float) -> None:
+        """Where propagation goes: `notify` (commit to the doorbell), `wait` (doorbell
+        to the catch-up's read), `read`, `apply`."""
+        self.phases.labels(phase).observe(seconds)
 
     def catchup(self, seconds: float) -> None:
         """One catch-up done: read in its snapshot and applied, in `seconds`."""

@@ -65,6 +65,25 @@ def user_of(change: RowChange) -> tuple[str, str] | None:
     return None
 
 
+class Doorbell(asyncio.Event):
+    """The replica's wake event, remembering when it first rang since it was cleared
+    (monotonic and wall seconds): the sync worker reports how long a ring waited for its
+    catch-up, and how long after a commit it rang."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rang: tuple[float, float] | None = None  # (monotonic, wall) of the first ring
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.rang = (time.monotonic(), time.time())
+        super().set()
+
+    def clear(self) -> None:
+        self.rang = None
+        super().clear()
+
+
 class Replica:
     """Holds the current engine; tracks staleness and lets callers wait for a revision."""
 
@@ -76,7 +95,7 @@ class Replica:
         self._advanced = asyncio.Event()
         # Set by anyone who wants a catch-up now (the listener, a consistency wait);
         # the sync worker waits on it.
-        self.wake = asyncio.Event()
+        self.wake = Doorbell()
         # On-demand mode only (set by the sidecar before sync starts).
         self.users: UserLoads | None = None
 

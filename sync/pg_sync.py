@@ -209,13 +209,16 @@ class PgSync:
         retries from the same cursor (idempotent).
         """
         # Clear before reading: a notification arriving during the read wakes us again.
+        rang = self._replica.wake.rang
         self._replica.wake.clear()
         probes, self._probes = self._probes, []
         tenants, self._reload_tenants = self._reload_tenants, set()
         try:
             batch = await self._read(probes, tenants)
+            read = self._clock()
             if self._sink is not None:
                 await self._sink(batch)
+            applying = self._clock()
             await self._apply(batch)
         except BaseException as exc:
             self._drop_connection()
@@ -231,8 +234,24 @@ class PgSync:
                     probe.done.set_result(found)
         self.catchups += 1
         self._metrics.catchup(self._clock() - batch.started)
+        if batch.full is None:
+            self._phases(batch, rang, read, applying)
         self.caught_up.set()
         self.caught_up = asyncio.Event()
+
+    def _phases(
+        self, batch: Batch, rang: tuple[float, float] | None, read: float, applying: float
+    ) -> None:
+        """Report where this catch-up's propagation went (`SyncMetrics.sync_phase`)."""
+        metrics = self._metrics
+        metrics.sync_phase("read", read - batch.started)
+        metrics.sync_phase("apply", self._clock() - applying)
+        if rang is None:  # the poll interval, not a doorbell, started it
+            return
+        metrics.sync_phase("wait", max(0.0, batch.started - rang[0]))
+        for committed in batch.committed_at:
+            if committed <= rang[1]:  # others committed after the ring, during the wait
+                metrics.sync_phase("notify", rang[1] - committed)
 
     async def _read(self, probes: list[Probe], tenants: set[str]) -> Batch:
         conn = await self.connection()
