@@ -151,7 +151,7 @@ def decision_log_for(
     if settings.decision_log == "postgres":
         sink = PgDecisionLog(url, settings.decision_log_retention_seconds).opened
     else:
-        sink = StdoutSink().opened
+        sink = StdoutSink(shared=settings.workers > 1).opened
     supervisor.add(DECISION_LOG_WORKER, decision_log.lifespan(sink))
     return decision_log
 

@@ -48,6 +48,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import warnings
 from collections.abc import Awaitable, Callable
@@ -261,6 +262,8 @@ class Owner:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         gc.collect()
         gc.freeze()
+        sys.stdout.flush()  # what the owner's buffers hold is not the child's to write too
+        sys.stderr.flush()
         owner_pid = os.getpid()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12)

@@ -518,3 +518,46 @@ async def test_partition_maintenance_gives_up_behind_a_long_reader_and_writes_go
         assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 1
         created, _ = await sink.maintain(opened._conn)  # type: ignore[attr-defined]
         assert created == [_partition(2)]  # the next turn, with the reader gone
+
+
+def test_shared_stdout_lines_from_two_writers_never_interleave_on_a_pipe() -> None:
+    """`pdp serve --workers`: each worker writes the same stdout pipe."""
+    import os  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from pdp.decision_log import StdoutSink  # noqa: PLC0415
+
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+
+    def writer(name: str) -> None:
+        # Its own stream on the pipe, as each worker process has its own stdout buffer.
+        with os.fdopen(os.dup(write_end), "wb") as stream:
+            sink = StdoutSink(stream, shared=True)
+            for n in range(20):
+                entries = [
+                    (f"{name}-{n}-{i}", 0.0, "evaluation", "t", "user", name * (i * 10), "read",
+                     "doc", "d", True, "ok", None, 0.0)
+                    for i in range(200)
+                ]  # fmt: skip
+                sink._write(entries)  # noqa: SLF001 -- the worker thread's call itself
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    lines = bytes(received).splitlines()
+    assert len(lines) == 2 * 20 * 200
+    ids = {json.loads(line)["decision_id"] for line in lines}  # each line whole JSON
+    assert len(ids) == len(lines)
