@@ -13,6 +13,8 @@ import asyncio
 import datetime
 import http.client
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,7 +31,7 @@ from pytest_aiohttp import AiohttpClient
 from loadtests.gateway_harness import Pdp, poll, request
 from pdp.admin import erasure
 from pdp.config import Settings
-from pdp.decision_log import DecisionLog
+from pdp.decision_log import DecisionLog, StdoutSink
 from pdp.errors import ConfigError
 from pdp.sidecar import sidecar_app
 from sync.pg_decision_log import APP_NAME, PgDecisionLog
@@ -522,11 +524,6 @@ async def test_partition_maintenance_gives_up_behind_a_long_reader_and_writes_go
 
 def test_shared_stdout_lines_from_two_writers_never_interleave_on_a_pipe() -> None:
     """`pdp serve --workers`: each worker writes the same stdout pipe."""
-    import os  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-
-    from pdp.decision_log import StdoutSink  # noqa: PLC0415
-
     read_end, write_end = os.pipe()
     received = bytearray()
 
@@ -547,7 +544,7 @@ def test_shared_stdout_lines_from_two_writers_never_interleave_on_a_pipe() -> No
                      "doc", "d", True, "ok", None, 0.0)
                     for i in range(200)
                 ]  # fmt: skip
-                sink._write(entries)  # noqa: SLF001 -- the worker thread's call itself
+                sink._write(entries)
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in ("a", "b")]
     for thread in threads:

@@ -218,8 +218,8 @@ async def test_the_workers_die_with_the_owner(served: Served) -> None:
     workers = children(served.proc.pid)
     served.proc.kill()
     await served.proc.wait()
-    async with asyncio.timeout(DEADLINE):
-        while any(alive(pid) for pid in workers):
+    async with asyncio.timeout(DEADLINE):  # processes signal no event: poll /proc
+        while any(alive(pid) for pid in workers):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
 
