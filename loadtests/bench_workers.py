@@ -119,8 +119,10 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[int, list[float
                         "second_pss": second["Pss"], "owner_rss": rollup(pid)["Rss"],
                     }  # fmt: skip
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"checks/s: 1 worker {one:.0f}, 2 workers {two:.0f}: {two / one:.2f}x (median of "
-          f"{args.rounds} rounds, wrk -t1 -c32, unpinned, 2 cores shared with the load)")  # fmt: skip
+    print(
+        f"checks/s: 1 worker {one:.0f}, 2 workers {two:.0f}: {two / one:.2f}x (median of "
+        f"{args.rounds} rounds, wrk -t1 -c32, unpinned, all cores shared with the load)"
+    )
     m = memory
     print(
         f"memory (kB, after the load): single process RSS {m['single_rss']}; owner RSS "

@@ -159,7 +159,6 @@ class Owner:
         self.stopping = False
         self._backoff = {slot: Backoff(1.0, 30.0) for slot in range(1, settings.workers + 1)}
         self._pending: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
         self._family: socket.AddressFamily = socket.AF_INET
         self.address: tuple[str, int] = ("", 0)
 
@@ -210,33 +209,36 @@ class Owner:
             reserve.close()
 
     async def _main(self, stop: asyncio.Queue[str]) -> str:
-        """Fork a generation at every full reload, re-fork exited workers; until a signal."""
-        stopped = asyncio.ensure_future(stop.get())
-        engine = None
+        """Fork and re-fork workers until a stop signal; its name."""
+        generations = asyncio.ensure_future(self._generations())
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
         try:
-            while True:
-                if self.replica.engine is not engine:
-                    engine = self.replica.engine
-                    self.publisher.reloaded.clear()
-                    await self._new_generation()
-                self._changed.clear()
-                waits = [stopped, asyncio.ensure_future(self._changed.wait())]
-                waits.append(asyncio.ensure_future(self.publisher.reloaded.wait()))
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for task in waits[1:]:
-                    task.cancel()
-                if stopped.done():
-                    self.stopping = True
-                    return stopped.result()
-                if self.publisher.reloaded.is_set():
-                    await self._installed(engine)
+            signame = await stop.get()
         finally:
-            stopped.cancel()
+            loop.remove_signal_handler(signal.SIGHUP)
+            self.stopping = True
+            generations.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await generations
+        return signame
 
-    async def _installed(self, old: object) -> None:
-        """Wait until the full batch the sink saw is installed (the engine replaced)."""
-        while self.replica.engine is old:
-            await self.replica.advanced()
+    async def _generations(self) -> None:
+        """A generation of workers whenever the owner's engine is replaced: the first
+        load, then each full reload (the sink stopped shipping to the old one)."""
+        engine = None
+        while True:
+            while self.replica.engine is engine:
+                await self.replica.advanced()
+            engine = self.replica.engine
+            self.publisher.reloaded.clear()
+            await self._new_generation()
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        """SIGHUP (reload the route table) goes to every worker: each holds its own."""
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     async def _new_generation(self) -> None:
         self.generation += 1
@@ -316,8 +318,7 @@ class Owner:
         self.publisher.links.remove(child.link)
         code = child.exited.result()
         how = f"signal {-code}" if code < 0 else f"code {code}"
-        self._changed.set()
-        if self.stopping or child.retiring:
+        if self.stopping or child.retiring or child.generation < self.generation:
             log.info("worker %d (pid %d) exited (%s)", child.slot, child.pid, how)
             return
         log.error("worker %d (pid %d) exited (%s); forking it again", child.slot, child.pid, how)
@@ -328,8 +329,11 @@ class Owner:
 
     async def _refork(self, slot: int) -> None:
         await self._backoff[slot].wait()
-        # During a full reload the next generation replaces every worker anyway.
-        if not self.stopping and not self.publisher.reloaded.is_set():
+        # During a full reload the next generation replaces every worker anyway; and
+        # one may have filled the slot meanwhile.
+        taken = any(c.slot == slot and c.generation == self.generation
+                    for c in self.children.values())  # fmt: skip
+        if not (self.stopping or self.publisher.reloaded.is_set() or taken):
             await self._fork(slot)
 
     async def _stop_all(self, signame: str) -> None:
