@@ -11,7 +11,7 @@ default the local PostgreSQL), then in one run:
    wrk share every core alike); medians of req/s and their ratio;
 2. memory, after the load: the first worker's RSS and the second's USS (private
    pages) and PSS, from /proc/PID/smaps_rollup, and the single process's RSS;
-3. propagation with 2 workers: writers commit `--rate` grant flips/s for `--seconds`;
+3. propagation, 1 process then 2 workers: writers commit `--rate` grant flips/s for `--seconds`;
    commit -> correct answer by polling (new connections: any worker) and with
    X-PDP-Min-Revision, and each worker's `pdp_sync_propagation_seconds` p99 (bucket
    bound) from the merged /metrics.
@@ -89,7 +89,8 @@ def histogram_p99(text: str, name: str, process: str) -> float:
     """The upper bound of the bucket holding the 99th percentile of one process's series."""
     buckets: list[tuple[float, float]] = []
     for line in text.splitlines():
-        if line.startswith(f"{name}_bucket{{") and f'process="{process}"' in line:
+        mine = f'process="{process}"' in line if process else True
+        if line.startswith(f"{name}_bucket{{") and mine:
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
     buckets.sort()
@@ -134,8 +135,8 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[int, list[float
     return rates
 
 
-async def propagation(url: str, args: argparse.Namespace) -> None:
-    async with served(url, 2) as (base, _pid):
+async def propagation(url: str, args: argparse.Namespace, workers: int) -> None:
+    async with served(url, workers) as (base, _pid):
         results: dict[str, list[float]] = {
             k: [] for k in ("poll", "min-revision", "wrong", "fallback", "poll_timeouts", "commits")
         }
@@ -146,7 +147,7 @@ async def propagation(url: str, args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as resp:
             text = await resp.text()
     commits = len(results["commits"])
-    print(f"propagation with 2 workers: {commits} commits in {args.seconds}s by 4 writers")
+    print(f"propagation, {workers} worker(s): {commits} commits in {args.seconds}s by 4 writers")
     for kind in ("poll", "min-revision"):
         v = results[kind]
         print(
@@ -157,9 +158,10 @@ async def propagation(url: str, args: argparse.Namespace) -> None:
         f"  wrong answers: {len(results['wrong'])}, SQL fallbacks: {len(results['fallback'])}, "
         f"poll timeouts: {len(results['poll_timeouts'])}"
     )
-    for process in ("owner", "1", "2"):
+    for process in ("owner", "1", "2") if workers == 2 else ("",):
         p99 = histogram_p99(text, "pdp_sync_propagation_seconds", process)
-        print(f"  pdp_sync_propagation_seconds p99 (bucket bound) [{process}]: {p99 * 1000:g} ms")
+        where = f" [{process}]" if process else ""
+        print(f"  pdp_sync_propagation_seconds p99 (bucket bound){where}: {p99 * 1000:g} ms")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -168,7 +170,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"seeding {args.users} users ...", flush=True)
         await prepare(url, args.users)
         await throughput(url, args)
-        await propagation(url, args)
+        for workers in (1, 2):
+            await propagation(url, args, workers)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -175,6 +175,11 @@ async def test_two_workers_serve_one_port_and_both_follow_a_change(
         if line.startswith("pdp_decisions_total{") and 'endpoint="evaluation"' in line
     ]  # fmt: skip
     assert {'process="1"' in d for d in decisions} == {True, False}
+    # SIGHUP (reload the route table) is each worker's: the owner forwards it, and lives.
+    workers = children(served.proc.pid)
+    served.proc.send_signal(signal.SIGHUP)
+    assert set(await served.from_each_worker()) == {"1", "2"}
+    assert children(served.proc.pid) == workers
     served.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(served.proc.wait(), DEADLINE) == 0, served.text()
 
