@@ -73,7 +73,7 @@ from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
 from pdp.web.app import build_app
-from pdp.web.forward_auth import gateway_from_settings
+from pdp.web.forward_auth import Gateway, gateway_from_settings
 from pdp.web.tls import server_context
 from sync import worker_channel
 from sync.pg_fallback import PgFallback
@@ -91,12 +91,27 @@ EXIT_BROKEN = 3  # a worker whose chain broke exits with this code
 _PR_SET_PDEATHSIG = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What the workers need read from files, read once by the owner at start (so a bad
+    file fails `pdp serve` with ConfigError before any fork); each worker gets a copy."""
+
+    ssl_context: SSLContext | None
+    gateway: Gateway | None
+    api_keys: ApiKeys | None
+
+    @classmethod
+    def read(cls, settings: Settings) -> Loaded:
+        api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
+        return cls(server_context(settings), gateway_from_settings(settings), api_keys)
+
+
 def serve_workers(settings: Settings) -> int:
     """Run the owner and `settings.workers` workers until SIGTERM/SIGINT; 0 when clean."""
-    ssl_context = server_context(settings)
+    loaded = Loaded.read(settings)
     sidecar.warn_if_open(settings)
     with database_url(settings) as url, tempfile.TemporaryDirectory(prefix="pdp-") as run_dir:
-        owner = Owner(settings, url, ssl_context, Path(run_dir))
+        owner = Owner(settings, url, loaded, Path(run_dir))
         asyncio.run(owner.run())
     return 0
 
@@ -143,12 +158,10 @@ class _Child:
 class Owner:
     """Syncs, forks and supervises the workers; serves no checks itself."""
 
-    def __init__(
-        self, settings: Settings, url: str, ssl_context: SSLContext | None, run_dir: Path
-    ) -> None:
+    def __init__(self, settings: Settings, url: str, loaded: Loaded, run_dir: Path) -> None:
         self.settings = settings
         self.url = url
-        self.ssl_context = ssl_context
+        self.loaded = loaded
         self.run_dir = run_dir
         self.replica = Replica()
         self.registry = CollectorRegistry()
@@ -235,7 +248,11 @@ class Owner:
             await self._new_generation()
 
     def _signal_all(self, sig: signal.Signals) -> None:
-        """SIGHUP (reload the route table) goes to every worker: each holds its own."""
+        """SIGHUP (reload the route table) goes to every worker: each holds its own.
+        Without PDP_ROUTES there is nothing to reload (and a worker has no handler)."""
+        if self.settings.routes_path is None:
+            log.info("%s: no route table (PDP_ROUTES) to reload; ignored", sig.name)
+            return
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -274,6 +291,8 @@ class Owner:
             code = 1
             try:
                 code = _worker_process(self, slot, theirs, owner_pid)
+            except BaseException:
+                log.exception("worker %d failed", slot)
             finally:
                 os._exit(code)
         theirs.close()
@@ -376,7 +395,7 @@ def _worker_process(owner: Owner, slot: int, channel: socket.socket, owner_pid: 
     synced_at = owner.replica.synced_at
     assert synced_at is not None
     sidecar.event_loop_policy()
-    worker = Worker(owner.settings, owner.url, owner.ssl_context, owner.run_dir, slot)
+    worker = Worker(owner.settings, owner.url, owner.loaded, owner.run_dir, slot)
     return asyncio.run(worker.run(channel, engine, epoch, synced_at, owner.address))
 
 
@@ -397,12 +416,11 @@ class Worker:
     """One worker process: the sidecar's app over a replica fed by the owner's channel."""
 
     def __init__(
-        self, settings: Settings, url: str, ssl_context: SSLContext | None, run_dir: Path,
-        slot: int,
-    ) -> None:  # fmt: skip
+        self, settings: Settings, url: str, loaded: Loaded, run_dir: Path, slot: int
+    ) -> None:
         self.settings = settings
         self.url = url
-        self.ssl_context = ssl_context
+        self.loaded = loaded
         self.run_dir = run_dir
         self.slot = slot
         self.code = 0
@@ -439,7 +457,7 @@ class Worker:
         metrics_site = await _serve_registry(registry, own)
         try:
             await sidecar.serve_app(
-                app, settings, self.ssl_context, limits, sock=sock, stop=stop,
+                app, settings, self.loaded.ssl_context, limits, sock=sock, stop=stop,
                 serving=lambda: follower.send(worker_channel.READY),
             )  # fmt: skip
         finally:
@@ -455,7 +473,6 @@ class Worker:
         supervisor.add(sidecar.SYNC_WORKER, follower.lifespan, critical=True)
         fallback = PgFallback(self.url)
         decision_log = sidecar.decision_log_for(settings, self.url, metrics, supervisor)
-        api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
         app = build_app(
             settings,
             replica=replica,
@@ -463,8 +480,8 @@ class Worker:
             metrics=metrics,
             health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
             fallback=fallback,
-            api_keys=api_keys,
-            gateway=gateway_from_settings(settings),
+            api_keys=self.loaded.api_keys,
+            gateway=self.loaded.gateway,
             decision_log=decision_log,
             cleanup=[sidecar.workers_context(fallback, supervisor)],
             scrape=self._scrape(registry),

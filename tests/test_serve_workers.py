@@ -25,6 +25,8 @@ CAROL_WRITES = {
     "resource": {"type": "document", "id": "roadmap"},
 }
 DEADLINE = 60.0
+TABLE_A = "public: ['GET /a']\n"
+TABLE_B = "public: ['GET /a', 'GET /b']\n"
 
 
 def _env(**pdp: str) -> dict[str, str]:
@@ -51,6 +53,7 @@ class Served:
     base: str
     log: Path
     session: aiohttp.ClientSession
+    routes: Path
 
     async def ask(
         self, body: object = CAROL_WRITES, headers: dict[str, str] | None = None
@@ -78,6 +81,15 @@ class Served:
             assert response.status == 200
             return await response.text()
 
+    async def forward_auth(self, path: str) -> dict[str, int]:
+        """/forward-auth{path}'s status from each of the two workers."""
+        statuses: dict[str, int] = {}
+        async with asyncio.timeout(DEADLINE):
+            while len(statuses) < 2:
+                async with self.session.get(f"{self.base}/forward-auth{path}") as response:
+                    statuses.setdefault(response.headers["X-PDP-Worker"], response.status)
+        return statuses
+
     def text(self) -> str:
         return self.log.read_text()[-3000:]
 
@@ -87,19 +99,22 @@ async def served(tmp_path: Path, db_url: str) -> AsyncIterator[Served]:
     await seed.load(db_url, seed_data.demo())
     port = free_port()
     log = tmp_path / "serve.log"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(TABLE_A)
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pdp", "serve", "--workers", "2",
             env=_env(
                 PDP_DATABASE_URL=db_url, PDP_PORT=str(port), PDP_LOG_LEVEL="INFO",
                 PDP_DRAIN_SECONDS="0.5", PDP_POLL_INTERVAL_SECONDS="0.2",
+                PDP_ROUTES=str(routes), PDP_FORWARD_AUTH_MODE="envoy", PDP_DEFAULT_TENANT="demo",
             ),
             stdout=out, stderr=out,
         )  # fmt: skip
     # Every request on its own connection, so the kernel spreads them over the workers.
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        served = Served(proc, f"http://127.0.0.1:{port}", log, session)
+        served = Served(proc, f"http://127.0.0.1:{port}", log, session, routes)
         try:
             await _until_ready(served)
             yield served
@@ -177,8 +192,11 @@ async def test_two_workers_serve_one_port_and_both_follow_a_change(
     assert {'process="1"' in d for d in decisions} == {True, False}
     # SIGHUP (reload the route table) is each worker's: the owner forwards it, and lives.
     workers = children(served.proc.pid)
+    assert await served.forward_auth("/b") == {"1": 403, "2": 403}
+    served.routes.write_text(TABLE_B)
     served.proc.send_signal(signal.SIGHUP)
-    assert set(await served.from_each_worker()) == {"1", "2"}
+    await _until(lambda: served.text().count("route table reloaded") == 2, "reloads", served)
+    assert await served.forward_auth("/b") == {"1": 200, "2": 200}
     assert children(served.proc.pid) == workers
     served.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(served.proc.wait(), DEADLINE) == 0, served.text()
@@ -226,6 +244,21 @@ async def test_the_workers_die_with_the_owner(served: Served) -> None:
     async with asyncio.timeout(DEADLINE):  # processes signal no event: poll /proc
         while any(alive(pid) for pid in workers):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def test_a_bad_route_table_fails_the_start_before_any_fork(
+    tmp_path: Path, db_url: str
+) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(TABLE_A)  # no tenant source: a configuration error
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pdp", "serve", "--workers", "2",
+        env=_env(PDP_DATABASE_URL=db_url, PDP_ROUTES=str(routes), PDP_PORT="0"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    assert proc.returncode == 2, out
+    assert b"PDP_ROUTES needs a tenant" in out
 
 
 async def test_workers_refuse_on_demand_mode(db_url: str) -> None:
