@@ -137,7 +137,7 @@ async def test_a_worker_attached_while_a_frame_ships_gets_it() -> None:
     big = [_user(f"u{i:05d}-" + "x" * 200) for i in range(500)]
     shipping = asyncio.create_task(publisher.sink(_batch("11:11:", *big)))
     async with asyncio.timeout(10):
-        while publisher._frame is None:  # noqa: SLF001, ASYNC110 -- the in-flight frame
+        while publisher._frame is None:  # noqa: ASYNC110 -- the in-flight frame
             await asyncio.sleep(0)
     # Forked now, the new worker is a copy of the owner, which has not applied it yet.
     ours, theirs = socket.socketpair()
