@@ -1,11 +1,12 @@
 """The composition root: the one place that wires sync, the replica, workers and the web app.
 
 `sidecar_app` builds the whole sidecar for one database; `serve` runs it as the
-`pdp serve` process, the only code that owns the event loop and the signals.
-Besides the CLI this is the only pdp module that imports `sync` (import-linter
-holds it). Workers run under one `Supervisor` inside the app's cleanup context:
-they start before the first request is served and stop, in reverse order, after
-the last.
+`pdp serve` process, the only code that owns the event loop and the signals
+(`pdp.sidecar_workers` reuses `serve_app` and the builders here for `--workers
+N`). Besides the CLI and `pdp.sidecar_workers` this is the only pdp module that
+imports `sync` (import-linter holds it). Workers run under one `Supervisor` inside
+the app's cleanup context: they start before the first request is served and stop,
+in reverse order, after the last.
 """
 
 from __future__ import annotations
