@@ -31,8 +31,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
-from loadtests.bench_sync import TENANT, _free_port, _pct, prepare, scratch_database, writer, wrk
+from loadtests.bench_sync import (
+    ROLE,
+    TENANT,
+    _free_port,
+    _pct,
+    prepare,
+    scratch_database,
+    writer,
+    wrk,
+)
 
 
 @contextlib.asynccontextmanager
@@ -136,6 +146,11 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[int, list[float
 
 
 async def propagation(url: str, args: argparse.Namespace, workers: int) -> None:
+    conn = await asyncpg.connect(url)
+    try:  # the writers start from no grant of the toggled role (an earlier run left some)
+        await conn.execute("DELETE FROM pdp.user_roles WHERE role_id = $1", ROLE)
+    finally:
+        await conn.close()
     async with served(url, workers) as (base, _pid):
         results: dict[str, list[float]] = {
             k: [] for k in ("poll", "min-revision", "wrong", "fallback", "poll_timeouts", "commits")

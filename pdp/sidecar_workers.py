@@ -36,13 +36,13 @@ over private Unix sockets in a temporary directory at scrape time. The decision 
 has one writer per worker: each record is written once, by the worker that decided.
 
 Not with PDP_CACHE_MODE=on_demand or PDP_SYNC_SOURCE=redis (`pdp.config` refuses).
+This module is the owner; a worker's life after the fork is `pdp.sidecar_worker`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -51,59 +51,36 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from ssl import SSLContext
 
-import aiohttp
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from pdp import sidecar
 from pdp.backoff import Backoff
 from pdp.config import Settings
-from pdp.engine import Engine
 from pdp.errors import PdpError
-from pdp.http_edge import EdgeLimits, default_max_connections, raise_file_limit
-from pdp.metrics import Metrics, merge_expositions
+from pdp.metrics import Metrics
 from pdp.pg.embedded import database_url
 from pdp.readiness import Health
 from pdp.replica import Replica
+from pdp.sidecar_worker import (
+    Loaded,
+    WorkerSpec,
+    reuseport_socket,
+    serve_registry,
+    worker_process,
+)
 from pdp.supervisor import Supervisor
-from pdp.web.api_keys import ApiKeys
-from pdp.web.app import build_app
-from pdp.web.forward_auth import Gateway, gateway_from_settings
-from pdp.web.tls import server_context
 from sync import worker_channel
-from sync.pg_fallback import PgFallback
 from sync.pg_verifier import PgVerifier
 from sync.service import SyncService
-from sync.worker_channel import Follower, Link, Publisher
+from sync.worker_channel import Link, Publisher
 
 log = logging.getLogger(__name__)
 
-WORKER_HEADER = "X-PDP-Worker"
 HTTP_WORKER = "http"  # the `worker` label of a worker process's restarts
 READY_TIMEOUT = 60.0  # a new generation's worker not serving within this is replaced
-SCRAPE_TIMEOUT = 2.0  # seconds to read a sibling's metrics at scrape time
-EXIT_BROKEN = 3  # a worker whose chain broke exits with this code
-_PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """What the workers need read from files, read once by the owner at start (so a bad
-    file fails `pdp serve` with ConfigError before any fork); each worker gets a copy."""
-
-    ssl_context: SSLContext | None
-    gateway: Gateway | None
-    api_keys: ApiKeys | None
-
-    @classmethod
-    def read(cls, settings: Settings) -> Loaded:
-        api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
-        return cls(server_context(settings), gateway_from_settings(settings), api_keys)
 
 
 def serve_workers(settings: Settings) -> int:
@@ -123,21 +100,6 @@ def _address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _type, _proto, _name, address = infos[0]
     return family, (str(address[0]), int(address[1]))
-
-
-def reuseport_socket(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
-    """A TCP socket bound to `address` with SO_REUSEPORT (every worker binds its own)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # --- the owner ------------------------------------------------------------------------
@@ -207,7 +169,7 @@ class Owner:
         self.address = reserve.getsockname()[:2]
         stop = sidecar.stop_signals()
         supervisor, _service = self._supervisor()
-        metrics_site = await _serve_registry(self.registry, self.run_dir / "owner.sock")
+        metrics_site = await serve_registry(self.registry, self.run_dir / "owner.sock")
         try:
             async with supervisor.running():
                 log.info(
@@ -273,6 +235,9 @@ class Owner:
                 child.retiring = True
                 child.link.close()  # end of file: the worker stops accepting and exits
 
+    def _spec(self) -> WorkerSpec:
+        return WorkerSpec(self.settings, self.url, self.loaded, self.run_dir, self.address)
+
     async def _fork(self, slot: int) -> _Child:
         """Fork a worker for `slot` from the owner's current state. No await between the
         fork and the link joining the publisher, so no batch can pass in between."""
@@ -290,7 +255,7 @@ class Owner:
         if pid == 0:
             code = 1
             try:
-                code = _worker_process(self, slot, theirs, owner_pid)
+                code = worker_process(self._spec(), slot, theirs, owner_pid, self.replica)
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:
@@ -373,164 +338,3 @@ class Owner:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             await asyncio.gather(*(c.exited for c in self.children.values()))
-
-
-# --- a worker -------------------------------------------------------------------------
-
-
-def _worker_process(owner: Owner, slot: int, channel: socket.socket, owner_pid: int) -> int:
-    """The forked worker's whole life (returns its exit code; never returns to the owner's
-    loop, which stays frozen on this stack)."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != owner_pid:  # the owner died before the prctl
-        return 1
-    _release_inherited(keep={0, 1, 2, channel.fileno()})
-    engine, epoch = owner.replica.engine, owner.replica.epoch
-    assert engine is not None
-    assert epoch is not None
-    synced_at = owner.replica.synced_at
-    assert synced_at is not None
-    sidecar.event_loop_policy()
-    worker = Worker(owner.settings, owner.url, owner.loaded, owner.run_dir, slot)
-    return asyncio.run(worker.run(channel, engine, epoch, synced_at, owner.address))
-
-
-def _release_inherited(keep: set[int]) -> None:
-    """Point every inherited descriptor but `keep` at /dev/null: the owner's database
-    sockets, its event loop's. dup2, not close: the owner's objects still name these
-    numbers, and a number closed here and reused could be closed by one of them."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep and fd != null:
-            with contextlib.suppress(OSError):
-                os.dup2(null, fd)
-    os.close(null)
-
-
-class Worker:
-    """One worker process: the sidecar's app over a replica fed by the owner's channel."""
-
-    def __init__(
-        self, settings: Settings, url: str, loaded: Loaded, run_dir: Path, slot: int
-    ) -> None:
-        self.settings = settings
-        self.url = url
-        self.loaded = loaded
-        self.run_dir = run_dir
-        self.slot = slot
-        self.code = 0
-
-    async def run(
-        self, channel: socket.socket, engine: Engine, epoch: str, synced_at: float,
-        address: tuple[str, int],
-    ) -> int:  # fmt: skip
-        settings = self.settings
-        replica = Replica()
-        replica.install(engine, epoch, synced_at)
-        registry = CollectorRegistry()
-        metrics = Metrics(registry)
-        stop: asyncio.Queue[str] = asyncio.Queue()
-
-        def broken(reason: str) -> None:
-            retired = reason == worker_channel.CLOSED
-            self.code = 0 if retired else EXIT_BROKEN
-            log.log(
-                logging.INFO if retired else logging.ERROR,
-                "worker %d: %s: stopping", self.slot, reason,
-            )  # fmt: skip
-            stop.put_nowait("channel")
-
-        follower = Follower(channel, replica, metrics, on_broken=broken)
-        app = self._app(replica, registry, metrics, follower)
-        sidecar.reload_routes_on_sighup(app)
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = reuseport_socket(family, address)
-        sock.listen(settings.backlog)
-        max_connections = settings.max_connections or default_max_connections(raise_file_limit())
-        limits = EdgeLimits(settings.request_read_timeout_seconds, max_connections)
-        own = self.run_dir / f"{self.slot}.sock"
-        metrics_site = await _serve_registry(registry, own)
-        try:
-            await sidecar.serve_app(
-                app, settings, self.loaded.ssl_context, limits, sock=sock, stop=stop,
-                serving=lambda: follower.send(worker_channel.READY),
-            )  # fmt: skip
-        finally:
-            await metrics_site.cleanup()
-        return self.code
-
-    def _app(
-        self, replica: Replica, registry: CollectorRegistry, metrics: Metrics, follower: Follower
-    ) -> web.Application:
-        settings = self.settings
-        supervisor = Supervisor(metrics)
-        # Critical, never restarted: a broken chain stops the worker (`broken`).
-        supervisor.add(sidecar.SYNC_WORKER, follower.lifespan, critical=True)
-        fallback = PgFallback(self.url)
-        decision_log = sidecar.decision_log_for(settings, self.url, metrics, supervisor)
-        app = build_app(
-            settings,
-            replica=replica,
-            registry=registry,
-            metrics=metrics,
-            health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
-            fallback=fallback,
-            api_keys=self.loaded.api_keys,
-            gateway=self.loaded.gateway,
-            decision_log=decision_log,
-            cleanup=[sidecar.workers_context(fallback, supervisor)],
-            scrape=self._scrape(registry),
-        )
-        slot = str(self.slot)
-
-        async def stamp(_request: web.Request, response: web.StreamResponse) -> None:
-            response.headers[WORKER_HEADER] = slot
-
-        app.on_response_prepare.append(stamp)
-        return app
-
-    def _scrape(self, registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
-        """Every process's metrics: this worker's own, the others' over their sockets."""
-        run_dir, slot = self.run_dir, str(self.slot)
-
-        async def scrape() -> bytes:
-            texts = {slot: generate_latest(registry).decode()}
-            others = sorted(p for p in run_dir.glob("*.sock") if p.stem != slot)
-            got = await asyncio.gather(*(_read_metrics(p) for p in others))
-            texts.update((p.stem, text) for p, text in zip(others, got, strict=True) if text)
-            return merge_expositions(texts)
-
-        return scrape
-
-
-async def _serve_registry(registry: CollectorRegistry, path: Path) -> web.AppRunner:
-    """This process's own metrics on a private Unix socket (what a sibling's scrape reads)."""
-
-    async def page(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry))
-
-    app = web.Application()
-    app.router.add_get("/metrics", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.UnixSite(runner, str(path)).start()
-    return runner
-
-
-async def _read_metrics(path: Path) -> str | None:
-    """A sibling's metrics text; None when it does not answer (exiting, being replaced)."""
-    try:
-        connector = aiohttp.UnixConnector(path=str(path))
-        timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get("http://pdp/metrics") as response,
-        ):
-            return await response.text()
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return None

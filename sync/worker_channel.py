@@ -165,9 +165,13 @@ class Publisher:
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 await link.writer.drain()
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
             if link.live:
-                log.warning("worker %s does not read its batches (%r): cut off", link.name, exc)
+                log.warning("worker %s has not read a batch in %gs: cut off", link.name,
+                            SEND_TIMEOUT)  # fmt: skip
+            link.close()
+        except OSError as exc:  # it exited (its exit is the owner's to report)
+            log.debug("worker %s: channel closed (%r)", link.name, exc)
             link.close()
 
 
