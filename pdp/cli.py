@@ -139,6 +139,10 @@ def _add_seed(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.workers > 1:
+        from pdp.sidecar_workers import serve_workers  # noqa: PLC0415  (as below)
+
+        return serve_workers(settings)
     from pdp.sidecar import serve  # noqa: PLC0415  (aiohttp only for the commands that serve)
 
     return serve(settings)

@@ -308,6 +308,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "PDP_HOST", _host, "address to bind", "--host", "ADDRESS"),
     Option("port", "PDP_PORT", _port, "port to bind", "--port", "PORT"),
     Option("backlog", "PDP_BACKLOG", _positive_int, "accept queue length", "--backlog", "N"),
+    Option(
+        "workers", "PDP_WORKERS", _positive_int,
+        "processes answering checks on the one port (SO_REUSEPORT), sharing the snapshot "
+        "copy-on-write; one owner process syncs and ships each batch to all",
+        "--workers", "N",
+    ),
     # --- the HTTP edge (pdp.http_edge) ---
     Option(
         "request_read_timeout_seconds", "PDP_REQUEST_READ_TIMEOUT_SECONDS", _positive_seconds,
@@ -555,6 +561,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     backlog: int = 1024
+    workers: int = 1
     request_read_timeout_seconds: float = 5.0
     keepalive_timeout_seconds: float = 75.0
     max_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
@@ -667,6 +674,12 @@ class Settings:
             raise ConfigError(
                 "PDP_CACHE_MODE=on_demand works with PDP_SYNC_SOURCE=postgres and without "
                 "PDP_SNAPSHOT_FILE only (not yet with the relay's stream or a snapshot file)"
+            )
+        if self.workers > 1 and (self.cache_mode != "full" or self.sync_source != "postgres"):
+            raise ConfigError(
+                "PDP_WORKERS above 1 works with PDP_CACHE_MODE=full and "
+                "PDP_SYNC_SOURCE=postgres only (each on-demand cache or stream follower "
+                "would be its own: run one process per core instead)"
             )
         if self.decision_log_retention_seconds < 86400.0:
             raise ConfigError(

@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import os
 import random
 import sys
 import uuid
@@ -211,11 +212,21 @@ def as_json(entry: Entry) -> dict[str, object]:
     }
 
 
-class StdoutSink:
-    """JSON lines on a binary stream (stdout), written from a worker thread."""
+PIPE_BUF = 4096  # POSIX: a pipe write up to this size is never interleaved with another
 
-    def __init__(self, stream: IO[bytes] | None = None) -> None:
+
+class StdoutSink:
+    """JSON lines on a binary stream (stdout), written from a worker thread.
+
+    `shared`: other processes write the same stdout (`pdp serve --workers`): each
+    write() holds whole lines, at most PIPE_BUF bytes unless one line is longer, so
+    lines of different workers never interleave on a pipe (nor on a file: Linux
+    serialises writes to one open file).
+    """
+
+    def __init__(self, stream: IO[bytes] | None = None, *, shared: bool = False) -> None:
         self._stream = stream
+        self._shared = shared
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[Sink]:
@@ -226,5 +237,24 @@ class StdoutSink:
 
     def _write(self, batch: Sequence[Entry]) -> None:
         stream = self._stream if self._stream is not None else sys.stdout.buffer
+        if self._shared:
+            _write_lines(stream, [dumps(as_json(e)) + b"\n" for e in batch])
+            return
         stream.write(b"".join(dumps(as_json(e)) + b"\n" for e in batch))
         stream.flush()
+
+
+def _write_lines(stream: IO[bytes], lines: list[bytes]) -> None:
+    """Whole lines in writes of at most PIPE_BUF bytes (a longer line alone)."""
+    stream.flush()
+    fd = stream.fileno()
+    chunk: list[bytes] = []
+    size = 0
+    for line in [*lines, b""]:
+        if chunk and (not line or size + len(line) > PIPE_BUF):
+            data = memoryview(b"".join(chunk))
+            while data:
+                data = data[os.write(fd, data) :]
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)

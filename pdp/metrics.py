@@ -20,9 +20,11 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from pdp import conditions
 from pdp.readiness import Health
@@ -408,3 +410,32 @@ class _ScrapeCollector:
             GaugeMetricFamily("pdp_sync_revision_xmin", ""),
             GaugeMetricFamily("pdp_cache_objects", ""),
         ]
+
+
+PROCESS_LABEL = "process"
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: dict[str, str]) -> bytes:
+    """One exposition of several processes' (`{process: text}`, `pdp serve --workers`):
+    every sample labelled `process`, each family's HELP and TYPE once. Scrape time only."""
+    merged: dict[str, Metric] = {}
+    for process in sorted(texts):
+        for family in text_string_to_metric_families(texts[process]):
+            into = merged.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            into.samples.extend(
+                Sample(s.name, {**s.labels, PROCESS_LABEL: process}, s.value, s.timestamp)
+                for s in family.samples
+            )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(merged.values())))
+    return generate_latest(registry)

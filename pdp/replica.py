@@ -116,6 +116,15 @@ class Replica:
     def epoch(self) -> str | None:
         return self._epoch
 
+    @property
+    def synced_at(self) -> float | None:
+        """Monotonic time the data was last proven current (None before the first load)."""
+        return self._synced_at
+
+    async def advanced(self) -> None:
+        """Return at the next install, batch applied or proof of currency."""
+        await self._advanced.wait()
+
     def staleness(self) -> float:
         """Seconds since the data was last proven current; infinite before the first load."""
         if self._synced_at is None:

@@ -1,11 +1,12 @@
 """The composition root: the one place that wires sync, the replica, workers and the web app.
 
 `sidecar_app` builds the whole sidecar for one database; `serve` runs it as the
-`pdp serve` process, the only code that owns the event loop and the signals.
-Besides the CLI this is the only pdp module that imports `sync` (import-linter
-holds it). Workers run under one `Supervisor` inside the app's cleanup context:
-they start before the first request is served and stop, in reverse order, after
-the last.
+`pdp serve` process, the only code that owns the event loop and the signals
+(`pdp.sidecar_workers` reuses `serve_app` and the builders here for `--workers
+N`). Besides the CLI and `pdp.sidecar_workers` this is the only pdp module that
+imports `sync` (import-linter holds it). Workers run under one `Supervisor` inside
+the app's cleanup context: they start before the first request is served and stop,
+in reverse order, after the last.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from ssl import SSLContext
 
 from aiohttp import web
@@ -95,7 +96,7 @@ def sidecar_app(
     else:
         service = SyncService(
             url, replica, metrics, sync_options(settings),
-            snapshot_file=_snapshot_file(settings, metrics),
+            snapshot_file=snapshot_file_for(settings, metrics),
             read_url=settings.read_database_url,
         )  # fmt: skip
         supervisor.add(SYNC_WORKER, service.lifespan, critical=True)
@@ -115,7 +116,7 @@ def sidecar_app(
         )
         replica.users = loader
     fallback = PgFallback(url)
-    decision_log = _decision_log(settings, url, metrics, supervisor)
+    decision_log = decision_log_for(settings, url, metrics, supervisor)
     api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
     return build_app(
         settings,
@@ -127,11 +128,11 @@ def sidecar_app(
         api_keys=api_keys,
         gateway=gateway,
         decision_log=decision_log,
-        cleanup=[_workers(fallback, supervisor, loader)],
+        cleanup=[workers_context(fallback, supervisor, loader)],
     )
 
 
-def _snapshot_file(settings: Settings, metrics: Metrics) -> SnapshotFile | None:
+def snapshot_file_for(settings: Settings, metrics: Metrics) -> SnapshotFile | None:
     if settings.snapshot_file is None:
         return None
     return SnapshotFile(
@@ -140,7 +141,7 @@ def _snapshot_file(settings: Settings, metrics: Metrics) -> SnapshotFile | None:
     )  # fmt: skip
 
 
-def _decision_log(
+def decision_log_for(
     settings: Settings, url: str, metrics: Metrics, supervisor: Supervisor
 ) -> DecisionLog | None:
     """The decision log as PDP_DECISION_LOG says, its writer added to `supervisor` (not
@@ -151,12 +152,12 @@ def _decision_log(
     if settings.decision_log == "postgres":
         sink = PgDecisionLog(url, settings.decision_log_retention_seconds).opened
     else:
-        sink = StdoutSink().opened
+        sink = StdoutSink(shared=settings.workers > 1).opened
     supervisor.add(DECISION_LOG_WORKER, decision_log.lifespan(sink))
     return decision_log
 
 
-def _workers(
+def workers_context(
     fallback: PgFallback, supervisor: Supervisor, loader: UserLoader | None = None
 ) -> CleanupContext:
     async def cleanup(_app: web.Application) -> AsyncIterator[None]:
@@ -170,7 +171,7 @@ def _workers(
     return cleanup
 
 
-def _warn_if_open(settings: Settings) -> None:
+def warn_if_open(settings: Settings) -> None:
     loopback = settings.host in ("127.0.0.1", "::1", "localhost")
     if not loopback and settings.api_keys_file is None and settings.tls_client_ca_file is None:
         log.warning(
@@ -220,7 +221,7 @@ async def _reload_routes(box: RouteBox) -> None:
     log.info("route table reloaded from %s: %d entries", box.path, len(table))
 
 
-def _event_loop_policy() -> None:
+def event_loop_policy() -> None:
     try:
         import uvloop  # noqa: PLC0415  (optional: the `fast` extra)
     except ImportError:
@@ -233,21 +234,34 @@ def serve(settings: Settings) -> int:
 
     Raises PdpError "cannot listen on HOST:PORT: reason" when the address cannot be bound.
     """
-    _event_loop_policy()
+    event_loop_policy()
     ssl_context = server_context(settings)  # bad files fail here, before anything starts
-    _warn_if_open(settings)
+    warn_if_open(settings)
     max_connections = settings.max_connections or default_max_connections(raise_file_limit())
     limits = EdgeLimits(settings.request_read_timeout_seconds, max_connections)
     with database_url(settings) as url:
         app = sidecar_app(settings, url)
         reload_routes_on_sighup(app)
-        asyncio.run(_serve(app, settings, ssl_context, limits))
+        asyncio.run(serve_app(app, settings, ssl_context, limits))
     return 0
 
 
-async def _serve(
-    app: web.Application, settings: Settings, ssl_context: SSLContext | None, limits: EdgeLimits
+async def serve_app(
+    app: web.Application,
+    settings: Settings,
+    ssl_context: SSLContext | None,
+    limits: EdgeLimits,
+    *,
+    sock: socket.socket | None = None,
+    stop: asyncio.Queue[str] | None = None,
+    serving: Callable[[], None] | None = None,
 ) -> None:
+    """Serve `app` until a stop: a signal's name (drain `settings.drain_seconds`), or any
+    other reason put in `stop` (no drain: stop accepting, finish what is in flight).
+
+    `sock`: a listening socket to serve on instead of binding PDP_HOST:PDP_PORT (a
+    worker of `pdp.sidecar_workers`); `serving` is called once requests are accepted.
+    """
     runner = EdgeRunner(
         app, limits, app[METRICS],
         access_log=None,
@@ -255,27 +269,34 @@ async def _serve(
         lingering_time=settings.request_read_timeout_seconds,
         shutdown_timeout=SHUTDOWN_SECONDS,
     )  # fmt: skip
-    stop = _stop_signals()
+    stop = stop_signals(stop)
     try:
         if not await _set_up(runner, stop):
             return
-        # Gateways open many connections at once; aiohttp's default queue is 128.
-        site = web.TCPSite(
-            runner, settings.host, settings.port, ssl_context=ssl_context,
-            backlog=settings.backlog,
-        )  # fmt: skip
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(runner, sock, ssl_context=ssl_context)
+        else:
+            # Gateways open many connections at once; aiohttp's default queue is 128.
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=ssl_context,
+                backlog=settings.backlog,
+            )  # fmt: skip
         try:
             await site.start()
         except OSError as exc:
             where = f"{settings.host}:{settings.port}"
-            raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
+            raise PdpError(f"cannot listen on {where}: {listen_reason(exc)}") from None
         scheme = "https" if ssl_context is not None else "http"
         log.info(
             "serving the check API on %s://%s:%d (at most %d connections)",
             scheme, settings.host, _bound_port(runner, settings.port), limits.max_connections,
         )  # fmt: skip
+        if serving is not None:
+            serving()
         signame = await stop.get()
-        await _drain(app, runner, stop, signame, settings.drain_seconds)
+        drain = settings.drain_seconds if signame in STOP_SIGNALS else 0.0
+        await _drain(app, runner, stop, signame, drain)
     finally:
         await runner.cleanup()
 
@@ -296,10 +317,14 @@ async def _set_up(runner: web.AppRunner, stop: asyncio.Queue[str]) -> bool:
     return False
 
 
-def _stop_signals() -> asyncio.Queue[str]:
-    """A queue that receives the name of each SIGTERM/SIGINT from now on."""
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def stop_signals(queue: asyncio.Queue[str] | None = None) -> asyncio.Queue[str]:
+    """A queue (`queue`, or a new one) that receives the name of each SIGTERM/SIGINT
+    from now on."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str] = asyncio.Queue()
+    queue = asyncio.Queue() if queue is None else queue
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, queue.put_nowait, sig.name)
     return queue
@@ -323,7 +348,7 @@ async def _drain(
         await asyncio.wait_for(stop.get(), seconds)
 
 
-def _reason(exc: OSError) -> str:
+def listen_reason(exc: OSError) -> str:
     """`exc` in a few words ("address already in use"); asyncio wraps the bind error's
     text in its own sentence, which names the address again."""
     if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
@@ -351,7 +376,7 @@ def relay(settings: Settings) -> int:
         raise ConfigError(
             "pdp relay reads the primary (PDP_DATABASE_URL) only: unset PDP_READ_DATABASE_URL"
         )
-    _event_loop_policy()
+    event_loop_policy()
     with database_url(settings) as url:
         asyncio.run(_relay(settings, url, settings.redis_url))
     return 0
@@ -371,14 +396,14 @@ async def _relay(settings: Settings, url: str, redis_url: str) -> None:
     supervisor.add("relay", worker.lifespan, critical=True)
     runner = web.AppRunner(_relay_app(registry, worker, supervisor), access_log=None)
     await runner.setup()
-    stop = _stop_signals()
+    stop = stop_signals()
     try:
         site = web.TCPSite(runner, settings.host, settings.relay_port)
         try:
             await site.start()
         except OSError as exc:
             where = f"{settings.host}:{settings.relay_port}"
-            raise PdpError(f"cannot listen on {where}: {_reason(exc)}") from None
+            raise PdpError(f"cannot listen on {where}: {listen_reason(exc)}") from None
         async with supervisor.running():  # Redis not answering: DependencyError
             log.info(
                 "relay %s: PostgreSQL -> %s stream %r; metrics on http://%s:%d/metrics",

@@ -107,6 +107,7 @@ SERVE_FLAG_CASES = [
     ("--host", "bad host", "not a host name", "::1", "::1"),
     ("--port", "70000", "not a TCP port", "9000", 9000),
     ("--backlog", "0", "must be a positive integer", "64", 64),
+    ("--workers", "0", "must be a positive integer", "2", 2),
     ("--request-read-timeout", "0", "must be a positive number of seconds", "2.5", 2.5),
     ("--keepalive-timeout", "-3", "must be a positive number of seconds", "30", 30.0),
     ("--max-connections", "0", "must be a positive integer", "500", 500),

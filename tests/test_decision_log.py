@@ -13,6 +13,8 @@ import asyncio
 import datetime
 import http.client
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,7 +31,7 @@ from pytest_aiohttp import AiohttpClient
 from loadtests.gateway_harness import Pdp, poll, request
 from pdp.admin import erasure
 from pdp.config import Settings
-from pdp.decision_log import DecisionLog
+from pdp.decision_log import DecisionLog, StdoutSink
 from pdp.errors import ConfigError
 from pdp.sidecar import sidecar_app
 from sync.pg_decision_log import APP_NAME, PgDecisionLog
@@ -518,3 +520,41 @@ async def test_partition_maintenance_gives_up_behind_a_long_reader_and_writes_go
         assert await pg.fetchval("SELECT count(*) FROM pdp.decision_log") == 1
         created, _ = await sink.maintain(opened._conn)  # type: ignore[attr-defined]
         assert created == [_partition(2)]  # the next turn, with the reader gone
+
+
+def test_shared_stdout_lines_from_two_writers_never_interleave_on_a_pipe() -> None:
+    """`pdp serve --workers`: each worker writes the same stdout pipe."""
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+
+    def writer(name: str) -> None:
+        # Its own stream on the pipe, as each worker process has its own stdout buffer.
+        with os.fdopen(os.dup(write_end), "wb") as stream:
+            sink = StdoutSink(stream, shared=True)
+            for n in range(20):
+                entries = [
+                    (f"{name}-{n}-{i}", 0.0, "evaluation", "t", "user", name * (i * 10), "read",
+                     "doc", "d", True, "ok", None, 0.0)
+                    for i in range(200)
+                ]  # fmt: skip
+                sink._write(entries)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    lines = bytes(received).splitlines()
+    assert len(lines) == 2 * 20 * 200
+    ids = {json.loads(line)["decision_id"] for line in lines}  # each line whole JSON
+    assert len(ids) == len(lines)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -92,6 +92,7 @@ def build_app(
     gateway: Gateway | None = None,
     decision_log: DecisionLog | None = None,
     cleanup: Sequence[CleanupContext] = (),
+    scrape: Callable[[], Awaitable[bytes]] | None = None,
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
 
@@ -102,7 +103,9 @@ def build_app(
     holds forward-auth's route table and JWT keys (None: every /forward-auth request is
     denied, no table). `decision_log`, when given, is where every evaluation, batch entry
     and forward-auth decision is recorded (its worker is the caller's). Each `cleanup`
-    context is appended to `app.cleanup_ctx` in order.
+    context is appended to `app.cleanup_ctx` in order. `scrape`, when given, makes the
+    /metrics page (default: `registry`'s metrics; `pdp serve --workers` gathers every
+    process's).
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -127,7 +130,7 @@ def build_app(
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback, decision_log).routes(),
         *ForwardAuthApi(settings, replica, metrics, gateway, decision_log).routes(),
-        *OpsApi(settings, health, registry).routes(),
+        *OpsApi(settings, health, registry, scrape).routes(),
     ]
     for route in routes:
         assert isinstance(route, web.RouteDef)

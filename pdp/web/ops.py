@@ -9,6 +9,7 @@ orchestrator stops routing to a sidecar whose data is dead.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -48,9 +49,16 @@ def openapi_document(max_batch: int, default_tenant: str | None = None) -> bytes
 class OpsApi:
     """Health, readiness, metrics and the API description; bound methods are handlers."""
 
-    def __init__(self, settings: Settings, health: Health, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        health: Health,
+        registry: CollectorRegistry,
+        scrape: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
         self._health = health
         self._registry = registry
+        self._scrape = scrape
         self._openapi = openapi_document(settings.max_batch, settings.default_tenant)
 
     def routes(self) -> list[web.RouteDef]:
@@ -78,9 +86,11 @@ class OpsApi:
         return web.Response(body=dumps(body), status=200 if state.ready else 503, headers=_JSON)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        if self._scrape is not None:
+            body = await self._scrape()
+        else:
+            body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, headers={"Content-Type": "application/yaml"})
