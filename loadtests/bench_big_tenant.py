@@ -197,7 +197,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", type=int, default=5_000_000)
+    parser.add_argument(
+        "--users", type=int, default=5_000_000, help="seeded users (with --database: as seeded)"
+    )
     parser.add_argument("--hot", type=int, default=50_000)
     parser.add_argument("--hot-share", type=float, default=0.99)
     parser.add_argument("--cache", type=int, default=60_000)
