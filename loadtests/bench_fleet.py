@@ -280,7 +280,10 @@ class Child:
         await self.proc.stdin.drain()
         return await self.read()
 
-    async def close(self) -> None:
+    async def close(self, grace: float) -> None:
+        """Let a child that was told to stop exit by itself (`grace` s at most), else end it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), grace)
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
@@ -332,6 +335,7 @@ async def case(
     stream = f"pdp:fleet:{mode}:{n}"
     common = ["--url", url, "--redis", redis_url, "--stream", stream]
     children: list[Child] = []
+    grace = 0.0
     pg = await asyncpg.connect(url)
     try:
         relay_child = None
@@ -370,10 +374,11 @@ async def case(
             *(c.ask("stop") for c in ([relay_child] if relay_child else []))
         )
         finals = await asyncio.gather(*(c.ask("stop") for c in workers))
+        grace = 30.0  # every child was told to stop: let it leave cleanly
     finally:
         await pg.close()
         for c in reversed(children):
-            await c.close()
+            await c.close(grace)
     commits = written["commits"]
     seconds = written["seconds"]
     counted = ends or finals
@@ -543,6 +548,22 @@ def main() -> None:
         plot(json.loads(Path(args.json).read_text()), Path(args.plot))
         return
     body = {"worker": worker, "relay": relay, "writer": writer}.get(args.role, orchestrate)
+    profile_dir = os.environ.get("PDP_FLEET_PROFILE")  # cProfile each sidecar process
+    if args.role == "worker" and profile_dir:
+        import cProfile  # noqa: PLC0415
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            _run(body, args)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_dir}/worker-{os.getpid()}.prof")
+        return
+    _run(body, args)
+
+
+def _run(body: Any, args: argparse.Namespace) -> None:
     try:
         import uvloop  # noqa: PLC0415 -- as `pdp serve`: the `fast` extra when installed
     except ImportError:
