@@ -28,7 +28,8 @@ sidecar process; commits never visible within 10 s are counted, not timed).
 
 Results go to `--json` (default loadtests/results/fleet.json) and a plot to `--plot`
 (loadtests/results/fleet.png, needs matplotlib: `pip install -e '.[load]'`);
-`--plot-only` redraws the plot from the JSON.
+`--plot-only` redraws the plot from the JSON. `PDP_FLEET_PROFILE=DIR` writes a
+cProfile of each sidecar process to DIR (where their CPU goes).
 """
 
 from __future__ import annotations
