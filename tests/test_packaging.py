@@ -43,7 +43,7 @@ def test_plain_install_migrates_seeds_and_serves(tmp_path: Path, db_url: str) ->
     _run(sys.executable, "-m", "venv", venv)
     _run(venv / "bin" / "pip", "install", "--quiet", wheel)
     # The plain path: the optional `fast` extra is absent.
-    probe = "import importlib.util as u; print([m for m in ('orjson', 'uvloop', 'msgspec') if u.find_spec(m)])"
+    probe = "import importlib.util as u; print([m for m in ('orjson', 'uvloop', 'msgspec', 'hiredis') if u.find_spec(m)])"
     assert _run(venv / "bin" / "python", "-c", probe).strip() == "[]"
 
     env = {"PATH": str(venv / "bin"), "HOME": str(tmp_path), "PDP_DATABASE_URL": db_url}
