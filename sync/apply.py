@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def build(batch: Batch) -> Engine:
-    """A new engine from a full batch (CPU only; safe to run in a worker thread)."""
+    """A new engine from a full batch (CPU only; safe to run in a worker thread).
+
+    The one the read built already (`batch.engine`), if it did.
+    """
+    if batch.engine is not None:
+        return batch.engine
     assert batch.full is not None
     return Engine.build(batch.full, batch.snapshot)
 

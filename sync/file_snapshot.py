@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pdp.engine import COLUMNS, REQUIRED, Engine, Row, Snapshot
+from pdp.engine import COLUMNS, REQUIRED, Engine, Loader, Row, Snapshot
 from pdp.replica import Replica
 from sync.metrics import NullMetrics, SnapshotFileMetrics
 
@@ -156,9 +156,7 @@ def read(path: Path, max_age: float, now: float) -> Restored | None:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        engine = Engine.build(_tables(body), snapshot)
-    except (TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise Unusable("corrupt", f"its rows do not build an engine ({exc})") from None
+        engine = _build(body, snapshot)
     finally:
         if collecting:
             gc.enable()
@@ -189,17 +187,27 @@ def _split(data: bytes) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(data)[fixed + header_len : -_SHA]
 
 
-def _tables(body: memoryview) -> dict[str, list[Row]]:
+def _build(body: memoryview, snapshot: Snapshot) -> Engine:
+    """The engine of the rows, built a chunk at a time as they are decoded (so only one
+    chunk of decoded rows is held beside the engine)."""
+    loader = Loader()
+    try:
+        for entity, rows in _chunks(body):
+            loader.add(entity, map(tuple, rows))
+        return loader.engine(snapshot)
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise Unusable("corrupt", f"its rows do not build an engine ({exc})") from None
+
+
+def _chunks(body: memoryview) -> Iterator[tuple[str, list[list[Any]]]]:
     """Decode and check the rows: every entity known, every row of its table's shape."""
-    tables: dict[str, list[Row]] = {entity: [] for entity in COLUMNS}
     try:
         for line in _lines(body):
             entity, rows = json.loads(line)
             _check_rows(entity, rows)
-            tables[entity].extend(map(tuple, rows))
+            yield entity, rows
     except (zlib.error, ValueError, TypeError):
         raise Unusable("corrupt", "its rows cannot be decoded") from None
-    return tables
 
 
 def _lines(body: memoryview) -> Iterator[bytes]:

@@ -24,12 +24,16 @@ from typing import Any
 
 import asyncpg
 
-from pdp.engine import COLUMNS, KEY_WIDTH, Row, RowChange, Snapshot
+from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Loader, Row, RowChange, Snapshot
 from pdp.replica import USER_ENTITIES
 from sync import pg_queries as q
 from sync.options import SyncOptions
 
 _RELOAD_OPS = ("truncate", "bulk_load")
+# Rows fetched per round trip when a full read builds the engine as it goes: small
+# enough that a piece's records cost little memory (~15 MB), large enough that round
+# trips do not count.
+CHUNK_ROWS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +62,16 @@ class Batch:
     """What one catch-up read, ready to apply without awaiting.
 
     `full` holds every table when the whole replica is to be replaced (`reload_reason`
-    says why); else `tenants` holds the tenants to replace whole and `changes` the
-    current state of every other changed key.
+    says why), or `engine` the engine built from them when the read was asked to build
+    (`read(build=True)`); else `tenants` holds the tenants to replace whole and
+    `changes` the current state of every other changed key.
     """
 
     snapshot: Snapshot
     epoch: str
     started: float
     full: dict[str, list[Row]] | None = None
+    engine: Engine | None = None
     reload_reason: str = ""
     tenants: dict[str, dict[str, list[Row]]] = field(default_factory=dict)
     changes: list[RowChange] = field(default_factory=list)
@@ -73,6 +79,11 @@ class Batch:
     # When the data was proven current (monotonic); None: when the read started. A read
     # from a standby proves only what the standby had replayed (-inf: nothing new).
     proven_at: float | None = None
+
+    @property
+    def is_full(self) -> bool:
+        """Whether the batch replaces the whole replica (`full` rows or a built `engine`)."""
+        return self.full is not None or self.engine is not None
 
     @property
     def synced_at(self) -> float:
@@ -138,8 +149,13 @@ async def read(
     *,
     probes: Sequence[Probe] = (),
     reload_tenants: Iterable[str] = (),
+    build: bool = False,
 ) -> Batch:
-    """One catch-up in a REPEATABLE READ transaction (see the module docstring)."""
+    """One catch-up in a REPEATABLE READ transaction (see the module docstring).
+
+    With `build`, a full read builds `batch.engine` as the rows arrive instead of
+    holding every table in `batch.full` (see `_build_all`).
+    """
     # No `async with transaction`: on failure the caller terminates the connection
     # (which aborts the transaction), never asks to roll back over a link that may be dead.
     tx = conn.transaction(isolation="repeatable_read", readonly=True)
@@ -157,7 +173,10 @@ async def read(
         if reason is not None:
             batch.reload_reason = reason
             bound.reschedule(asyncio.get_running_loop().time() + options.full_read_timeout)
-            batch.full = await _read_all(conn, options.on_demand)
+            if build:
+                batch.engine = await _build_all(conn, options.on_demand, batch.snapshot)
+            else:
+                batch.full = await _read_all(conn, options.on_demand)
         await tx.commit()
     return batch
 
@@ -216,6 +235,34 @@ async def _read_all(conn: asyncpg.Connection, on_demand: bool) -> dict[str, list
         for entity, sql in q.ALL_ROWS.items()
         if not (on_demand and entity in USER_ENTITIES)
     }
+
+
+async def _build_all(conn: asyncpg.Connection, on_demand: bool, snapshot: Snapshot) -> Engine:
+    """The engine of every table, built piece by piece as the rows arrive.
+
+    Each table is read through a cursor CHUNK_ROWS at a time; while a worker thread
+    adds one piece to the engine, PostgreSQL is already producing the next (another
+    process, so the two overlap), and each piece is freed once added. So the load
+    takes about the longer of reading and building rather than their sum, and never
+    holds more than two pieces of records beside the engine.
+    """
+    loader = Loader()
+    for entity, sql in q.ALL_ROWS.items():
+        if on_demand and entity in USER_ENTITIES:
+            continue
+        cursor = await conn.cursor(sql)
+        pending = asyncio.ensure_future(cursor.fetch(CHUNK_ROWS))
+        try:
+            while rows := await pending:
+                pending = asyncio.ensure_future(cursor.fetch(CHUNK_ROWS))
+                await asyncio.to_thread(loader.add, entity, rows)
+                del rows
+        finally:  # on failure the caller drops the connection: just settle `pending`
+            if not pending.done():
+                pending.cancel()
+            elif not pending.cancelled():
+                pending.exception()  # retrieved, so never logged as unretrieved
+    return await asyncio.to_thread(loader.engine, snapshot)
 
 
 async def _read_tenant(

@@ -288,14 +288,17 @@ class PgSync:
                 self.fast_catchups += 1
                 return batch
         return await pg_read.read(
-            conn, cursor, options, self._clock(), probes=probes, reload_tenants=tenants
-        )
+            conn, cursor, options, self._clock(), probes=probes, reload_tenants=tenants,
+            build=self._sink is None,  # a sink (the relay) publishes the rows themselves
+        )  # fmt: skip
 
     async def _apply(self, batch: Batch) -> None:
-        if batch.full is None:
+        if not batch.is_full:
             apply.apply_changes(self._replica, batch, self._metrics, self._wall)
             return
         # Building a large engine takes a while: off the event loop; the swap is still
         # a single synchronous step.
-        engine = await asyncio.to_thread(apply.build, batch)
+        engine = batch.engine
+        if engine is None:
+            engine = await asyncio.to_thread(apply.build, batch)
         apply.install(self._replica, engine, batch, self._metrics, self._clock() - batch.started)

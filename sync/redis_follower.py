@@ -185,7 +185,9 @@ class RedisFollower:
             },
         )
         try:
-            batch = await pg_read.read(conn, Cursor(None, None), self._options, started)
+            batch = await pg_read.read(
+                conn, Cursor(None, None), self._options, started, build=True
+            )
         finally:
             conn.terminate()
         batch.reload_reason = reason

@@ -104,6 +104,40 @@ async def test_keyed_catch_up_states_every_changed_key(pg: asyncpg.Connection) -
         assert engine.digest(tenant) == fresh.digest(tenant)
 
 
+async def test_full_read_that_builds_holds_exactly_the_rows_read(
+    pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pieces of 2 rows: every table with rows arrives in several pieces, while the
+    # next piece is fetched.
+    await pg.execute(BASE)
+    await pg.execute(CHANGES)
+    monkeypatch.setattr(pg_read, "CHUNK_ROWS", 2)
+    first = pg_read.Cursor(None, None)
+    built = await pg_read.read(pg, first, SyncOptions(), time.monotonic(), build=True)
+    assert built.full is None
+    assert built.engine is not None
+    assert built.is_full
+    assert built.reload_reason == "bootstrap"
+    rows = await pg_read.read(pg, first, SyncOptions(), time.monotonic())
+    assert rows.full is not None
+    assert rows.engine is None
+    fresh = Engine.build(rows.full, rows.snapshot)
+    held = built.engine.tables()
+    for entity, expected in fresh.tables().items():
+        assert sorted(held[entity], key=repr) == sorted(expected, key=repr), entity
+    assert built.engine.tenants() == fresh.tenants() == ("t", "v")
+    for tenant in fresh.tenants():
+        assert built.engine.digest(tenant) == fresh.digest(tenant)
+    assert built.engine.counts() == fresh.counts()
+    assert built.engine.counts()["group_members"] == 2
+    on_demand = SyncOptions(on_demand=True)
+    lean = await pg_read.read(pg, first, on_demand, time.monotonic(), build=True)
+    assert lean.engine is not None
+    counts = lean.engine.counts()
+    assert counts["users"] == counts["group_members"] == counts["user_roles"] == 0
+    assert counts["roles"] == fresh.counts()["roles"]
+
+
 async def test_sql_fallback_answers_pdp_check(db_url: str, pg: asyncpg.Connection) -> None:
     await pg.execute(BASE)
     fallback = PgFallback(db_url)

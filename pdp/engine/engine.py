@@ -21,37 +21,73 @@ from pdp.engine.tenant import TenantState, upserter
 Tables = Mapping[str, Iterable[Row]]
 
 
-def _load(states: dict[str, TenantState], tables: Tables, only: str | None = None) -> None:
-    """Upsert every row into `states`, creating tenant states as rows name them."""
-    # A bulk load allocates millions of acyclic tuples; the cyclic collector would walk
-    # them again on every generation-2 pass (a third of the load time at 1M users).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        _load_rows(states, tables, only)
-    finally:
-        if collecting:
-            gc.enable()
+class Loader:
+    """Builds an engine from rows fed in pieces: `add` any number of times, then `finish`.
+
+    What `Engine.build` does in one call, for a reader that streams rows (each piece
+    can be freed once added, and the next one fetched meanwhile). Pieces of one entity
+    or of different ones may come in any order: every upsert is order-independent. Not
+    thread-safe: one `add` at a time (from any thread). `only` restricts the rows to
+    one tenant (ValueError otherwise).
+    """
+
+    __slots__ = ("_only", "_states")
+
+    def __init__(self, only: str | None = None) -> None:
+        self._states: dict[str, TenantState] = {}
+        self._only = only
+        if only is not None:
+            self._states[only] = TenantState(only, loading=True)
+
+    def add(self, entity: str, rows: Iterable[Row]) -> None:
+        """Upsert these rows of `entity`, creating tenant states as rows name them."""
+        # A bulk load allocates millions of acyclic tuples; the cyclic collector would walk
+        # them again on every generation-2 pass (a third of the load time at 1M users).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            _load_rows(self._states, entity, rows, self._only)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def finish(self) -> dict[str, TenantState]:
+        """The tenant states, settled, compacted and with their digests summed."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for state in self._states.values():
+                state.settle()
+                state.compact()
+                # One pass summing every row's digest line, here rather than per row (no
+                # replaced lines to look up) and rather than at the first digest() call:
+                # a full load runs in a worker thread, the verifier's digest() on the loop.
+                state.digest()
+        finally:
+            if collecting:
+                gc.enable()
+        return self._states
+
+    def engine(self, revision: Snapshot) -> Engine:
+        """`finish`, as an engine at `revision`."""
+        return Engine(self.finish(), revision)
 
 
-def _load_rows(states: dict[str, TenantState], tables: Tables, only: str | None) -> None:
-    for entity in ENTITIES:
-        put = upserter(entity)
-        for row in tables.get(entity, ()):
-            tenant = row[0]
+def _load_rows(
+    states: dict[str, TenantState], entity: str, rows: Iterable[Row], only: str | None
+) -> None:
+    put = upserter(entity)
+    state: TenantState | None = None
+    for row in rows:
+        tenant = row[0]
+        # Rows come grouped by tenant more often than not: skip the lookup then.
+        if state is None or tenant != state.tenant_id:
             if not isinstance(tenant, str) or (only is not None and tenant != only):
                 raise ValueError(f"{entity}: row {row!r} is not for tenant {only or 'a str id'}")
             state = states.get(tenant)
             if state is None:
                 state = states[tenant] = TenantState(tenant, loading=True)
-            put(state, row)
-    for state in states.values():
-        state.settle()
-        state.compact()
-        # One pass summing every row's digest line, here rather than per row (no
-        # replaced lines to look up) and rather than at the first digest() call: a
-        # full load runs in a worker thread, the verifier's digest() on the event loop.
-        state.digest()
+        put(state, row)
 
 
 class Engine:
@@ -75,9 +111,10 @@ class Engine:
 
         Missing tables count as empty. Raises ValueError on a row without a str tenant id.
         """
-        states: dict[str, TenantState] = {}
-        _load(states, tables)
-        return cls(states, revision)
+        loader = Loader()
+        for entity in ENTITIES:
+            loader.add(entity, tables.get(entity, ()))
+        return loader.engine(revision)
 
     @property
     def revision(self) -> Snapshot:
@@ -144,8 +181,10 @@ class Engine:
 
         With no `tenants` row the tenant is gone. Other tenants are untouched.
         """
-        states = {tenant_id: TenantState(tenant_id, loading=True)}
-        _load(states, tables, only=tenant_id)
+        loader = Loader(only=tenant_id)
+        for entity in ENTITIES:
+            loader.add(entity, tables.get(entity, ()))
+        states = loader.finish()
         self._version += 1
         if states[tenant_id].exists:
             self._tenants[tenant_id] = states[tenant_id]

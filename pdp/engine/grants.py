@@ -38,6 +38,8 @@ def put(grants: Grants, grant: Grant) -> tuple[Grants, Grant | None]:
     Returns the new holder value and the grant it replaced (None when the
     (role, scope) was new).
     """
+    if not grants:  # the common first grant (an empty ScopeIndex never stays held)
+        return (grant,), None
     if isinstance(grants, dict):
         return grants, index_put(grants, grant)
     role, scope = grant[0], grant[1]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from sys import intern
-from typing import cast
+from typing import Any, cast
 
 from pdp.engine import grants as g
 from pdp.engine import holders as h
@@ -31,6 +31,9 @@ UserRec = tuple[str | None, g.Grants, tuple[str, ...]]
 NO_USER: UserRec = (None, g.NO_GRANTS, ())
 EMPTY_ATTRIBUTES = "{}"  # jsonb '{}'::text, the column default
 _DECISION_CACHE_LIMIT = 65_536
+# A row as the upserts read it: fields typed by the row format (`pdp.engine.rows`).
+# Any, not casts: `typing.cast` is a call, and a bulk load makes millions of upserts.
+AnyRow = tuple[Any, ...]
 
 
 class TenantState:
@@ -134,12 +137,14 @@ class TenantState:
     def compact(self) -> None:
         """Share equal immutable grants and user records (after a bulk load): saves memory."""
         canon: dict[object, object] = {}
-        for uid, (status, grants, groups) in self.users.items():
+        share = canon.setdefault
+        users = self.users
+        for uid, (status, grants, groups) in users.items():
             if isinstance(grants, dict):
                 continue
-            shared = tuple(canon.setdefault(x, x) for x in grants)
-            rec = (status, canon.setdefault(shared, shared), canon.setdefault(groups, groups))
-            self.users[uid] = cast(UserRec, canon.setdefault(rec, rec))
+            shared = tuple(map(share, grants, grants))  # share(x, x) for each grant
+            rec = (status, share(shared, shared), share(groups, groups))
+            users[uid] = cast(UserRec, share(rec, rec))
 
     # -- users and their direct assignments -------------------------------------------
 
@@ -151,24 +156,27 @@ class TenantState:
         else:
             self.users[uid] = (status, grants, groups)
 
-    def _put_user(self, row: Row) -> None:
-        uid = intern(cast(str, row[1]))
-        status = intern(cast(str | None, row[2]) or "")
-        attrs = cast(str | None, row[3]) if len(row) > 3 else None
+    def _put_user(self, row: AnyRow) -> None:
+        uid = intern(row[1])
+        status: str = intern(row[2] or "")
+        attrs: str | None = row[3] if len(row) > 3 else None
         attrs = EMPTY_ATTRIBUTES if attrs is None else attrs
-        rec = self.users.get(uid, NO_USER)
-        old_attrs = self.user_attributes.get(uid, EMPTY_ATTRIBUTES)
+        users = self.users
+        rec = users.get(uid, NO_USER)
         if rec[0] is None:
             self.count["users"] += 1
-        elif rec[0] != status or old_attrs != attrs:
-            self._tally(-1, "users", uid, rec[0], old_attrs)
-        if rec[0] != status or old_attrs != attrs:
-            self._tally(1, "users", uid, status, attrs)
+        if self._sum is not None:
+            old_attrs = self.user_attributes.get(uid, EMPTY_ATTRIBUTES)
+            if rec[0] is not None and (rec[0] != status or old_attrs != attrs):
+                self._tally(-1, "users", uid, rec[0], old_attrs)
+            if rec[0] != status or old_attrs != attrs:
+                self._tally(1, "users", uid, status, attrs)
         if attrs == EMPTY_ATTRIBUTES:
-            self.user_attributes.pop(uid, None)
+            if self.user_attributes:
+                self.user_attributes.pop(uid, None)
         else:
             self.user_attributes[uid] = attrs
-        self.users[uid] = (status, rec[1], rec[2])
+        users[uid] = (status, rec[1], rec[2])
 
     def _del_user(self, key: tuple[str, ...]) -> None:
         rec = self.users.get(key[1])
@@ -178,17 +186,21 @@ class TenantState:
             self._tally(-1, "users", key[1], rec[0], attrs)
             self._store_user(key[1], None, rec[1], rec[2])
 
-    def _put_user_role(self, row: Row) -> None:
-        _, uid, role, scope, expires = cast(tuple[str, str, str, str, float | None], row)
+    def _put_user_role(self, row: AnyRow) -> None:
+        _, uid, role, scope, expires = row
         uid = intern(uid)
-        grant = (intern(role), intern(scope), None if expires is None else float(expires))
-        rec = self.users.get(uid, NO_USER)
+        grant: g.Grant = (
+            intern(role), intern(scope), None if expires is None else float(expires)
+        )  # fmt: skip
+        users = self.users
+        rec = users.get(uid, NO_USER)
         grants, old = g.put(rec[1], grant)
         if old is None:
             self.count["user_roles"] += 1
             h.hold(self.user_holders, grant[0], grant[1], uid)
-        self._tally_grant("user_roles", uid, old, grant)
-        self.users[uid] = (rec[0], grants, rec[2])
+        if self._sum is not None:
+            self._tally_grant("user_roles", uid, old, grant)
+        users[uid] = (rec[0], grants, rec[2])
 
     def _del_user_role(self, key: tuple[str, ...]) -> None:
         _, uid, role, scope = key
@@ -221,18 +233,20 @@ class TenantState:
             self._tally(-1, "groups", gid)
             self.live_groups.pop(gid, None)
 
-    def _put_member(self, row: Row) -> None:
+    def _put_member(self, row: AnyRow) -> None:
         # A check reads memberships from the member's record; `members` (group -> users)
         # serves the subject search only (a group change never walks its members).
-        _, gid, uid = cast(tuple[str, str, str], row)
+        _, gid, uid = row
         uid = intern(uid)
-        status, grants, groups = self.users.get(uid, NO_USER)
+        users = self.users
+        status, grants, groups = users.get(uid, NO_USER)
         if gid not in groups:
             gid = intern(gid)
             self.count["group_members"] += 1
             h.add(self.members, gid, uid)
-            self._tally(1, "group_members", gid, uid)
-            self.users[uid] = (status, grants, tuple(sorted((*groups, gid))))
+            if self._sum is not None:
+                self._tally(1, "group_members", gid, uid)
+            users[uid] = (status, grants, tuple(sorted((*groups, gid))) if groups else (gid,))
 
     def _del_member(self, key: tuple[str, ...]) -> None:
         _, gid, uid = key
