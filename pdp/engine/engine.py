@@ -114,7 +114,7 @@ class Engine:
         loader = Loader()
         for entity in ENTITIES:
             loader.add(entity, tables.get(entity, ()))
-        return loader.engine(revision)
+        return cls(loader.finish(), revision)  # `cls`: a subclass builds its own kind
 
     @property
     def revision(self) -> Snapshot:
