@@ -137,7 +137,11 @@ class UserLoader:
 
     async def ensure(self, tenant: str, user: str) -> None:
         key = (tenant, user)
-        if key in self._cache:
+        try:
+            self._cache[key]  # a lookup, not `in`: it makes the user the most recent
+        except KeyError:
+            pass
+        else:
             self._metrics.cache_hit()
             return
         self._metrics.cache_miss()

@@ -129,6 +129,21 @@ async def test_eviction_drops_the_users_rows(
     assert engine.counts()["user_roles"] == engine.counts()["group_members"] == 0
 
 
+async def test_a_hit_makes_the_user_the_most_recent(
+    loaded: tuple[Engine, Replica, UserLoader, Counts],
+) -> None:
+    """LRU, not FIFO: a hot user that keeps hitting is not the one evicted (it was, and a
+    check of it could then find no user between its load and its answer)."""
+    _, _, loader, counts = loaded
+    for user in ("alice", "bob", "carol"):  # size 3: full
+        await loader.ensure("acme", user)
+    await loader.ensure("acme", "alice")  # a hit: alice is now the most recent
+    assert counts.hits == 1
+    await loader.ensure("acme", "greta")  # evicts the least recent: bob
+    assert loader.cached("acme", "alice")
+    assert not loader.cached("acme", "bob")
+
+
 async def test_a_batch_reaches_cached_users_only(
     loaded: tuple[Engine, Replica, UserLoader, Counts],
 ) -> None:

@@ -48,6 +48,7 @@ _USER_UNAVAILABLE: JsonObject = {
 }
 _NONE_FAILED: frozenset[tuple[str, str]] = frozenset()
 _SEARCH_ATTEMPTS = 3  # a piecewise computation restarted when the engine changes
+_LOAD_ROUNDS = 3  # on-demand: loads of a request's users, when others evict them meanwhile
 
 
 class Consistency(enum.Enum):
@@ -239,13 +240,22 @@ class AuthzenApi:
         keys = list(
             dict.fromkeys((q.tenant, q.user) for q in queries if q.subject_type in self._user_types)
         )
-        done = await asyncio.gather(*(users.ensure(*k) for k in keys), return_exceptions=True)
-        failed = set()
-        for key, result in zip(keys, done, strict=True):
-            if isinstance(result, DependencyError):
-                failed.add(key)
-            elif isinstance(result, BaseException):
-                raise result
+        failed: set[tuple[str, str]] = set()
+        for _ in range(_LOAD_ROUNDS):
+            done = await asyncio.gather(*(users.ensure(*k) for k in keys), return_exceptions=True)
+            for key, result in zip(keys, done, strict=True):
+                if isinstance(result, DependencyError):
+                    failed.add(key)
+                elif isinstance(result, BaseException):
+                    raise result
+            # Between a load's end and this line other requests ran: one of their loads
+            # may have evicted (or expired) a user loaded here. The caller checks with
+            # no await after this, so a user cached now is cached at the check.
+            keys = [k for k in keys if k not in failed and not users.cached(*k)]
+            if not keys:
+                break
+        else:
+            failed.update(keys)  # evicted again and again: the batch outgrows the cache
         if failed:
             log.warning("loading %d users' rows failed; denying their checks", len(failed))
         return failed
