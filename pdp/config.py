@@ -579,7 +579,7 @@ class Settings:
     stale_mode: str = "deny"
     consistency_wait_ms: int = 200
     search_concurrency: int = 1
-    search_share: float = 0.25
+    search_share: float = 0.1
     poll_interval_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     verify_interval_seconds: float = 60.0

@@ -223,7 +223,7 @@ async def test_even_a_cached_answer_pays_for_the_http_work_around_it() -> None:
 
 
 def test_the_share_is_configured_and_bounded() -> None:
-    assert Settings.from_env({}).search_share == 0.25
+    assert Settings.from_env({}).search_share == 0.1
     assert Settings.from_env({"PDP_SEARCH_SHARE": "0.1"}).search_share == 0.1
     for bad in ("0", "-0.5", "1.5", "nan", "lots"):
         with pytest.raises(ConfigError, match="PDP_SEARCH_SHARE"):
