@@ -234,7 +234,7 @@ class PgSync:
                     probe.done.set_result(found)
         self.catchups += 1
         self._metrics.catchup(self._clock() - batch.started)
-        if batch.full is None:
+        if not batch.is_full:
             self._phases(batch, rang, read, applying)
         self.caught_up.set()
         self.caught_up = asyncio.Event()
