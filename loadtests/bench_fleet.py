@@ -53,7 +53,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from loadtests.bench_relay import redis_server, supervised
+from loadtests.bench_relay import flip_status, redis_server, supervised
 from pdp.pg import migrate
 from pdp.pg import seed as pg_seed
 from pdp.pg.seed_data import SeedSpec, synthetic
@@ -65,7 +65,6 @@ from sync.service import SyncService
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path("/usr/lib/postgresql/15/bin")
-TENANT = "tenant-1"
 CHANNEL = "pdp-bench:commits"
 OPTIONS = SyncOptions(backoff_initial=0.05, backoff_max=0.5)
 VISIBLE_WITHIN = 10.0  # a commit not visible everywhere this long after the writer stops
@@ -233,13 +232,7 @@ async def writer(args: argparse.Namespace) -> None:
         t0 = time.time()
         n = 0
         while time.monotonic() - started < args.seconds:
-            async with conn.transaction():
-                xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
-                await conn.execute(
-                    "UPDATE pdp.users SET status = CASE status WHEN 'active' THEN 'disabled' "
-                    "ELSE 'active' END WHERE tenant_id = $1 AND id = $2",
-                    TENANT, f"user-{n % 300:06d}",
-                )  # fmt: skip
+            xid = await flip_status(conn, n)
             commits.append((xid, time.time()))
             await bus.publish(CHANNEL, str(xid))
             n += 1

@@ -48,6 +48,18 @@ from sync.relay import Relay
 from sync.service import SyncService
 
 TENANT = "tenant-1"
+
+
+async def flip_status(conn: asyncpg.Connection, n: int) -> int:
+    """Commit one change (user n mod 300's status flipped); its transaction id."""
+    async with conn.transaction():
+        xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+        await conn.execute(
+            "UPDATE pdp.users SET status = CASE status WHEN 'active' THEN 'disabled' "
+            "ELSE 'active' END WHERE tenant_id = $1 AND id = $2",
+            TENANT, f"user-{n % 300:06d}",
+        )  # fmt: skip
+    return xid
 STREAM = "pdp:bench"
 OPTIONS = SyncOptions(backoff_initial=0.05, backoff_max=0.5)
 
@@ -106,13 +118,7 @@ class Writers:
         try:
             n, started = 0, time.monotonic()
             while not self._stop.is_set():
-                async with conn.transaction():
-                    xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
-                    await conn.execute(
-                        "UPDATE pdp.users SET status = CASE status WHEN 'active' THEN 'disabled' "
-                        "ELSE 'active' END WHERE tenant_id = $1 AND id = $2",
-                        TENANT, f"user-{n % 300:06d}",
-                    )  # fmt: skip
+                xid = await flip_status(conn, n)
                 self.commits.append((xid, time.monotonic()))
                 probe = asyncio.create_task(self._probe(xid, time.monotonic()))
                 self._probes.add(probe)
