@@ -98,6 +98,15 @@ async def until(condition: Callable[[], bool], within: float, what: str) -> None
     assert condition(), what
 
 
+async def more_changes(pg: asyncpg.Connection, n: int, within: float = 20.0) -> None:
+    """Wait until the writers have committed `n` more changes (visible change_log rows)."""
+    newest = "SELECT coalesce(max(id), 0) FROM pdp.change_log"
+    target = await pg.fetchval(newest) + n
+    async with asyncio.timeout(within):
+        while await pg.fetchval(newest) < target:  # noqa: ASYNC110 -- no bell for a test
+            await asyncio.sleep(0.02)
+
+
 @contextlib.asynccontextmanager
 async def writers(url: str, n: int = 4) -> AsyncIterator[list[asyncio.Task[int]]]:
     stop = asyncio.Event()
@@ -116,7 +125,7 @@ async def test_relay_publishes_and_a_follower_equals_the_database(
     async with fleet(seeded, redis_server.url) as running:
         side = running.side
         async with writers(seeded):
-            await asyncio.sleep(2)  # let them write for a while
+            await more_changes(pg, 200)  # let them write for a while
         await assert_equal(pg, side.replica)
         # Nothing changes now: the relay's heartbeat keeps the follower fresh.
         applied = side.entries
@@ -189,10 +198,10 @@ async def test_redis_restarted_the_follower_reloads_and_converges(
         side = running.side
         async with writers(seeded):
             redis_server.stop()
-            await asyncio.sleep(0.5)  # writes happen while Redis is down
+            await more_changes(pg, 30)  # writes happen while Redis is down
             await redis_server.start()
             await until(lambda: "redis_restart" in side.reloads, 20, "no reload")
-            await asyncio.sleep(1)
+            await more_changes(pg, 60)  # and go on after the reload
         await assert_equal(pg, side.replica, within=20)
         assert running.relay.terms >= 2  # the relay stepped down and led again
 
@@ -211,7 +220,7 @@ async def test_stream_trimmed_past_a_slow_follower_reloads(
             await until(lambda: side.replica.ready, 10, "the follower did not load")
         # Paused (its worker stopped, its position kept) while writes go on.
         async with writers(seeded):
-            await asyncio.sleep(1)
+            await more_changes(pg, 60)
         client = aioredis.from_url(redis_server.url)
         try:
             if snapshot_interval < 1:  # trim right after a snapshot at the stream's end
@@ -224,7 +233,7 @@ async def test_stream_trimmed_past_a_slow_follower_reloads(
         async with supervised("sync", side.lifespan):
             await until(lambda: "gap" in side.reloads, 10, "the follower did not reload")
             async with writers(seeded, 2):
-                await asyncio.sleep(0.5)
+                await more_changes(pg, 30)
             await assert_equal(pg, side.replica)
         # A stored snapshot older than the trim joins nothing: a second reload, from
         # PostgreSQL, follows at once.
@@ -285,7 +294,7 @@ async def test_epoch_change_and_truncate_reload_the_followers(
         await assert_equal(pg, side.replica)
         assert side.reloads == ["bootstrap", "reset", "reset"], side.reloads
         async with writers(seeded, 2):
-            await asyncio.sleep(0.5)
+            await more_changes(pg, 30)
         await assert_equal(pg, side.replica)
 
 
@@ -305,7 +314,7 @@ async def test_follower_bootstraps_from_postgres_when_redis_has_no_snapshot(
                 await client.aclose()
             async with supervised("sync", side.lifespan):
                 await until(lambda: side.replica.ready, 10, "the follower did not load")
-                await asyncio.sleep(1)  # writes go on
+                await more_changes(pg, 60)  # writes go on
             assert side.reloads == ["bootstrap"], side.reloads
         async with supervised("sync", side.lifespan):  # the same follower, resumed
             await assert_equal(pg, side.replica)
@@ -348,7 +357,7 @@ async def test_a_foreign_entry_in_the_stream_reloads_and_the_relay_starts_it_ove
             await client.aclose()
         await until(lambda: "bad_entry" in side.reloads, 10, "the follower did not reload")
         async with writers(seeded, 2):
-            await asyncio.sleep(0.5)
+            await more_changes(pg, 30)
         await assert_equal(pg, side.replica)
         assert running.relay.terms >= 2  # the append was refused: a new term, a reset
 
