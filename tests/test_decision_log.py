@@ -17,7 +17,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +34,7 @@ from pdp.decision_log import DecisionLog, StdoutSink
 from pdp.errors import ConfigError
 from pdp.sidecar import sidecar_app
 from sync.pg_decision_log import APP_NAME, PgDecisionLog
+from tests.waiting import until_true as _until
 
 T = "t"
 BASE = """
@@ -63,13 +63,6 @@ def _settings(tmp_path: Path, **changes: Any) -> Settings:
         "forward_auth_mode": "traefik",
     }  # fmt: skip
     return Settings(**(values | changes))
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
-    async with asyncio.timeout(within):
-        # Rows arrive through a worker and PostgreSQL: no event to wait on, so poll.
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 async def _client(aiohttp_client: AiohttpClient, settings: Settings, url: str) -> Client:

@@ -7,8 +7,7 @@ refused with 400; a load that cannot reach PostgreSQL denies (`user_unavailable`
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pdp.protocol import MIN_REVISION
 from pdp.sidecar import sidecar_app
 from tests.pg_url import proxied
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import until_true as _until
 
 
 @pytest.fixture
@@ -44,13 +44,6 @@ def _body(user: str) -> dict[str, Any]:
         "action": {"name": "read"},
         "resource": {"type": "doc", "id": "1"},
     }
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], within: float) -> None:
-    async with asyncio.timeout(within):
-        # The condition lives behind the HTTP API: no event to wait on, so poll it.
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 async def _commit(pg: asyncpg.Connection, sql: str) -> str:

@@ -44,6 +44,7 @@ from pdp.web.app import REGISTRY, REPLICA
 from sync import pg_queries as q
 from sync.user_cache import LOAD_ATTEMPTS, UserLoader
 from tests.sync_harness import RETRYABLE, TENANT, current_xid, random_write, seed
+from tests.waiting import until as _until
 
 USERS = 3_000
 CACHE = 300
@@ -209,13 +210,6 @@ async def _writing(url: str, work: Workload, loader: UserLoader) -> AsyncIterato
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-
-
-async def _until(condition: Any, within: float, what: str) -> None:
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 -- a counter, no event to wait on
-            await asyncio.sleep(0.01)
-    assert condition(), what
 
 
 async def test_zipf_checks_with_concurrent_writers_answer_as_the_database(

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from sync.pg_sync import covers
 from sync.pg_verifier import PgVerifier
 from sync.service import SyncService
 from tests.sync_harness import assert_equal, current_xid, seed
+from tests.waiting import until_true as _until
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = pytest.mark.skipif(not (BIN / "initdb").exists(), reason="no PostgreSQL 15 binaries")
@@ -114,12 +115,6 @@ def cluster() -> Iterator[tuple[str, str]]:
         for data in started:
             _as_postgres(BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], within: float) -> None:
-    async with asyncio.timeout(within):
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 async def _committed_xid(pg: asyncpg.Connection, sql: str) -> int:

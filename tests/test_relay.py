@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from sync.redis_stream import covers
 from sync.relay import Relay
 from tests.redis_server import RedisServer
 from tests.sync_harness import MAX_STALENESS, assert_all_equal, assert_equal, seed, writer
+from tests.waiting import until, until_true
 
 STREAM = "pdp:test"
 OPTIONS = SyncOptions(poll_interval=0.2, heartbeat=1.0, backoff_initial=0.05, backoff_max=0.5)
@@ -90,21 +91,15 @@ async def fleet(url: str, redis_url: str, n: int = 1, **changes: float) -> Async
         yield Fleet(worker, followers)
 
 
-async def until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Wait for `condition` with a deadline (workers expose no event for these)."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert condition(), what
-
-
 async def more_changes(pg: asyncpg.Connection, n: int, within: float = 20.0) -> None:
     """Wait until the writers have committed `n` more changes (visible change_log rows)."""
     newest = "SELECT coalesce(max(id), 0) FROM pdp.change_log"
     target = await pg.fetchval(newest) + n
-    async with asyncio.timeout(within):
-        while await pg.fetchval(newest) < target:  # noqa: ASYNC110 -- no bell for a test
-            await asyncio.sleep(0.02)
+
+    async def reached() -> bool:
+        return bool(await pg.fetchval(newest) >= target)
+
+    await until_true(reached, within)
 
 
 @contextlib.asynccontextmanager

@@ -9,10 +9,9 @@ redis-server, real relay and follower workers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -27,6 +26,7 @@ from sync.redis_follower import RedisFollower
 from sync.relay import Relay
 from tests.redis_server import RedisServer
 from tests.sync_harness import assert_equal, seed
+from tests.waiting import until
 
 STREAM = "pdp:verify"
 OPTIONS = SyncOptions(poll_interval=0.1, heartbeat=1.0, backoff_initial=0.05, backoff_max=0.5)
@@ -54,14 +54,6 @@ async def fleet(url: str, redis_url: str) -> AsyncIterator[tuple[Relay, RedisFol
     async with supervised("relay", relay.lifespan), supervised("follower", side.lifespan):
         await until(lambda: side.replica.ready and side.verified > 0, 15, "never verified")
         yield relay, side, metrics
-
-
-async def until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Wait for `condition` with a deadline (the workers expose no event for these)."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert condition(), what
 
 
 def consistent(metrics: Metrics, tenant: str) -> float | None:

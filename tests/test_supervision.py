@@ -8,9 +8,7 @@ restarted with backoff, and readiness tells the truth meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -22,6 +20,7 @@ from pytest_aiohttp import AiohttpClient
 from pdp.config import Settings
 from pdp.sidecar import sidecar_app
 from sync import pg_queries
+from tests.waiting import until_true as _until
 
 BASE = """
 INSERT INTO pdp.tenants (id) VALUES ('t');
@@ -31,13 +30,6 @@ INSERT INTO pdp.role_permissions VALUES ('t', 'viewer', 'doc:read');
 INSERT INTO pdp.user_roles (tenant_id, user_id, role_id) VALUES ('t', 'alice', 'viewer');
 """
 SETTINGS = Settings(poll_interval_seconds=0.2, heartbeat_seconds=1.0, verify_interval_seconds=3600)
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
-    async with asyncio.timeout(within):
-        # The state lives behind the HTTP API: no event to wait on, so poll it.
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 async def _metric(client: TestClient[Any, Any], name: str, **labels: str) -> float | None:
