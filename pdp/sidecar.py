@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ssl import SSLContext
 
 from aiohttp import web
@@ -40,7 +40,7 @@ from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
 from pdp.web.app import GATEWAY, HEALTH, METRICS, CleanupContext, build_app
-from pdp.web.forward_auth import RouteBox, gateway_from_settings, load_routes
+from pdp.web.forward_auth import Gateway, RouteBox, gateway_from_settings, load_routes
 from pdp.web.tls import server_context
 from sync.file_snapshot import SnapshotFile
 from sync.options import RelayOptions, SyncOptions
@@ -115,9 +115,30 @@ def sidecar_app(
             url, replica, metrics, size=settings.cache_users, ttl=settings.cache_ttl_seconds
         )
         replica.users = loader
+    api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
+    return api_app(
+        settings, url, replica, registry, metrics, supervisor,
+        api_keys=api_keys, gateway=gateway, loader=loader,
+    )  # fmt: skip
+
+
+def api_app(  # noqa: PLR0917 -- what the composition root assembled
+    settings: Settings,
+    url: str,
+    replica: Replica,
+    registry: CollectorRegistry,
+    metrics: Metrics,
+    supervisor: Supervisor,
+    *,
+    api_keys: ApiKeys | None,
+    gateway: Gateway | None,
+    loader: UserLoader | None = None,
+    scrape: Callable[[], Awaitable[bytes]] | None = None,
+) -> web.Application:
+    """The check API over `replica`, with its SQL fallback and decision log (writer added
+    to `supervisor`); the app's cleanup runs them and the supervisor's workers."""
     fallback = PgFallback(url)
     decision_log = decision_log_for(settings, url, metrics, supervisor)
-    api_keys = None if settings.api_keys_file is None else ApiKeys.load(settings.api_keys_file)
     return build_app(
         settings,
         replica=replica,
@@ -129,6 +150,7 @@ def sidecar_app(
         gateway=gateway,
         decision_log=decision_log,
         cleanup=[workers_context(fallback, supervisor, loader)],
+        scrape=scrape,
     )
 
 

@@ -35,15 +35,12 @@ from pdp.config import Settings
 from pdp.engine import Engine
 from pdp.http_edge import EdgeLimits, default_max_connections, raise_file_limit
 from pdp.metrics import Metrics, merge_expositions
-from pdp.readiness import Health
 from pdp.replica import Replica
 from pdp.supervisor import Supervisor
 from pdp.web.api_keys import ApiKeys
-from pdp.web.app import build_app
 from pdp.web.forward_auth import Gateway, gateway_from_settings
 from pdp.web.tls import server_context
 from sync import worker_channel
-from sync.pg_fallback import PgFallback
 from sync.worker_channel import Follower
 
 log = logging.getLogger(__name__)
@@ -191,21 +188,11 @@ class Worker:
         supervisor = Supervisor(metrics)
         # Critical, never restarted: a broken chain stops the worker (`broken`).
         supervisor.add(sidecar.SYNC_WORKER, follower.lifespan, critical=True)
-        fallback = PgFallback(self.url)
-        decision_log = sidecar.decision_log_for(settings, self.url, metrics, supervisor)
-        app = build_app(
-            settings,
-            replica=replica,
-            registry=registry,
-            metrics=metrics,
-            health=Health(replica, settings.max_staleness_seconds, lambda: supervisor.down),
-            fallback=fallback,
-            api_keys=self.loaded.api_keys,
-            gateway=self.loaded.gateway,
-            decision_log=decision_log,
-            cleanup=[sidecar.workers_context(fallback, supervisor)],
+        app = sidecar.api_app(
+            settings, self.url, replica, registry, metrics, supervisor,
+            api_keys=self.loaded.api_keys, gateway=self.loaded.gateway,
             scrape=self._scrape(registry),
-        )
+        )  # fmt: skip
         slot = str(self.slot)
 
         async def stamp(_request: web.Request, response: web.StreamResponse) -> None:
