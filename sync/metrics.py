@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 
@@ -27,6 +28,22 @@ class VerifierMetrics(Protocol):
     def set_consistent(self, tenant: str, ok: bool) -> None: ...
     def forget_tenant(self, tenant: str) -> None: ...
     def set_change_log_age(self, seconds: float) -> None: ...
+
+
+class ConsistencyReport:
+    """`pdp_cache_consistent{tenant}` from each verification round's results: a tenant
+    no longer in a round (gone from both sides) loses its series."""
+
+    def __init__(self, metrics: VerifierMetrics) -> None:
+        self._metrics = metrics
+        self._reported: set[str] = set()
+
+    def report(self, result: Mapping[str, bool]) -> None:
+        for tenant in self._reported - result.keys():
+            self._metrics.forget_tenant(tenant)
+        self._reported = set(result)
+        for tenant, ok in result.items():
+            self._metrics.set_consistent(tenant, ok)
 
 
 class FollowerMetrics(SyncMetrics, VerifierMetrics, Protocol):

@@ -24,7 +24,7 @@ import asyncpg
 from pdp.pg.errors import DRIVER_ERRORS
 from pdp.supervisor import Body
 from sync import pg_queries as q
-from sync.metrics import NullMetrics, VerifierMetrics
+from sync.metrics import ConsistencyReport, NullMetrics, VerifierMetrics
 from sync.pg_sync import PgSync
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class PgVerifier:
         self._sync = sync
         self._metrics = metrics or NullMetrics()
         self._interval = interval
-        self._reported: set[str] = set()
+        self._consistency = ConsistencyReport(self._metrics)
 
     async def verify_once(self) -> dict[str, bool]:
         """Compare every tenant once; returns {tenant: consistent}."""
@@ -82,11 +82,8 @@ class PgVerifier:
         return result
 
     def _report(self, result: dict[str, bool]) -> None:
-        for tenant in self._reported - result.keys():
-            self._metrics.forget_tenant(tenant)
-        self._reported = set(result)
+        self._consistency.report(result)
         for tenant, ok in result.items():
-            self._metrics.set_consistent(tenant, ok)
             if not ok:
                 log.error("replica of tenant %s differs from the database; reloading it", tenant)
                 self._sync.reload_tenant(tenant)

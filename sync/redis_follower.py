@@ -47,7 +47,7 @@ from pdp.replica import Replica
 from pdp.supervisor import Body
 from sync import apply, pg_read
 from sync import redis_stream as rs
-from sync.metrics import FollowerMetrics, NullMetrics
+from sync.metrics import ConsistencyReport, FollowerMetrics, NullMetrics
 from sync.options import SyncOptions
 from sync.pg_read import Batch, Cursor
 from sync.tasks import raise_if_cancelling
@@ -96,7 +96,7 @@ class RedisFollower:
         self.reloads: list[str] = []  # why each load happened, for tests and logs
         self.verified = 0  # relay digests compared, for tests
         self._checked = (0, 0)  # digests of entries up to this id were compared already
-        self._reported: set[str] = set()  # tenants in pdp_cache_consistent
+        self._consistency = ConsistencyReport(self._metrics)
 
     @property
     def replica(self) -> Replica:
@@ -284,11 +284,8 @@ class RedisFollower:
             return True
         mine = apply.digests(self._replica)
         result = {t: mine.get(t, EMPTY) == relay.get(t, EMPTY) for t in relay.keys() | mine}
-        for tenant in self._reported - result.keys():
-            self._metrics.forget_tenant(tenant)
-        self._reported = set(result)
+        self._consistency.report(result)
         for tenant, ok in sorted(result.items()):
-            self._metrics.set_consistent(tenant, ok)
             if not ok:
                 log.error(
                     "relay follower: tenant %s differs from the relay's replica at %s; "
