@@ -125,6 +125,14 @@ class Replica:
         """Return at the next install, batch applied or proof of currency."""
         await self._advanced.wait()
 
+    def fresh(self, max_staleness: float) -> Engine | None:
+        """The engine if loaded and proven current within `max_staleness` seconds, else
+        None (the hot path's one question; `staleness` says by how much)."""
+        synced = self._synced_at
+        if synced is None or self._clock() - synced > max_staleness:
+            return None
+        return self._engine
+
     def staleness(self) -> float:
         """Seconds since the data was last proven current; infinite before the first load."""
         if self._synced_at is None:

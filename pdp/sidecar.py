@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from ssl import SSLContext
 
 from aiohttp import web
@@ -134,9 +134,11 @@ def api_app(  # noqa: PLR0917 -- what the composition root assembled
     gateway: Gateway | None,
     loader: UserLoader | None = None,
     scrape: Callable[[], Awaitable[bytes]] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Application:
     """The check API over `replica`, with its SQL fallback and decision log (writer added
-    to `supervisor`); the app's cleanup runs them and the supervisor's workers."""
+    to `supervisor`); the app's cleanup runs them and the supervisor's workers. `headers`
+    are set on every answer (`build_app`)."""
     fallback = PgFallback(url)
     decision_log = decision_log_for(settings, url, metrics, supervisor)
     return build_app(
@@ -151,6 +153,7 @@ def api_app(  # noqa: PLR0917 -- what the composition root assembled
         decision_log=decision_log,
         cleanup=[workers_context(fallback, supervisor, loader)],
         scrape=scrape,
+        headers=headers,
     )
 
 

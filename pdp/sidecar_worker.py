@@ -188,18 +188,11 @@ class Worker:
         supervisor = Supervisor(metrics)
         # Critical, never restarted: a broken chain stops the worker (`broken`).
         supervisor.add(sidecar.SYNC_WORKER, follower.lifespan, critical=True)
-        app = sidecar.api_app(
+        return sidecar.api_app(
             settings, self.url, replica, registry, metrics, supervisor,
             api_keys=self.loaded.api_keys, gateway=self.loaded.gateway,
-            scrape=self._scrape(registry),
+            scrape=self._scrape(registry), headers={WORKER_HEADER: str(self.slot)},
         )  # fmt: skip
-        slot = str(self.slot)
-
-        async def stamp(_request: web.Request, response: web.StreamResponse) -> None:
-            response.headers[WORKER_HEADER] = slot
-
-        app.on_response_prepare.append(stamp)
-        return app
 
     def _scrape(self, registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
         """Every process's metrics: this worker's own, the others' over their sockets."""

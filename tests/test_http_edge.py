@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from pdp.http_edge import EdgeLimits, EdgeRunner, EdgeServer
 from pdp.metrics import Metrics
+from pdp.web.api_keys import ApiKeys
+from pdp.web.app import build_app
 from tests.raw_http import Answer, edge_server, exchange, get, post, read_answer
-from tests.test_web_support import Clock, evaluation, loaded_replica, make_app
+from tests.test_web_support import Clock, evaluation, loaded_replica, make_app, settings
 
 EVALUATION = "/access/v1/evaluation"
 READ_TIMEOUT = 1.0
@@ -339,3 +344,116 @@ async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(
         for _, writer in busy:
             writer.close()
     _no_traceback(caplog)
+
+
+# --- the hot routes without the router ----------------------------------------------
+
+
+@pytest.fixture
+def resolves(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths aiohttp's router resolves from now on (in this process)."""
+    seen: list[str] = []
+    original = web.UrlDispatcher.resolve
+
+    async def counted(self: web.UrlDispatcher, request: web.Request) -> Any:
+        seen.append(request.raw_path)
+        return await original(self, request)
+
+    monkeypatch.setattr(web.UrlDispatcher, "resolve", counted)
+    return seen
+
+
+async def test_a_check_skips_the_router_and_answers_as_the_routed_one(
+    edge: Edge, resolves: list[str]
+) -> None:
+    body = json.dumps(evaluation()).encode()
+    direct = await edge.send(post(EVALUATION, body, headers={"X-Request-ID": "d-1"}))
+    assert resolves == []  # straight to the route's handler
+    routed = await edge.send(post(EVALUATION + "?via=router", body))  # same route, routed
+    assert resolves == [EVALUATION + "?via=router"]
+    assert direct.status == routed.status == 200
+    assert direct.json() == routed.json()
+    assert direct.json()["decision"] is True
+    assert direct.headers["x-request-id"] == "d-1"  # the route's guard ran
+    assert edge.counted(EVALUATION, 200) == 2
+
+
+async def test_only_a_plain_post_to_a_hot_path_skips_the_router(
+    edge: Edge, resolves: list[str]
+) -> None:
+    body = json.dumps(evaluation()).encode()
+    answer = await edge.send(get(EVALUATION))
+    assert answer.status == 405  # the router names the allowed method
+    assert answer.headers["allow"] == "POST"
+    expect = await edge.send(post(EVALUATION, body, headers={"Expect": "100-continue"}))
+    assert expect.status == 100  # aiohttp's router answers Expect first
+    batch = {"evaluations": [evaluation()]}
+    answer = await edge.send(post("/access/v1/evaluations", json.dumps(batch).encode()))
+    assert answer.status == 200
+    assert answer.json()["evaluations"][0]["decision"] is True
+    assert resolves == [EVALUATION, EVALUATION]  # the GET and the Expect; not the batch
+
+
+async def test_the_direct_path_asks_for_the_api_key_too(resolves: list[str]) -> None:
+    key = "k" * 40
+    keys = ApiKeys((("svc", hashlib.sha256(key.encode()).digest()),))
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    app = make_app(loaded_replica(Clock()), registry=registry, metrics=metrics, api_keys=keys)
+    body = json.dumps(evaluation()).encode()
+    async with edge_server(app, EdgeLimits(READ_TIMEOUT, max_connections=8)) as port:
+        refused = await exchange(port, post(EVALUATION, body))
+        allowed = await exchange(port, post(EVALUATION, body, headers={"X-PDP-API-Key": key}))
+    assert refused.status == 401
+    assert refused.json()["error"] == "unauthorized"
+    assert allowed.status == 200
+    assert allowed.json()["decision"] is True
+    assert resolves == []
+
+
+async def test_after_drain_every_answer_closes_its_connection(edge: Edge) -> None:
+    body = json.dumps(evaluation()).encode()
+    before = await edge.send(post(EVALUATION, body), close_wait=0.2)
+    assert before.status == 200
+    assert not before.closed
+    server = edge.runner.server
+    assert isinstance(server, EdgeServer)
+    server.drain()
+    direct = await edge.send(post(EVALUATION, body))
+    routed = await edge.send(get("/healthz"))
+    for answer in (direct, routed):
+        assert answer.headers["connection"].lower() == "close", answer
+        assert answer.closed
+
+
+async def test_an_app_with_a_prepare_signal_is_served_through_the_router(
+    resolves: list[str],
+) -> None:
+    app = make_app(loaded_replica(Clock()))
+
+    async def mark(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Signal"] = "ran"
+
+    app.on_response_prepare.append(mark)
+    body = json.dumps(evaluation()).encode()
+    async with edge_server(app, EdgeLimits(READ_TIMEOUT, max_connections=8)) as port:
+        answer = await exchange(port, post(EVALUATION, body))
+    assert answer.status == 200
+    assert answer.headers["x-signal"] == "ran"  # not skipped with the router
+    assert resolves == [EVALUATION]
+
+
+async def test_the_apps_headers_are_on_direct_and_routed_answers(resolves: list[str]) -> None:
+    registry = CollectorRegistry()
+    app = build_app(
+        settings(), replica=loaded_replica(Clock()), registry=registry,
+        headers={"X-PDP-Worker": "3"},
+    )  # fmt: skip
+    body = json.dumps(evaluation()).encode()
+    async with edge_server(app, EdgeLimits(READ_TIMEOUT, max_connections=8)) as port:
+        direct = await exchange(port, post(EVALUATION, body))
+        routed = await exchange(port, get("/nothing/here"))
+    assert direct.status == 200
+    assert routed.status == 404
+    assert direct.headers["x-pdp-worker"] == routed.headers["x-pdp-worker"] == "3"
+    assert resolves == ["/nothing/here"]

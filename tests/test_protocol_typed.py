@@ -52,6 +52,9 @@ def test_the_common_shape_decodes_to_the_general_parsers_query(body: dict[str, o
         _raw({**COMMON, "subject": {"type": "user", "id": ""}}),
         _raw({**COMMON, "subject": {"type": "user", "id": "x" * 257}}),
         _raw({**COMMON, "subject": {"type": "user", "id": "a\x00b"}}),
+        _raw({**COMMON, "action": {"name": ""}}),  # every id is bounded, not only the user's
+        _raw({**COMMON, "resource": {"type": "document", "id": "9" * 257}}),
+        _raw({**COMMON, "resource": {"type": "do\x00c", "id": "1"}}),
         _raw({**COMMON, "subject": {"type": "user", "id": 7}}),
         _raw({"subject": COMMON["subject"], "action": COMMON["action"]}),
         _raw(COMMON)[:-1] + b"} x",

@@ -28,15 +28,17 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import istr
 from prometheus_client import CollectorRegistry
 
 from pdp.config import Settings
 from pdp.decision_log import DecisionLog
 from pdp.errors import DependencyError, RequestError, RequestReadTimeout
+from pdp.http_edge import DIRECT
 from pdp.metrics import Metrics
 from pdp.protocol import error_body
 from pdp.readiness import Health
@@ -69,8 +71,10 @@ METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 FALLBACK: web.AppKey[Fallback | None] = web.AppKey("fallback")
 GATEWAY: web.AppKey[Gateway | None] = web.AppKey("gateway")
+# The hot routes, served by the edge without the router (`pdp.http_edge.DIRECT`).
+DIRECT_PATHS = frozenset({"/access/v1/evaluation", "/access/v1/evaluations"})
 
-REQUEST_ID = "X-Request-ID"
+REQUEST_ID = istr("X-Request-ID")  # case-folded once: every answer reads and sets it
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404/405)
 CLIENT_GONE = 499  # nginx's "client closed request": counted, never sent
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -93,6 +97,7 @@ def build_app(
     decision_log: DecisionLog | None = None,
     cleanup: Sequence[CleanupContext] = (),
     scrape: Callable[[], Awaitable[bytes]] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Application:
     """The pdp application: AuthZEN and operations routes over `replica`.
 
@@ -105,7 +110,10 @@ def build_app(
     and forward-auth decision is recorded (its worker is the caller's). Each `cleanup`
     context is appended to `app.cleanup_ctx` in order. `scrape`, when given, makes the
     /metrics page (default: `registry`'s metrics; `pdp serve --workers` gathers every
-    process's).
+    process's). `headers` are set on every answer of a route, beside X-Request-ID (a
+    `--workers` worker names itself). No `on_response_prepare` signal: the edge serves
+    the hot routes without the router, and aiohttp runs those signals only for routed
+    requests.
     """
     if metrics is None:
         metrics = Metrics(registry)
@@ -127,6 +135,9 @@ def build_app(
     app[HEALTH] = health
     app[FALLBACK] = fallback
     app[GATEWAY] = gateway
+    direct: dict[str, Handler] = {}
+    app[DIRECT] = direct
+    stamp = tuple((headers or {}).items())
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback, decision_log).routes(),
         *ForwardAuthApi(settings, replica, metrics, gateway, decision_log).routes(),
@@ -137,22 +148,27 @@ def build_app(
         handler: Handler = route.handler
         if api_keys is not None and route.path not in PUBLIC_PATHS:
             handler = _authenticated(handler, api_keys)
-        handler = _guard(handler, route.path, metrics)
+        handler = _guard(handler, route.path, metrics, stamp)
+        if route.method == "POST" and route.path in DIRECT_PATHS:
+            direct[route.path] = handler
         if route.method == "GET":  # with its HEAD, as web.get() would
             app.router.add_get(route.path, handler, **route.kwargs)
         else:
             app.router.add_route(route.method, route.path, handler, **route.kwargs)
     # Anything no route matches: a JSON 404, or a JSON 405 naming the allowed methods.
     unmatched: Handler = _unmatched if api_keys is None else _authenticated(_unmatched, api_keys)
-    app.router.add_route("*", "/{tail:.*}", _guard(unmatched, UNMATCHED, metrics))
+    app.router.add_route("*", "/{tail:.*}", _guard(unmatched, UNMATCHED, metrics, stamp))
     if gateway is not None and gateway.keys is not None:
         app.cleanup_ctx.append(gateway.keys.running)
     app.cleanup_ctx.extend(cleanup)
     return app
 
 
-def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
-    """`handler` with errors mapped to JSON, X-Request-ID stamped and the route counted."""
+def _guard(
+    handler: Handler, route: str, metrics: Metrics, stamp: tuple[tuple[str, str], ...] = ()
+) -> Handler:
+    """`handler` with errors mapped to JSON, X-Request-ID (and `stamp`'s headers) set and
+    the route counted."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
@@ -172,6 +188,8 @@ def _guard(handler: Handler, route: str, metrics: Metrics) -> Handler:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = _error(500, "internal", "internal error")
         response.headers[REQUEST_ID] = request.headers.get(REQUEST_ID) or _new_request_id()
+        for name, value in stamp:
+            response.headers[name] = value
         metrics.http_request(route, response.status)
         return response
 
