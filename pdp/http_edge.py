@@ -32,6 +32,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -149,7 +150,7 @@ class EdgeHandler(RequestHandler):
         return phase == "idle" or (phase == "handling" and self._waiter is not None)
 
     def data_received(self, data: bytes) -> None:
-        if data and self._between():
+        if data and (self._phase == "idle" or self._between()):
             self._phase = "headers"
             self._arm()
         before = self._request_count
@@ -256,6 +257,14 @@ def _shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+async def _closing(answer: Awaitable[StreamResponse]) -> StreamResponse:
+    """The answer, closing its connection: the process is about to stop and clients
+    should move elsewhere (`EdgeServer.drain`)."""
+    response = await answer
+    response.force_close()
+    return response
+
+
 class EdgeServer(web.Server):
     """aiohttp's server making `EdgeHandler`s, holding the connection cap."""
 
@@ -285,7 +294,7 @@ class EdgeServer(web.Server):
     def __call__(self) -> RequestHandler:
         return EdgeHandler(self, loop=self._loop, **self._kwargs)
 
-    async def _dispatch(self, request: BaseRequest) -> StreamResponse:
+    def _dispatch(self, request: BaseRequest) -> Awaitable[StreamResponse]:
         """Every request's handler: a POST to a path of `direct` (exactly: no query
         string, no other spelling) goes straight to its handler, anything else through
         aiohttp's router (`Application._handle`, which also answers Expect:
@@ -293,18 +302,19 @@ class EdgeServer(web.Server):
 
         The router's resolve, match-info bookkeeping and their coroutines cost ~16,000
         of the ~265,000 instructions of a whole check request (callgrind; README,
-        Benchmarks). A direct handler is the very one the router holds (guard, API key
+        Benchmarks). Not a coroutine itself: it hands aiohttp the handler's. A direct
+        handler is the very one the router holds (guard, API key
         and all), so the answer is the same either way; `request.match_info` is simply
         not filled in, which those handlers never read.
         """
         handler = self._direct.get(request.raw_path)
         if handler is None or request.method != "POST" or hdrs.EXPECT in request.headers:
-            response = await self._routed(request)
+            answer = self._routed(request)
         else:
-            response = await handler(cast(web.Request, request))
-        if self.draining:  # the process is about to stop: clients move elsewhere
-            response.force_close()
-        return response
+            answer = handler(cast(web.Request, request))
+        # The handler's own coroutine, not one more around it (a frame per request),
+        # but after `drain`.
+        return _closing(answer) if self.draining else answer
 
     def admit(self, handler: EdgeHandler, transport: asyncio.BaseTransport) -> bool:
         """Room for one more connection (closing the oldest idle one if need be), else

@@ -216,11 +216,13 @@ def _authenticated(handler: Handler, keys: ApiKeys) -> Handler:
 # Generated ids: a random per-process prefix and a counter. Unique like uuid4 for
 # correlating logs, at a fraction of the cost (no urandom call per request).
 _ID_PREFIX = uuid.uuid4().hex[:20]
-_ID_COUNTER = itertools.count(1)
+# From 16**11: hex() then gives 12 digits for the next 2.6e14 ids, so an id stays 32 hex
+# digits without a format spec.
+_ID_COUNTER = itertools.count(16**11)
 
 
 def _new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+    return _ID_PREFIX + hex(next(_ID_COUNTER))[2:]  # hex(): half the cost of a format spec
 
 
 def _error(status: int, error: str, message: str, field: str | None = None) -> web.Response:
