@@ -4,10 +4,13 @@ Runs a real `pdp serve` against a seeded database, then:
 1. idle throughput: wrk on /access/v1/evaluation for `--wrk-seconds`;
 2. writes: `--writers` connections commit `--rate` changes/s in total; every change
    flips one user's permission. Right after each commit the writer asks the
-   sidecar for the new decision, measuring commit -> correct answer two ways:
+   sidecar for the new decision, measuring commit -> correct answer two ways, and a
+   baseline:
      - `poll`:         plain requests repeated until the decision flips;
      - `min-revision`: one request carrying X-PDP-Min-Revision (answered as soon as
                        the sidecar's snapshot covers the commit);
+     - `request`:      one plain request whatever its answer: the measuring path alone
+                       (a task on the writers' busy event loop, a round trip);
    and wrk runs again during the writes for the "throughput while syncing" ratio;
 3. catch-up cost per change, from the sidecar's own metrics;
 4. the same split by whether wrk was running: commit -> answer percentiles, catch-ups/s,
@@ -222,10 +225,26 @@ async def writer(
                         measure(http, base, user, grant, xid_or_poll, committed, results)
                     )
                 )
+            elif n % sample == 2 and "request" in results:
+                probes.append(asyncio.create_task(round_trip(http, base, user, committed, results)))
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await asyncio.gather(*probes)
     await conn.close()
+
+
+async def round_trip(
+    http: aiohttp.ClientSession,
+    base: str,
+    user: str,
+    committed: float,
+    results: dict[str, list[float]],
+) -> None:
+    """Commit -> any answer (one request, whatever the decision): the measuring path
+    alone (a task on this busy event loop, one HTTP round trip), no sync in it."""
+    await _decision(http, base, user)
+    results["request"].append(time.monotonic() - committed)
+    results["request_at"].append(committed)
 
 
 async def measure(
@@ -376,14 +395,15 @@ def span_report(label: str, spans: Spans, results: dict[str, list[float]]) -> No
         f"{_delta(spans, 'cpu:sidecar') / seconds:.2f} s/s, its catch-up backend "
         f"{_delta(spans, 'cpu:backend') / seconds:.2f} s/s"
     )
-    for kind in ("poll", "min-revision"):
+    for kind in ("poll", "min-revision", "request"):
         v = [
             latency
             for latency, t in zip(results[kind], results[f"{kind}_at"], strict=True)
             if any(a.at <= t < b.at for a, b in spans)
         ]
+        what = "commit-to-any-answer" if kind == "request" else "commit-to-visible"
         print(
-            f"[{label}] commit-to-visible [{kind}]: n={len(v)} p50={_pct(v, 50) * 1000:.1f} ms "
+            f"[{label}] {what} [{kind}]: n={len(v)} p50={_pct(v, 50) * 1000:.1f} ms "
             f"p99={_pct(v, 99) * 1000:.1f} ms max={max(v, default=0) * 1000:.1f} ms"
         )
     print(f"[{label}] where propagation goes: {phase_report(spans)}")
@@ -426,6 +446,8 @@ async def main(args: argparse.Namespace) -> None:
                         "min-revision",
                         "poll_at",
                         "min-revision_at",
+                        "request",
+                        "request_at",
                         "wrong",
                         "fallback",
                         "poll_timeouts",
@@ -514,6 +536,7 @@ if __name__ == "__main__":
         "--sample",
         type=int,
         default=10,
-        help="measure 1 change in N by polling and 1 in N with X-PDP-Min-Revision (default 10)",
+        help="measure 1 change in N by polling, 1 in N with X-PDP-Min-Revision, and 1 in N "
+        "by one plain request (the measuring path alone, no sync in it) (default 10)",
     )
     asyncio.run(main(parser.parse_args()))
