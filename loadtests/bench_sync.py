@@ -4,12 +4,19 @@ Runs a real `pdp serve` against a seeded database, then:
 1. idle throughput: wrk on /access/v1/evaluation for `--wrk-seconds`;
 2. writes: `--writers` connections commit `--rate` changes/s in total; every change
    flips one user's permission. Right after each commit the writer asks the
-   sidecar for the new decision, measuring commit -> correct answer two ways:
+   sidecar for the new decision, measuring commit -> correct answer two ways, and a
+   baseline:
      - `poll`:         plain requests repeated until the decision flips;
      - `min-revision`: one request carrying X-PDP-Min-Revision (answered as soon as
                        the sidecar's snapshot covers the commit);
+     - `request`:      one plain request whatever its answer: the measuring path alone
+                       (a task on the writers' busy event loop, a round trip);
    and wrk runs again during the writes for the "throughput while syncing" ratio;
-3. catch-up cost per change, from the sidecar's own metrics.
+3. catch-up cost per change, from the sidecar's own metrics;
+4. the same split by whether wrk was running: commit -> answer percentiles, catch-ups/s,
+   the phase breakdown (`pdp_sync_phase_seconds`) and CPU seconds per second of the
+   sidecar and of its catch-up connection's PostgreSQL backend, for the writes alone and
+   for the writes while wrk saturates the cores.
 
     python loadtests/bench_sync.py --users 100000 --rate 1000 --seconds 20
 
@@ -33,6 +40,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -81,6 +89,13 @@ async def scratch_database(server_url: str) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def sidecar(url: str, port: int) -> AsyncIterator[str]:
+    async with sidecar_process(url, port) as (base, _pid):
+        yield base
+
+
+@contextlib.asynccontextmanager
+async def sidecar_process(url: str, port: int) -> AsyncIterator[tuple[str, int]]:
+    """(base URL, pid) of a ready `pdp serve`."""
     env = {
         **os.environ,
         "PDP_DATABASE_URL": url,
@@ -101,7 +116,7 @@ async def sidecar(url: str, port: int) -> AsyncIterator[str]:
                 await asyncio.sleep(0.2)
             else:
                 raise RuntimeError("sidecar did not become ready")
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
@@ -160,9 +175,15 @@ async def writer(
     until: float,
     results: dict[str, list[float]],
     sample: int,
+    *,
+    synchronous_commit: str = "on",
 ) -> None:
-    """Flip grants of this writer's own users at `rate` commits/s; time a sample of flips."""
-    conn = await asyncpg.connect(url)
+    """Flip grants of this writer's own users at `rate` commits/s; time a sample of flips.
+
+    `synchronous_commit` "off" lets a machine whose WAL flushes are slow (a shared disk)
+    still commit the asked rate; what a sidecar sees of a commit does not change.
+    """
+    conn = await asyncpg.connect(url, server_settings={"synchronous_commit": synchronous_commit})
     granted: set[str] = set()
     period = 1.0 / rate
     n = 0
@@ -204,10 +225,26 @@ async def writer(
                         measure(http, base, user, grant, xid_or_poll, committed, results)
                     )
                 )
+            elif n % sample == 2 and "request" in results:
+                probes.append(asyncio.create_task(round_trip(http, base, user, committed, results)))
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await asyncio.gather(*probes)
     await conn.close()
+
+
+async def round_trip(
+    http: aiohttp.ClientSession,
+    base: str,
+    user: str,
+    committed: float,
+    results: dict[str, list[float]],
+) -> None:
+    """Commit -> any answer (one request, whatever the decision): the measuring path
+    alone (a task on this busy event loop, one HTTP round trip), no sync in it."""
+    await _decision(http, base, user)
+    results["request"].append(time.monotonic() - committed)
+    results["request_at"].append(committed)
 
 
 async def measure(
@@ -226,9 +263,11 @@ async def measure(
                 results["poll_timeouts"].append(1.0)
                 return
         results["poll"].append(time.monotonic() - committed)
+        results.setdefault("poll_at", []).append(committed)
         return
     decision, revision = await _decision(http, base, user, xid)
     results["min-revision"].append(time.monotonic() - committed)
+    results.setdefault("min-revision_at", []).append(committed)
     if decision != grant:
         results["wrong"].append(1.0)
     if revision == "sql":
@@ -257,50 +296,117 @@ def wrk(base: str, seconds: int, users: int) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
-    async with http.get(f"{base}/metrics") as resp:
-        text = await resp.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
+COUNTERS = (
+    "pdp_sync_changes_applied_total",
+    "pdp_sync_catchups_total",
+    "pdp_sync_catchup_seconds_sum",
+)
 PHASES = ("notify", "wait", "read", "apply")
 _BUCKET = re.compile(r'pdp_sync_phase_seconds_bucket\{le="([^"]+)",phase="([^"]+)"\} (\S+)')
 _PHASE_SUM = re.compile(r'pdp_sync_phase_seconds_(sum|count)\{phase="([^"]+)"\} (\S+)')
+SYNC_BACKEND = (
+    "SELECT pid FROM pg_stat_activity "
+    "WHERE application_name = 'pdp-sync' AND datname = current_database()"
+)
 
 
-async def phases(http: aiohttp.ClientSession, base: str) -> dict[str, dict[str, float]]:
-    """The sidecar's pdp_sync_phase_seconds: per phase its sum, count and buckets."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process on this host (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Scrape:
+    """At one moment: the sidecar's sync counters (by name), phase histograms (as
+    `phase:{phase}:{sum|count|le}`) and CPU seconds (`cpu:sidecar`, `cpu:backend`: the
+    sidecar's catch-up connection's PostgreSQL backend)."""
+
+    at: float
+    values: dict[str, float]
+
+
+async def scrape(http: aiohttp.ClientSession, base: str, pid: int, backend: int | None) -> Scrape:
     async with http.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    found: dict[str, dict[str, float]] = {p: {} for p in PHASES}
+    values = dict.fromkeys(COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in COUNTERS:
+            values[name] += float(line.rsplit(" ", 1)[1])
     for le, phase, value in _BUCKET.findall(text):
-        found.setdefault(phase, {})[le] = float(value)
+        values[f"phase:{phase}:{le}"] = float(value)
     for kind, phase, value in _PHASE_SUM.findall(text):
-        found.setdefault(phase, {})[kind] = float(value)
-    return found
+        values[f"phase:{phase}:{kind}"] = float(value)
+    values["cpu:sidecar"] = cpu_seconds(pid)
+    values["cpu:backend"] = cpu_seconds(backend)
+    return Scrape(time.monotonic(), values)
 
 
-def phase_report(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
-    """Mean and bucket-bound p99 of each phase over the run (the difference of two scrapes)."""
+Spans = list[tuple[Scrape, Scrape]]
+
+
+def _delta(spans: Spans, key: str) -> float:
+    """How much `key` grew over the spans (`at`: their seconds)."""
+    if key == "at":
+        return sum(b.at - a.at for a, b in spans)
+    return sum(b.values.get(key, 0.0) - a.values.get(key, 0.0) for a, b in spans)
+
+
+def phase_report(spans: Spans) -> str:
+    """Mean and bucket-bound p99 of each phase over the spans (differences of scrapes)."""
     parts = []
     for phase in PHASES:
-        a, b = after.get(phase, {}), before.get(phase, {})
-        count = a.get("count", 0.0) - b.get("count", 0.0)
+        count = _delta(spans, f"phase:{phase}:count")
         if count <= 0:
             parts.append(f"{phase}: none")
             continue
-        mean = (a.get("sum", 0.0) - b.get("sum", 0.0)) / count
-        bounds = sorted((float(le), le) for le in a if le not in {"sum", "count", "+Inf"})
+        mean = _delta(spans, f"phase:{phase}:sum") / count
+        prefix = f"phase:{phase}:"
+        bounds = sorted(
+            (float(key[len(prefix) :]), key)
+            for key in spans[0][1].values
+            if key.startswith(prefix) and key[len(prefix)].isdigit()
+        )
         p99 = next(
-            (f"<= {v * 1000:g} ms" for v, le in bounds if a[le] - b.get(le, 0.0) >= 0.99 * count),
+            (f"<= {v * 1000:g} ms" for v, key in bounds if _delta(spans, key) >= 0.99 * count),
             "> the last bucket",
         )
         parts.append(f"{phase}: n={count:.0f} mean={mean * 1000:.2f} ms p99 {p99}")
     return "; ".join(parts)
+
+
+def span_report(label: str, spans: Spans, results: dict[str, list[float]]) -> None:
+    """Propagation, catch-ups and CPU over the spans (writes with or without wrk)."""
+    seconds = _delta(spans, "at")
+    commits = sum(1 for t in results["commits"] if any(a.at <= t < b.at for a, b in spans))
+    catchups = _delta(spans, "pdp_sync_catchups_total")
+    changes = _delta(spans, "pdp_sync_changes_applied_total")
+    catchup_s = _delta(spans, "pdp_sync_catchup_seconds_sum")
+    print(
+        f"[{label}] {seconds:.1f} s, {commits / seconds:.0f} commits/s, "
+        f"{catchups / seconds:.0f} catch-ups/s ({changes / max(catchups, 1):.1f} changes and "
+        f"{catchup_s / max(catchups, 1) * 1000:.2f} ms each); CPU: sidecar "
+        f"{_delta(spans, 'cpu:sidecar') / seconds:.2f} s/s, its catch-up backend "
+        f"{_delta(spans, 'cpu:backend') / seconds:.2f} s/s"
+    )
+    for kind in ("poll", "min-revision", "request"):
+        v = [
+            latency
+            for latency, t in zip(results[kind], results[f"{kind}_at"], strict=True)
+            if any(a.at <= t < b.at for a, b in spans)
+        ]
+        what = "commit-to-any-answer" if kind == "request" else "commit-to-visible"
+        print(
+            f"[{label}] {what} [{kind}]: n={len(v)} p50={_pct(v, 50) * 1000:.1f} ms "
+            f"p99={_pct(v, 99) * 1000:.1f} ms max={max(v, default=0) * 1000:.1f} ms"
+        )
+    print(f"[{label}] where propagation goes: {phase_report(spans)}")
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -310,50 +416,78 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+async def _backend_pid(url: str) -> int | None:
+    conn = await asyncpg.connect(url)
+    try:
+        pid = await conn.fetchval(SYNC_BACKEND)
+    finally:
+        await conn.close()
+    return None if pid is None else int(pid)
+
+
+def _loadavg() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 async def main(args: argparse.Namespace) -> None:
     server = os.environ.get("PDP_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     async with scratch_database(server) as url:
         print(f"seeding {args.users} users ...", flush=True)
         await prepare(url, args.users)
-        async with sidecar(url, _free_port()) as base:
+        async with sidecar_process(url, _free_port()) as (base, pid):
+            print(f"load average (1/5/15 min) before the writes: {_loadavg()}", flush=True)
             idle = await asyncio.to_thread(wrk, base, args.wrk_seconds, args.users)
+            backend = await _backend_pid(url)
             async with aiohttp.ClientSession() as http:
-                before = {
-                    n: await metric(http, base, n)
-                    for n in (
-                        "pdp_sync_changes_applied_total",
-                        "pdp_sync_catchups_total",
-                        "pdp_sync_catchup_seconds_sum",
-                    )
-                }
-                phases_before = await phases(http, base)
                 results: dict[str, list[float]] = {
                     k: []
                     for k in (
                         "poll",
                         "min-revision",
+                        "poll_at",
+                        "min-revision_at",
+                        "request",
+                        "request_at",
                         "wrong",
                         "fallback",
                         "poll_timeouts",
                         "commits",
                     )
                 }
+                marks = [await scrape(http, base, pid, backend)]
                 until = time.monotonic() + args.seconds
                 writers = [
                     asyncio.create_task(
-                        writer(i, url, base, args.rate / args.writers, until, results, args.sample)
+                        writer(
+                            i,
+                            url,
+                            base,
+                            args.rate / args.writers,
+                            until,
+                            results,
+                            args.sample,
+                            synchronous_commit=args.synchronous_commit,
+                        )
                     )
                     for i in range(args.writers)
                 ]
                 await asyncio.sleep(max(0, (args.seconds - args.wrk_seconds) / 2))
+                marks.append(await scrape(http, base, pid, backend))
                 busy = await asyncio.to_thread(wrk, base, args.wrk_seconds, args.users)
+                marks.append(await scrape(http, base, pid, backend))
+                await asyncio.sleep(max(0.0, until - time.monotonic()))
+                marks.append(await scrape(http, base, pid, backend))
                 await asyncio.gather(*writers)
-                after = {n: await metric(http, base, n) for n in before}
-                phases_after = await phases(http, base)
+            print(f"load average (1/5/15 min) after the writes: {_loadavg()}")
+    everything, quiet, loaded = (
+        [(marks[0], marks[3])],
+        [(marks[0], marks[1]), (marks[2], marks[3])],
+        [(marks[1], marks[2])],
+    )
     commits = len(results["commits"])
-    changes = after["pdp_sync_changes_applied_total"] - before["pdp_sync_changes_applied_total"]
-    catchups = after["pdp_sync_catchups_total"] - before["pdp_sync_catchups_total"]
-    catchup_s = after["pdp_sync_catchup_seconds_sum"] - before["pdp_sync_catchup_seconds_sum"]
+    changes = _delta(everything, "pdp_sync_changes_applied_total")
+    catchups = _delta(everything, "pdp_sync_catchups_total")
+    catchup_s = _delta(everything, "pdp_sync_catchup_seconds_sum")
     print(
         f"commits: {commits} in {args.seconds}s ({commits / args.seconds:.0f}/s) "
         f"by {args.writers} writers; catch-ups: {catchups:.0f}; rows applied: {changes:.0f}"
@@ -374,11 +508,15 @@ async def main(args: argparse.Namespace) -> None:
             f"catch-up cost: {catchup_s / max(catchups, 1) * 1000:.2f} ms per catch-up, "
             f"{catchup_s / changes * 1e6:.0f} us per applied change"
         )
-    print(f"where propagation goes: {phase_report(phases_before, phases_after)}")
+    print(f"where propagation goes: {phase_report(everything)}")
     print(
         f"check throughput: idle {idle:.0f} req/s, while syncing {busy:.0f} req/s, "
         f"ratio {busy / idle if idle else 0:.2f}"
     )
+    # The sync target is about sync; while wrk saturates the cores the tail is CPU
+    # contention. So the writes without wrk and the writes during it, apart.
+    span_report("writes alone", quiet, results)
+    span_report("writes + wrk", loaded, results)
 
 
 if __name__ == "__main__":
@@ -389,9 +527,16 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--wrk-seconds", type=int, default=8)
     parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off"),
+        default="on",
+        help="the writers' synchronous_commit: off when slow WAL flushes cap the commit rate",
+    )
+    parser.add_argument(
         "--sample",
         type=int,
         default=10,
-        help="measure 1 change in N by polling and 1 in N with X-PDP-Min-Revision (default 10)",
+        help="measure 1 change in N by polling, 1 in N with X-PDP-Min-Revision, and 1 in N "
+        "by one plain request (the measuring path alone, no sync in it) (default 10)",
     )
     asyncio.run(main(parser.parse_args()))

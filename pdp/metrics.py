@@ -37,6 +37,8 @@ DECISION_BUCKETS = (
 # Commit to applied: a NOTIFY round trip is milliseconds, the poll safety net ~1 s.
 CATCHUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30)
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Phases are milliseconds each: finer steps around the 15 ms propagation goal.
+PHASE_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
 
 
 class Metrics:
@@ -72,7 +74,7 @@ class Metrics:
             "that woke its catch-up), wait (doorbell to the catch-up's read: coalescing and "
             "a catch-up already running), read (the catch-up's SQL), apply (into memory)",
             ["phase"],
-            buckets=PROPAGATION_BUCKETS,
+            buckets=PHASE_BUCKETS,
             registry=registry,
         )
         self.changes = Counter(

@@ -14,17 +14,36 @@ SNAPSHOT = (
     "FROM pdp.sync_meta"
 )
 
-# Change rows committed after `prev` ($1) and visible now. `txid >= xmin(prev)` lets
-# the index narrow the scan; the visibility test does the rest (a long-running
-# transaction elsewhere only widens the range, it never hides a change).
-CHANGES = """
-SELECT txid::text::bigint AS txid, tenant_id, entity, op, key::text AS key, changed_at
-FROM pdp.change_log
-WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
-ORDER BY id
-LIMIT $2
-"""
+# The change_log rows committed after `prev` ($1) and visible now, as a FROM item.
+# Not visible in `prev` means txid >= xmax(prev) or txid in xip(prev) (the definition of
+# pg_visible_in_snapshot), so the rows are two narrow ranges of the txid index, and a
+# long-running transaction elsewhere neither hides a change nor widens the scan. (The
+# range `txid >= xmin(prev)` did widen it: any open transaction in the cluster, a COPY in
+# another database, holds xmin back, and every catch-up re-read all changes since.)
+# Both bounds of the range are spelled out (`< xmax(now)` is true of every visible row)
+# because the driver prepares the statement and PostgreSQL then plans it generically,
+# without the values: a range with two ends is estimated at 0.5% of the rows and goes by
+# the index, while one open end (1/3 of the rows) under ORDER BY id LIMIT made it walk
+# change_log_pkey through the whole retained log (7 days by default) on every catch-up.
+# The visibility test stays as the statement of what is wanted.
+_CHANGE_COLUMNS = "id, txid, tenant_id, entity, op, key, changed_at"
+_NEW_CHANGES = (
+    f"(SELECT {_CHANGE_COLUMNS} FROM pdp.change_log "
+    "WHERE txid >= pg_snapshot_xmax($1::text::pg_snapshot) "
+    "AND txid < pg_snapshot_xmax(pg_current_snapshot()) "
+    f"UNION ALL SELECT {_CHANGE_COLUMNS} FROM pdp.change_log "
+    "WHERE txid = ANY(ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))) c "
+    "WHERE NOT pg_visible_in_snapshot(c.txid, $1::text::pg_snapshot)"
+)
+
+# Change rows committed after `prev` ($1) and visible now, at most $2 of them (any $2
+# when there are more: the caller then reloads), in id order.
+CHANGES = (
+    "WITH ch AS MATERIALIZED ("
+    f"SELECT {_CHANGE_COLUMNS} FROM {_NEW_CHANGES} LIMIT $2) "
+    "SELECT txid::text::bigint AS txid, tenant_id, entity, op, key::text AS key, changed_at "
+    "FROM ch ORDER BY id"
+)
 
 
 def _column(col: str) -> str:
@@ -109,12 +128,11 @@ def _json_rows(entity: str) -> str:
 # the transactional path for reload markers, oversized batches and reload reasons.
 FAST_CATCHUP = (
     "WITH ch AS MATERIALIZED ("
-    "SELECT txid::text::bigint AS txid, tenant_id, entity, op, key, "
-    "extract(epoch FROM changed_at)::float8 AS at FROM pdp.change_log "
-    "WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot) "
-    "AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) ORDER BY id LIMIT $2) "
+    "SELECT id, txid::text::bigint AS txid, tenant_id, entity, op, key, "
+    f"extract(epoch FROM changed_at)::float8 AS at FROM {_NEW_CHANGES} LIMIT $2) "
     "SELECT m.epoch::text, m.purged_max_xid::text::bigint, pg_current_snapshot()::text, "
-    "(SELECT json_agg(json_build_array(txid, tenant_id, entity, op, key, at)) FROM ch)::text"
+    "(SELECT json_agg(json_build_array(txid, tenant_id, entity, op, key, at) ORDER BY id) "
+    "FROM ch)::text"
     + "".join(f", {_json_rows(entity)}" for entity in COLUMNS)
     + " FROM pdp.sync_meta m"
 )
