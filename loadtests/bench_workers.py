@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -110,16 +111,41 @@ def histogram_p99(text: str, name: str, process: str) -> float:
     return next(bound for bound, n in buckets if n >= 0.99 * total)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its children (the workers) so far."""
+    total = 0
+    for p in (pid, *children(pid)):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def throughput(url: str, args: argparse.Namespace) -> dict[int, list[float]]:
     rates: dict[int, list[float]] = {1: [], 2: []}
+    # Server CPU seconds per 1,000 checks and the cores wrk itself used: on a machine
+    # where the load generator shares the cores, the scaling a dedicated host would see
+    # is the ratio of CPU per check, not of checks/s.
+    per_check: dict[int, list[float]] = {1: [], 2: []}
+    wrk_cores: dict[int, list[float]] = {1: [], 2: []}
     memory: dict[str, int] = {}
     for _ in range(args.rounds):
         for workers in (1, 2):
             async with served(url, workers) as (base, pid):
                 await asyncio.to_thread(wrk, base, 2, args.users)  # warm-up
+                cpu, kids = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
                 rate = await asyncio.to_thread(wrk, base, args.wrk_seconds, args.users)
+                served_cpu = cpu_seconds(pid) - cpu
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                load = (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
                 rates[workers].append(rate)
-                print(f"  {workers} worker(s): {rate:.0f} req/s", flush=True)
+                per_check[workers].append(served_cpu / (rate * args.wrk_seconds) * 1e3)
+                wrk_cores[workers].append(load / args.wrk_seconds)
+                print(
+                    f"  {workers} worker(s): {rate:.0f} req/s, server "
+                    f"{served_cpu / args.wrk_seconds:.2f} cores ({per_check[workers][-1]:.3f} "
+                    f"CPU s per 1,000 checks), wrk {wrk_cores[workers][-1]:.2f} cores",
+                    flush=True,
+                )
                 if workers == 1:
                     memory["single_rss"] = rollup(pid)["Rss"]
                 else:
@@ -133,6 +159,13 @@ async def throughput(url: str, args: argparse.Namespace) -> dict[int, list[float
     print(
         f"checks/s: 1 worker {one:.0f}, 2 workers {two:.0f}: {two / one:.2f}x (median of "
         f"{args.rounds} rounds, wrk -t1 -c32, unpinned, all cores shared with the load)"
+    )
+    cost1, cost2 = statistics.median(per_check[1]), statistics.median(per_check[2])
+    print(
+        f"server CPU per 1,000 checks: 1 worker {cost1:.3f} s, 2 workers {cost2:.3f} s; wrk "
+        f"used {statistics.median(wrk_cores[1]):.2f} / {statistics.median(wrk_cores[2]):.2f}"
+        f" cores. With a core per worker and the load elsewhere, 2 workers would give "
+        f"{2 * cost1 / cost2:.2f}x (2 x the ratio of CPU per check)"
     )
     m = memory
     print(

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pdp import protocol
-from pdp.protocol import decode_evaluation, parse_evaluation
+from pdp.protocol import decode_evaluation, parse_evaluation, parse_evaluations
 
 pytestmark = pytest.mark.skipif(not protocol.TYPED, reason="msgspec is not installed")
 
@@ -66,3 +66,60 @@ def test_anything_else_is_left_to_the_general_parser(raw: bytes) -> None:
 
 def test_without_a_default_tenant_the_general_parser_answers() -> None:
     assert decode_evaluation(_raw(COMMON), None) is None
+
+
+# --- batches ---------------------------------------------------------------------------
+
+READ = {"name": "read"}
+DOC = {"type": "document", "id": "42"}
+ALICE = {"type": "user", "id": "alice"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"subject": ALICE, "evaluations": [{"action": READ, "resource": DOC}] * 3},
+        {"evaluations": [COMMON, {**COMMON, "subject": {"type": "user", "id": "bob"}}]},
+        {  # an entry's key replaces the default whole
+            "subject": ALICE,
+            "action": READ,
+            "resource": DOC,
+            "evaluations": [
+                {},
+                {"action": {"name": "write"}},
+                {"resource": {"type": "f", "id": "1"}},
+            ],
+        },
+    ],
+)
+def test_a_common_batch_decodes_to_the_general_parsers_batch(body: dict[str, object]) -> None:
+    batch = protocol.decode_evaluations(_raw(body), "t1", 100)
+    assert batch is not None
+    assert batch == parse_evaluations(protocol.loads(_raw(body)), "t1", 100)
+    assert all(entry.facts() is None for entry in batch.entries)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"subject": ALICE, "evaluations": []},  # no entries: one evaluation
+        {"subject": ALICE, "evaluations": [{"action": READ, "resource": DOC}] * 101},  # too many
+        {"subject": ALICE, "evaluations": [{"action": READ}]},  # no resource anywhere
+        {"subject": None, "evaluations": [COMMON]},  # null is not absent
+        {"evaluations": [{**COMMON, "subject": None}]},
+        {"evaluations": [COMMON], "options": {"include_reasons": True}},
+        {"evaluations": [{**COMMON, "context": {"ip": "10.0.0.1"}}]},
+        {"evaluations": [COMMON], "context": {}},
+        {"evaluations": [{**COMMON, "resource": {**DOC, "properties": {"level": 1}}}]},
+        {"evaluations": [{**COMMON, "resource": {"type": "document", "id": "a\x00"}}]},
+        {"evaluations": [{**COMMON, "action": {"name": ""}}]},
+        {"evaluations": [COMMON, 7]},
+        {"evaluations": {"0": COMMON}},
+    ],
+)
+def test_any_other_batch_is_left_to_the_general_parser(body: dict[str, object]) -> None:
+    assert protocol.decode_evaluations(_raw(body), "t1", 100) is None
+
+
+def test_a_batch_without_a_default_tenant_is_left_to_the_general_parser() -> None:
+    assert protocol.decode_evaluations(_raw({"evaluations": [COMMON]}), None, 100) is None

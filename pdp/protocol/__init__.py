@@ -38,7 +38,7 @@ from pdp.protocol.search import (
     parse_resource_search,
     parse_subject_search,
 )
-from pdp.protocol.typed import TYPED, decode_evaluation
+from pdp.protocol.typed import TYPED, decode_evaluation, decode_evaluations
 
 __all__ = [
     "DEFAULT_PAGE_LIMIT",
@@ -56,6 +56,7 @@ __all__ = [
     "SubjectSearch",
     "configuration",
     "decode_evaluation",
+    "decode_evaluations",
     "dumps",
     "entry_error",
     "error_body",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pdp.protocol.evaluation import Query
+from pdp.protocol.evaluation import SEMANTICS, Batch, Query
 from pdp.protocol.fields import MAX_ID_LENGTH
 
 try:
@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - the plain path; msgspec is an optional extra
     msgspec = None  # type: ignore[assignment]
 
-__all__ = ["TYPED", "decode_evaluation"]
+__all__ = ["TYPED", "decode_evaluation", "decode_evaluations"]
 
 TYPED = msgspec is not None  # whether this install has the fast path
 
@@ -47,6 +47,22 @@ if msgspec is not None:
         resource: _Entity
 
     _decode = msgspec.json.Decoder(_Evaluation).decode
+
+    # A batch of the common shape: top-level defaults and entries of subject, action and
+    # resource only (no options, context or properties); a key absent from an entry takes
+    # the default (null is not absent: the general parser names it).
+    class _Entry(msgspec.Struct, forbid_unknown_fields=True):
+        subject: _Entity | msgspec.UnsetType = msgspec.UNSET
+        action: _Action | msgspec.UnsetType = msgspec.UNSET
+        resource: _Entity | msgspec.UnsetType = msgspec.UNSET
+
+    class _Evaluations(msgspec.Struct, forbid_unknown_fields=True):
+        evaluations: list[_Entry]
+        subject: _Entity | msgspec.UnsetType = msgspec.UNSET
+        action: _Action | msgspec.UnsetType = msgspec.UNSET
+        resource: _Entity | msgspec.UnsetType = msgspec.UNSET
+
+    _decode_batch = msgspec.json.Decoder(_Evaluations).decode
     _ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError,)
 
 
@@ -71,3 +87,28 @@ def decode_evaluation(raw: bytes, default_tenant: str | None) -> Query | None:
 
 
 _NUL = b"\\u0000"
+
+
+def decode_evaluations(raw: bytes, default_tenant: str | None, max_batch: int) -> Batch | None:
+    """The Batch of an `evaluations` body of the common shape (1 to `max_batch` entries,
+    each naming, itself or through the defaults, a subject, an action and a resource), as
+    the general parser would make it; else None."""
+    if msgspec is None or default_tenant is None or _NUL in raw:
+        return None
+    try:
+        body = _decode_batch(raw)
+    except _ERRORS:
+        return None
+    entries = body.evaluations
+    if not 0 < len(entries) <= max_batch:  # none: one evaluation; too many: an error
+        return None
+    unset, subject, action, resource = msgspec.UNSET, body.subject, body.action, body.resource
+    queries: list[Query] = []
+    for entry in entries:
+        s = subject if entry.subject is unset else entry.subject
+        a = action if entry.action is unset else entry.action
+        r = resource if entry.resource is unset else entry.resource
+        if s is unset or a is unset or r is unset:
+            return None  # the general parser names what is missing
+        queries.append(Query(default_tenant, s.type, s.id, r.type, r.id, a.name))
+    return Batch(tuple(queries), SEMANTICS[0], False)

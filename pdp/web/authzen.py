@@ -374,8 +374,16 @@ class AuthzenApi:
 
     async def evaluations(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        body = await read_json(request)
-        parsed = protocol.parse_evaluations(body, self._default_tenant, self._max_batch)
+        body = await read_body(request)
+        # The common shape decoded typed (msgspec, ~3x cheaper); anything else, and every
+        # error message, from the general parser.
+        parsed: Query | Batch | None = protocol.decode_evaluations(
+            body, self._default_tenant, self._max_batch
+        )
+        if parsed is None:
+            parsed = protocol.parse_evaluations(
+                protocol.loads(body), self._default_tenant, self._max_batch
+            )
         if isinstance(parsed, Query):
             return await self._single(request, parsed, "evaluations", started)
         raw = request.headers.get(MIN_REVISION)
