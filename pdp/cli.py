@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import asyncpg
 
@@ -50,8 +50,22 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever `sys.stderr` is when a record comes (as logging's
+    own last-resort handler does): a stream swapped and closed later (pytest's capture
+    of a CLI run) is never written to after it closed."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pdp.cli import build_parser
+from pdp.cli import build_parser, configure_logging
+from pdp.config import Settings
 from pdp.errors import ConfigError
 from tests.pg_url import with_database, with_password
 
@@ -232,3 +235,18 @@ def test_relay_mode_sidecar_with_redis_down_is_one_line(db_url: str) -> None:
     assert result.returncode == 1
     assert "cannot reach Redis (PDP_REDIS_URL)" in _one_error_line(result)
     assert "s3cret" not in result.stderr
+
+
+def test_logging_follows_stderr_after_a_captured_stream_closed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    configure_logging(Settings())
+    logging.getLogger("pdp.test").warning("first")
+    monkeypatch.undo()  # the stream the handler started with goes away, as after a test
+    captured.close()
+    logging.getLogger("pdp.test").warning("second")
+    err = capsys.readouterr().err
+    assert "second" in err
+    assert "Logging error" not in err
