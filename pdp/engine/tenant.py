@@ -134,18 +134,6 @@ class TenantState:
             self._decisions[key] = found
         return found
 
-    def compact(self) -> None:
-        """Share equal immutable grants and user records (after a bulk load): saves memory."""
-        canon: dict[object, object] = {}
-        share = canon.setdefault
-        users = self.users
-        for uid, (status, grants, groups) in users.items():
-            if isinstance(grants, dict):
-                continue
-            shared = tuple(map(share, grants, grants))  # share(x, x) for each grant
-            rec = (status, share(shared, shared), share(groups, groups))
-            users[uid] = cast(UserRec, share(rec, rec))
-
     # -- users and their direct assignments -------------------------------------------
 
     def _store_user(
