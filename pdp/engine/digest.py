@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # the tenant imports this module's line functions
     from pdp.engine.tenant import TenantState
 
 MASK = (1 << 64) - 1
-_FIRST_64 = struct.Struct(">Q").unpack_from  # faster than slicing and int.from_bytes
+FIRST_64 = struct.Struct(">Q").unpack_from  # faster than slicing and int.from_bytes
 EMPTY = "0000000000000000:0"
 
 
@@ -78,7 +78,7 @@ def render_expiry(expires: float | None) -> str:
 
 def line_value(line: str) -> int:
     """One line's contribution: the first 64 bits of its MD5, unsigned."""
-    value: int = _FIRST_64(md5(line.encode()).digest())[0]
+    value: int = FIRST_64(md5(line.encode()).digest())[0]
     return value
 
 
@@ -170,24 +170,27 @@ def recompute_digest(state: TenantState | None) -> str:
     return digest_lines(tenant_lines(state) if state is not None else ())
 
 
-def line_sum(state: TenantState) -> int:
+def line_sum(state: TenantState, *, users: bool = True) -> int:
     """Sum (mod 2**64) of the values of every held row's line: an O(rows) pass.
 
-    `sum(map(line_value, tenant_lines(state)))`, written out for the two tables a big
-    tenant is made of (users with their assignments and memberships): comprehensions
-    with no call per line but the hash (a bulk load runs this once over millions).
+    `sum(map(line_value, tenant_lines(state, users=users)))`, written out for the three
+    tables a big tenant is made of (users with their assignments and memberships):
+    comprehensions with no call per line but the hash.
     """
-    first, t = _FIRST_64, state.tenant_id
+    total: int = sum(map(line_value, tenant_lines(state, users=False)))
+    if not users:
+        return total & MASK
+    first, t = FIRST_64, state.tenant_id
     attributes = state.user_attributes.get
-    users = state.users.items()
-    total: int = sum([
+    held = state.users.items()
+    total += sum([
         first(md5(f"users|{t}|{uid}|{rec[0]}|{attributes(uid, '{}')}".encode()).digest())[0]
-        for uid, rec in users
+        for uid, rec in held
         if rec[0] is not None
     ])  # fmt: skip
     total += sum([
         first(md5(f"group_members|{t}|{gid}|{uid}".encode()).digest())[0]
-        for uid, rec in users
+        for uid, rec in held
         for gid in rec[2]
     ])  # fmt: skip
     total += sum([
@@ -195,8 +198,7 @@ def line_sum(state: TenantState) -> int:
             f"user_roles|{t}|{uid}|{role}|{scope}|{'' if exp is None else round(exp * 1_000_000)}"
             .encode()
         ).digest())[0]
-        for uid, rec in users
+        for uid, rec in held
         for role, scope, exp in (rec[1] if rec[1].__class__ is tuple else iter_grants(rec[1]))
     ])  # fmt: skip
-    total += sum(map(line_value, tenant_lines(state, users=False)))
     return total & MASK

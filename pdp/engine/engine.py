@@ -13,7 +13,7 @@ from itertools import groupby
 from operator import itemgetter
 
 from pdp.engine import evaluate
-from pdp.engine.bulk import BULK, Shared
+from pdp.engine.bulk import BULK, Shared, Tally
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
 from pdp.engine.export import TableRows, empty_tables, tenant_tables
@@ -34,12 +34,13 @@ class Loader:
     one tenant (ValueError otherwise).
     """
 
-    __slots__ = ("_only", "_shared", "_states")
+    __slots__ = ("_only", "_shared", "_states", "_tallies")
 
     def __init__(self, only: str | None = None) -> None:
         self._states: dict[str, TenantState] = {}
         self._only = only
         self._shared = Shared()
+        self._tallies: dict[str, Tally] = {}
         if only is not None:
             self._states[only] = TenantState(only, loading=True)
 
@@ -59,25 +60,32 @@ class Loader:
                 gc.enable()
 
     def _add_bulk(self, entity: str, rows: Iterable[Row]) -> None:
-        add, shared = BULK[entity], self._shared
+        add, shared, tallies = BULK[entity], self._shared, self._tallies
         for tenant, run in groupby(rows, _TENANT):  # one run per tenant: usually one
-            add(_state(self._states, entity, tenant, self._only), run, shared)
+            state = _state(self._states, entity, tenant, self._only)
+            tally = tallies.get(state.tenant_id) or tallies.setdefault(state.tenant_id, Tally())
+            add(state, run, shared, tally)
 
     def finish(self) -> dict[str, TenantState]:
-        """The tenant states, settled and with their digests summed."""
+        """The tenant states, settled and with their running digests started."""
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for state in self._states.values():
+            for tenant, state in self._states.items():
                 state.settle()
-                # One pass summing every row's digest line, here rather than per row (no
-                # replaced lines to look up) and rather than at the first digest() call:
-                # a full load runs in a worker thread, the verifier's digest() on the loop.
-                state.digest()
+                # Here rather than at the first digest() call: a full load runs in a
+                # worker thread, the verifier's digest() on the loop.
+                state.start_digest(self._user_rows_sum(tenant, state))
         finally:
             if collecting:
                 gc.enable()
         return self._states
+
+    def _user_rows_sum(self, tenant: str, state: TenantState) -> int | None:
+        """The tally of the tenant's user rows; None when it does not sum what is held."""
+        tally = self._tallies.get(tenant, Tally())
+        held = state.count["users"] + state.count["group_members"] + state.count["user_roles"]
+        return None if tally.replaced or tally.lines != held else tally.total
 
     def engine(self, revision: Snapshot) -> Engine:
         """`finish`, as an engine at `revision`."""
