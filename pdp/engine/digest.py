@@ -39,10 +39,12 @@ rows that the running value must always equal; a bulk load uses it once at its e
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import struct
-from collections.abc import Iterable, Iterator
-from hashlib import md5
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from pdp.engine.grants import Grant, iter_grants
 
@@ -50,8 +52,23 @@ if TYPE_CHECKING:  # the tenant imports this module's line functions
     from pdp.engine.tenant import TenantState
 
 MASK = (1 << 64) - 1
-_FIRST_64 = struct.Struct(">Q").unpack_from  # faster than slicing and int.from_bytes
+FIRST_64 = struct.Struct(">Q").unpack_from  # faster than slicing and int.from_bytes
 EMPTY = "0000000000000000:0"
+
+
+def _md5_function() -> Callable[[bytes], Any]:
+    """CPython's built-in MD5 where it is built (not in FIPS builds), else hashlib's.
+
+    The same digest; on a line of 40 bytes the built-in one costs 0.5 us against 1.4 us
+    for OpenSSL's (set-up per object), and a 1,000,000-user load hashes 3.5 M lines.
+    """
+    try:
+        return importlib.import_module("_md5").md5  # type: ignore[no-any-return]
+    except ImportError:
+        return partial(hashlib.md5, usedforsecurity=False)
+
+
+md5 = _md5_function()
 
 
 def render_expiry(expires: float | None) -> str:
@@ -61,7 +78,7 @@ def render_expiry(expires: float | None) -> str:
 
 def line_value(line: str) -> int:
     """One line's contribution: the first 64 bits of its MD5, unsigned."""
-    value: int = _FIRST_64(md5(line.encode(), usedforsecurity=False).digest())[0]
+    value: int = FIRST_64(md5(line.encode()).digest())[0]
     return value
 
 
@@ -91,11 +108,15 @@ def grant_line(entity: str, tenant: str, holder: str, grant: Grant) -> str:
     return f"{entity}|{tenant}|{holder}|{role}|{scope}|{render_expiry(expires)}"
 
 
-def tenant_lines(state: TenantState) -> Iterator[str]:
-    """Every digest line of the rows the engine holds for this tenant."""
+def tenant_lines(state: TenantState, *, users: bool = True) -> Iterator[str]:
+    """Every digest line of the rows the engine holds for this tenant.
+
+    `users=False` leaves out the users, user_roles and group_members rows.
+    """
     if state.exists:
         yield f"tenants|{state.tenant_id}"
-    yield from _user_lines(state)
+    if users:
+        yield from _user_lines(state)
     yield from _group_lines(state)
     yield from _role_lines(state)
     for rtype, of_type in state.resources.items():
@@ -149,6 +170,35 @@ def recompute_digest(state: TenantState | None) -> str:
     return digest_lines(tenant_lines(state) if state is not None else ())
 
 
-def line_sum(state: TenantState) -> int:
-    """Sum (mod 2**64) of the values of every held row's line: an O(rows) pass."""
-    return sum(map(line_value, tenant_lines(state))) & MASK
+def line_sum(state: TenantState, *, users: bool = True) -> int:
+    """Sum (mod 2**64) of the values of every held row's line: an O(rows) pass.
+
+    `sum(map(line_value, tenant_lines(state, users=users)))`, written out for the three
+    tables a big tenant is made of (users with their assignments and memberships):
+    comprehensions with no call per line but the hash.
+    """
+    total: int = sum(map(line_value, tenant_lines(state, users=False)))
+    if not users:
+        return total & MASK
+    first, t = FIRST_64, state.tenant_id
+    attributes = state.user_attributes.get
+    held = state.users.items()
+    total += sum([
+        first(md5(f"users|{t}|{uid}|{rec[0]}|{attributes(uid, '{}')}".encode()).digest())[0]
+        for uid, rec in held
+        if rec[0] is not None
+    ])  # fmt: skip
+    total += sum([
+        first(md5(f"group_members|{t}|{gid}|{uid}".encode()).digest())[0]
+        for uid, rec in held
+        for gid in rec[2]
+    ])  # fmt: skip
+    total += sum([
+        first(md5(
+            f"user_roles|{t}|{uid}|{role}|{scope}|{'' if exp is None else round(exp * 1_000_000)}"
+            .encode()
+        ).digest())[0]
+        for uid, rec in held
+        for role, scope, exp in (rec[1] if rec[1].__class__ is tuple else iter_grants(rec[1]))
+    ])  # fmt: skip
+    return total & MASK

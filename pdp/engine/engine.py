@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Generator, Iterable, Iterator, Mapping
+from itertools import groupby
+from operator import itemgetter
 
 from pdp.engine import evaluate
+from pdp.engine.bulk import BULK, Shared, Tally
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
 from pdp.engine.export import TableRows, empty_tables, tenant_tables
@@ -31,11 +34,13 @@ class Loader:
     one tenant (ValueError otherwise).
     """
 
-    __slots__ = ("_only", "_states")
+    __slots__ = ("_only", "_shared", "_states", "_tallies")
 
     def __init__(self, only: str | None = None) -> None:
         self._states: dict[str, TenantState] = {}
         self._only = only
+        self._shared = Shared()
+        self._tallies: dict[str, Tally] = {}
         if only is not None:
             self._states[only] = TenantState(only, loading=True)
 
@@ -46,31 +51,60 @@ class Loader:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            _load_rows(self._states, entity, rows, self._only)
+            if entity in BULK:
+                self._add_bulk(entity, rows)
+            else:
+                _load_rows(self._states, entity, rows, self._only)
         finally:
             if collecting:
                 gc.enable()
 
+    def _add_bulk(self, entity: str, rows: Iterable[Row]) -> None:
+        add, shared, tallies = BULK[entity], self._shared, self._tallies
+        for tenant, run in groupby(rows, _TENANT):  # one run per tenant: usually one
+            state = _state(self._states, entity, tenant, self._only)
+            tally = tallies.get(state.tenant_id) or tallies.setdefault(state.tenant_id, Tally())
+            add(state, run, shared, tally)
+
     def finish(self) -> dict[str, TenantState]:
-        """The tenant states, settled, compacted and with their digests summed."""
+        """The tenant states, settled and with their running digests started."""
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for state in self._states.values():
+            for tenant, state in self._states.items():
                 state.settle()
-                state.compact()
-                # One pass summing every row's digest line, here rather than per row (no
-                # replaced lines to look up) and rather than at the first digest() call:
-                # a full load runs in a worker thread, the verifier's digest() on the loop.
-                state.digest()
+                # Here rather than at the first digest() call: a full load runs in a
+                # worker thread, the verifier's digest() on the loop.
+                state.start_digest(self._user_rows_sum(tenant, state))
         finally:
             if collecting:
                 gc.enable()
         return self._states
 
+    def _user_rows_sum(self, tenant: str, state: TenantState) -> int | None:
+        """The tally of the tenant's user rows; None when it does not sum what is held."""
+        tally = self._tallies.get(tenant, Tally())
+        held = state.count["users"] + state.count["group_members"] + state.count["user_roles"]
+        return None if tally.replaced or tally.lines != held else tally.total
+
     def engine(self, revision: Snapshot) -> Engine:
         """`finish`, as an engine at `revision`."""
         return Engine(self.finish(), revision)
+
+
+_TENANT = itemgetter(0)
+
+
+def _state(
+    states: dict[str, TenantState], entity: str, tenant: object, only: str | None
+) -> TenantState:
+    """The loading state of `tenant` (made on first use); ValueError for a bad tenant id."""
+    if not isinstance(tenant, str) or (only is not None and tenant != only):
+        raise ValueError(f"{entity}: a row of {tenant!r} is not for tenant {only or 'a str id'}")
+    state = states.get(tenant)
+    if state is None:
+        state = states[tenant] = TenantState(tenant, loading=True)
+    return state
 
 
 def _load_rows(
@@ -79,14 +113,9 @@ def _load_rows(
     put = upserter(entity)
     state: TenantState | None = None
     for row in rows:
-        tenant = row[0]
         # Rows come grouped by tenant more often than not: skip the lookup then.
-        if state is None or tenant != state.tenant_id:
-            if not isinstance(tenant, str) or (only is not None and tenant != only):
-                raise ValueError(f"{entity}: row {row!r} is not for tenant {only or 'a str id'}")
-            state = states.get(tenant)
-            if state is None:
-                state = states[tenant] = TenantState(tenant, loading=True)
+        if state is None or row[0] != state.tenant_id:
+            state = _state(states, entity, row[0], only)
         put(state, row)
 
 

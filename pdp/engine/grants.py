@@ -43,21 +43,20 @@ def put(grants: Grants, grant: Grant) -> tuple[Grants, Grant | None]:
     if isinstance(grants, dict):
         return grants, index_put(grants, grant)
     role, scope = grant[0], grant[1]
-    old = None
-    kept = []
-    for held in grants:
-        if held[0] == role and held[1] == scope:
-            old = held
-        else:
-            kept.append(held)
-    kept.append(grant)
-    if len(kept) > SMALL:
+    for i, held in enumerate(grants):
+        if held[0] == role and held[1] == scope:  # same key, same place in the order
+            return (*grants[:i], grant, *grants[i + 1 :]), held
+    if len(grants) >= SMALL:
         index: ScopeIndex = {}
-        for held in kept:
+        for held in (*grants, grant):
             index_put(index, held)
-        return index, old
-    kept.sort(key=grant_order)
-    return tuple(kept), old
+        return index, None
+    # Insert in order (keys are distinct per (role, scope)): no sort, no list.
+    key = grant_order(grant)
+    for i, held in enumerate(grants):
+        if key < grant_order(held):
+            return (*grants[:i], grant, *grants[i:]), None
+    return (*grants, grant), None
 
 
 def drop(grants: Grants, role: str, scope: str) -> tuple[Grants, Grant | None]:

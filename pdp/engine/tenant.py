@@ -96,6 +96,18 @@ class TenantState:
             self._sum = line_sum(self)
         return render(self._sum, sum(self.count.values()))
 
+    def start_digest(self, user_rows: int | None) -> None:
+        """Start the running digest after a `loading` start (see `pdp.engine.Loader`).
+
+        `user_rows`: the sum of the line values of every users, group_members and
+        user_roles row held, known from the load; the other rows are summed here. None:
+        sum every row.
+        """
+        if user_rows is None:
+            self._sum = line_sum(self)
+        else:
+            self._sum = (user_rows + line_sum(self, users=False)) & MASK
+
     def _tally(self, sign: int, entity: str, *fields: str) -> None:
         """Add (sign 1) or subtract (-1) the line of a row of this tenant to the digest."""
         if self._sum is not None:
@@ -133,18 +145,6 @@ class TenantState:
             found = Decision(True, "granted", role, path, perm, group, scope, expires)
             self._decisions[key] = found
         return found
-
-    def compact(self) -> None:
-        """Share equal immutable grants and user records (after a bulk load): saves memory."""
-        canon: dict[object, object] = {}
-        share = canon.setdefault
-        users = self.users
-        for uid, (status, grants, groups) in users.items():
-            if isinstance(grants, dict):
-                continue
-            shared = tuple(map(share, grants, grants))  # share(x, x) for each grant
-            rec = (status, share(shared, shared), share(groups, groups))
-            users[uid] = cast(UserRec, share(rec, rec))
 
     # -- users and their direct assignments -------------------------------------------
 
