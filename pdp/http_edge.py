@@ -51,9 +51,11 @@ log = logging.getLogger(__name__)
 LOG_INTERVAL = 10.0  # seconds between two WARNING lines of one kind
 UNPARSED = "unparsed"  # the route label of requests aiohttp refused before any route
 _FD_RESERVE_MIN = 32  # descriptors kept for PostgreSQL, logs, files
-# An app's hot routes: exact path -> its handler, served without the router (POST;
-# `EdgeServer._dispatch`).
+# An app's hot routes, served without the router (`EdgeServer._dispatch`): exact path ->
+# its POST handler; and (path, its handler, the handler of the paths under it), any
+# method (forward-auth's two routes).
 DIRECT: web.AppKey[dict[str, Handler]] = web.AppKey("direct_routes")
+DIRECT_PREFIX: web.AppKey[tuple[str, Handler, Handler]] = web.AppKey("direct_prefix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,10 +276,14 @@ class EdgeServer(web.Server):
         limits: EdgeLimits,
         metrics: Metrics,
         direct: dict[str, Handler] | None = None,
+        prefix: tuple[str, Handler, Handler] | None = None,
         **kwargs: Any,
     ) -> None:
         self._routed = plain.request_handler
         self._direct = direct or {}
+        # A path no request has (NUL) when there is no prefix route.
+        self._prefix, self._at, self._under = prefix or ("\0", self._routed, self._routed)
+        self._prefix_dir = self._prefix + "/"
         super().__init__(
             self._dispatch,
             request_factory=plain.request_factory,
@@ -296,7 +302,8 @@ class EdgeServer(web.Server):
 
     def _dispatch(self, request: BaseRequest) -> Awaitable[StreamResponse]:
         """Every request's handler: a POST to a path of `direct` (exactly: no query
-        string, no other spelling) goes straight to its handler, anything else through
+        string, no other spelling), or any request to `prefix` or a path under it, goes
+        straight to its handler; anything else, and anything with Expect, through
         aiohttp's router (`Application._handle`, which also answers Expect:
         100-continue). After `drain` the answer closes its connection.
 
@@ -307,8 +314,16 @@ class EdgeServer(web.Server):
         and all), so the answer is the same either way; `request.match_info` is simply
         not filled in, which those handlers never read.
         """
-        handler = self._direct.get(request.raw_path)
-        if handler is None or request.method != "POST" or hdrs.EXPECT in request.headers:
+        path = request.raw_path
+        handler = self._direct.get(path)
+        if handler is not None and request.method != "POST":
+            handler = None
+        elif handler is None:
+            if path.startswith(self._prefix_dir):
+                handler = self._under
+            elif path == self._prefix:
+                handler = self._at
+        if handler is None or hdrs.EXPECT in request.headers:
             answer = self._routed(request)
         else:
             answer = handler(cast(web.Request, request))
@@ -368,5 +383,9 @@ class EdgeRunner(web.AppRunner):
         plain = await super()._make_server()
         # aiohttp runs `on_response_prepare` only for routed requests: an app with such
         # a signal is served through the router alone.
-        direct = None if self.app.on_response_prepare else self.app.get(DIRECT)
-        return EdgeServer(plain, *self._edge, direct, **plain._kwargs)
+        app = self.app
+        if app.on_response_prepare:
+            return EdgeServer(plain, *self._edge, **plain._kwargs)
+        return EdgeServer(
+            plain, *self._edge, app.get(DIRECT), app.get(DIRECT_PREFIX), **plain._kwargs
+        )

@@ -457,3 +457,21 @@ async def test_the_apps_headers_are_on_direct_and_routed_answers(resolves: list[
     assert routed.status == 404
     assert direct.headers["x-pdp-worker"] == routed.headers["x-pdp-worker"] == "3"
     assert resolves == ["/nothing/here"]
+
+
+async def test_forward_auth_skips_the_router_at_and_under_its_path(
+    edge: Edge, resolves: list[str]
+) -> None:
+    asked = {"X-Original-Method": "GET", "X-Original-URI": "/api/x", "X-User-Id": "alice"}
+    under = await edge.send(get("/forward-auth/api/x", asked))
+    at = await edge.send(get("/forward-auth", asked))
+    assert resolves == []
+    query = await edge.send(get("/forward-auth/api/x?q=1", asked))  # still under the path
+    assert resolves == []
+    assert under.status == query.status == at.status == 403  # no route table: fail closed
+    assert under.json() == query.json() == at.json()
+    other = await edge.send(get("/forward-authx", asked))  # not under the path: the router
+    assert other.status == 404
+    assert resolves == ["/forward-authx"]
+    assert edge.counted("/forward-auth/{tail:.*}", under.status) == 2  # same route labels
+    assert edge.counted("/forward-auth", at.status) == 1

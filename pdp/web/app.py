@@ -38,13 +38,14 @@ from prometheus_client import CollectorRegistry
 from pdp.config import Settings
 from pdp.decision_log import DecisionLog
 from pdp.errors import DependencyError, RequestError, RequestReadTimeout
-from pdp.http_edge import DIRECT
+from pdp.http_edge import DIRECT, DIRECT_PREFIX
 from pdp.metrics import Metrics
 from pdp.protocol import error_body
 from pdp.readiness import Health
 from pdp.replica import Fallback, Replica
 from pdp.web.api_keys import ApiKeys, presented_key
 from pdp.web.authzen import JSON_TYPE, AuthzenApi
+from pdp.web.forward_auth import PATH as FORWARD_AUTH_PATH
 from pdp.web.forward_auth import ForwardAuthApi, Gateway
 from pdp.web.ops import OpsApi
 
@@ -138,6 +139,7 @@ def build_app(
     direct: dict[str, Handler] = {}
     app[DIRECT] = direct
     stamp = tuple((headers or {}).items())
+    at_path: Handler | None = None  # forward-auth's handler at its own path
     routes = [
         *AuthzenApi(settings, replica, metrics, fallback, decision_log).routes(),
         *ForwardAuthApi(settings, replica, metrics, gateway, decision_log).routes(),
@@ -151,6 +153,11 @@ def build_app(
         handler = _guard(handler, route.path, metrics, stamp)
         if route.method == "POST" and route.path in DIRECT_PATHS:
             direct[route.path] = handler
+        elif route.path == FORWARD_AUTH_PATH:
+            at_path = handler
+        elif route.path == FORWARD_AUTH_PATH + "/{tail:.*}":
+            assert at_path is not None  # ForwardAuthApi lists its own path first
+            app[DIRECT_PREFIX] = (FORWARD_AUTH_PATH, at_path, handler)
         if route.method == "GET":  # with its HEAD, as web.get() would
             app.router.add_get(route.path, handler, **route.kwargs)
         else:
