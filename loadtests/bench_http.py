@@ -159,9 +159,10 @@ async def _serve_pdp(
     from pdp.config import Settings  # noqa: PLC0415 -- server process only
     from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- server process only
     from pdp.gateway import parse_routes  # noqa: PLC0415 -- server process only
-    from pdp.http_edge import EdgeLimits, EdgeRunner  # noqa: PLC0415 -- server process only
+    from pdp.http_edge import EdgeLimits  # noqa: PLC0415 -- server process only
     from pdp.replica import Replica  # noqa: PLC0415 -- server process only
-    from pdp.web.app import METRICS, build_app  # noqa: PLC0415 -- server process only
+    from pdp.sidecar import edge_runner  # noqa: PLC0415 -- server process only
+    from pdp.web.app import build_app  # noqa: PLC0415 -- server process only
     from pdp.web.forward_auth import Gateway, RouteBox  # noqa: PLC0415 -- server process only
 
     started = time.perf_counter()
@@ -191,11 +192,7 @@ async def _serve_pdp(
     gc.freeze()  # as a service would after loading: keep the collector off the long-lived heap
     # Served as `pdp serve` serves it: the HTTP edge (read deadlines, connection cap,
     # drain, the hot routes without the router) with the sidecar's runner arguments.
-    runner = EdgeRunner(
-        app, EdgeLimits(settings.request_read_timeout_seconds, 10_000), app[METRICS],
-        access_log=None, keepalive_timeout=settings.keepalive_timeout_seconds,
-        lingering_time=settings.request_read_timeout_seconds,
-    )  # fmt: skip
+    runner = edge_runner(app, settings, EdgeLimits(settings.request_read_timeout_seconds, 10_000))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

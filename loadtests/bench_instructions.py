@@ -107,20 +107,17 @@ async def _runner(kind: str, users: int) -> tuple[Any, list[str], list[str]]:
 
     from pdp.config import Settings  # noqa: PLC0415 -- counted process only
     from pdp.engine import Engine, Snapshot  # noqa: PLC0415 -- counted process only
-    from pdp.http_edge import EdgeLimits, EdgeRunner  # noqa: PLC0415 -- counted process only
+    from pdp.http_edge import EdgeLimits  # noqa: PLC0415 -- counted process only
     from pdp.replica import Replica  # noqa: PLC0415 -- counted process only
-    from pdp.web.app import METRICS, build_app  # noqa: PLC0415 -- counted process only
+    from pdp.sidecar import edge_runner  # noqa: PLC0415 -- counted process only
+    from pdp.web.app import build_app  # noqa: PLC0415 -- counted process only
 
     engine = Engine.build(bh._engine_rows(users), Snapshot(1, 1))
     replica = Replica(clock=time.monotonic)
     replica.install(engine, epoch="bench", synced_at=time.monotonic())
     settings = Settings(default_tenant=bh.TENANT, max_staleness_seconds=1e9, max_batch=100)
     app = build_app(settings, replica=replica, registry=CollectorRegistry())
-    runner = EdgeRunner(
-        app, EdgeLimits(settings.request_read_timeout_seconds, 10_000), app[METRICS],
-        access_log=None, keepalive_timeout=settings.keepalive_timeout_seconds,
-        lingering_time=settings.request_read_timeout_seconds,
-    )  # fmt: skip
+    runner = edge_runner(app, settings, EdgeLimits(settings.request_read_timeout_seconds, 10_000))
     await runner.setup()
     return runner, singles, batches
 

@@ -271,6 +271,18 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def edge_runner(app: web.Application, settings: Settings, limits: EdgeLimits) -> EdgeRunner:
+    """The runner `pdp serve` serves `app` with: pdp's HTTP edge under `limits`, the
+    keep-alive and read timeouts of `settings` (benchmarks measure through it too)."""
+    return EdgeRunner(
+        app, limits, app[METRICS],
+        access_log=None,
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        lingering_time=settings.request_read_timeout_seconds,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+    )  # fmt: skip
+
+
 async def serve_app(
     app: web.Application,
     settings: Settings,
@@ -287,13 +299,7 @@ async def serve_app(
     `sock`: a listening socket to serve on instead of binding PDP_HOST:PDP_PORT (a
     worker of `pdp.sidecar_workers`); `serving` is called once requests are accepted.
     """
-    runner = EdgeRunner(
-        app, limits, app[METRICS],
-        access_log=None,
-        keepalive_timeout=settings.keepalive_timeout_seconds,
-        lingering_time=settings.request_read_timeout_seconds,
-        shutdown_timeout=SHUTDOWN_SECONDS,
-    )  # fmt: skip
+    runner = edge_runner(app, settings, limits)
     stop = stop_signals(stop)
     try:
         if not await _set_up(runner, stop):
