@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -161,6 +162,13 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) - 100])
 
 
+def _version_1(path: Path) -> None:
+    """A file as the previous format wrote it (rows, not an image): valid, but refused."""
+    data = bytearray(path.read_bytes()[:-32])
+    data[8:12] = (1).to_bytes(4, "big")
+    path.write_bytes(bytes(data) + hashlib.sha256(data).digest())
+
+
 def _foreign(path: Path) -> None:
     path.write_text("tenant,user\nt,alice\n")
 
@@ -169,7 +177,7 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign, _empty])
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _version_1, _foreign, _empty])
 async def test_a_corrupt_or_foreign_file_warns_once_then_loads_normally(
     db_url: str,
     pg: asyncpg.Connection,
@@ -188,6 +196,8 @@ async def test_a_corrupt_or_foreign_file_warns_once_then_loads_normally(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "ignored" in warnings[0].getMessage()
+    if damage is _version_1:
+        assert "format version is 1, this pdp reads 2" in warnings[0].getMessage()
     assert _size(saved) > 100  # the shutdown wrote a good file again
 
 

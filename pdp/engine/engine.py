@@ -230,6 +230,11 @@ class Engine:
             tenant_tables(state, out)
         return out
 
+    def states(self) -> list[TenantState]:
+        """Every tenant state held, rows of tenants whose tenants row is missing too
+        (what `pdp.engine.image` writes)."""
+        return list(self._tenants.values())
+
     def tenants(self) -> tuple[str, ...]:
         """Ids of the existing tenants, sorted."""
         return tuple(sorted(t for t, s in self._tenants.items() if s.exists))

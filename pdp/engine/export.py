@@ -28,7 +28,7 @@ def tenant_tables(state: TenantState, out: TableRows) -> None:
         out["tenants"].append((t,))
     _users(state, out)
     _groups(state, out)
-    _roles(state, out)
+    role_rows(state, out)
     resources = out["resources"]
     for rtype, of_type in state.resources.items():
         resources.extend((t, rtype, rid, attrs) for rid, attrs in of_type.items())
@@ -57,7 +57,8 @@ def _groups(state: TenantState, out: TableRows) -> None:
         group_roles.extend((t, gid, role, scope, exp) for role, scope, exp in iter_grants(index))
 
 
-def _roles(state: TenantState, out: TableRows) -> None:
+def role_rows(state: TenantState, out: TableRows) -> None:
+    """Append the tenant's role graph rows (roles, role_inherits, role_permissions)."""
     t = state.tenant_id
     graph = state.roles
     out["roles"].extend((t, role) for role in graph.roles)

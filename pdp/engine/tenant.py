@@ -108,6 +108,17 @@ class TenantState:
         else:
             self._sum = (user_rows + line_sum(self, users=False)) & MASK
 
+    def running_sum(self) -> int:
+        """The running digest's sum (what `resume_digest` takes back)."""
+        if self._sum is None:
+            self._sum = line_sum(self)
+        return self._sum
+
+    def resume_digest(self, total: int) -> None:
+        """Take up the running digest at `total`, the `running_sum` of a state that held
+        exactly these rows (a restored image, `pdp.engine.image`)."""
+        self._sum = total & MASK
+
     def _tally(self, sign: int, entity: str, *fields: str) -> None:
         """Add (sign 1) or subtract (-1) the line of a row of this tenant to the digest."""
         if self._sum is not None:
