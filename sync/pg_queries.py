@@ -46,10 +46,22 @@ CHANGES = (
 )
 
 
+# An assignment's expiry as the engine holds it: epoch seconds as a float8. The two
+# infinities a timestamptz can hold (asyncpg writes Python's datetime.max and .min as
+# them) are held as what they decide: 'infinity' never expires (NULL), '-infinity' has
+# always expired (0, the epoch). Taken as they come they broke every full load (the
+# digest cannot render an infinite number of microseconds).
+EXPIRES = (
+    "CASE WHEN t.expires_at = 'infinity' THEN NULL "
+    "WHEN t.expires_at = '-infinity' THEN 0::float8 "
+    "ELSE extract(epoch FROM t.expires_at)::float8 END"
+)
+
+
 def _column(col: str) -> str:
     """A column as the engine's row format has it: epoch seconds, jsonb as its text."""
     if col == "expires_at":
-        return f"extract(epoch FROM t.{col})::float8"
+        return EXPIRES
     if col == "attributes":
         return f"t.{col}::text"
     return f"t.{col}"
@@ -88,9 +100,11 @@ def _digest(entity: str) -> str:
     fields = []
     for col in COLUMNS[entity]:
         if col == "expires_at":
-            fields.append(
-                "coalesce(round(extract(epoch FROM t.expires_at) * 1000000)::bigint::text, '')"
-            )
+            # What the engine holds and renders: the epoch seconds as a float8, times
+            # 10^6, rounded (half to even, as Python's round). Exact numeric seconds
+            # differ past 2^53 microseconds (year ~2255): "never" written as
+            # 9999-12-31 23:59:59.999999 would mismatch on every verifier round.
+            fields.append(f"coalesce(round(({EXPIRES}) * 1000000)::bigint::text, '')")
         else:
             fields.append(f"coalesce({_column(col)}, '')")
     line = f"'{entity}|' || " + " || '|' || ".join(fields)

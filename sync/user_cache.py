@@ -28,6 +28,7 @@ from cachetools import TTLCache
 from pdp.engine import RowChange, Snapshot
 from pdp.errors import DependencyError
 from pdp.replica import USER_ENTITIES, Replica
+from sync import pg_queries as q
 from sync.metrics import CacheMetrics
 
 # One statement: its snapshot (pg_current_snapshot is the statement's snapshot under
@@ -40,7 +41,7 @@ USER_ROWS = (
     "(SELECT json_agg(json_build_array(t.tenant_id, t.group_id, t.user_id)) "
     "FROM pdp.group_members t WHERE t.tenant_id = $1 AND t.user_id = $2)::text, "
     "(SELECT json_agg(json_build_array(t.tenant_id, t.user_id, t.role_id, t.scope, "
-    "extract(epoch FROM t.expires_at)::float8)) "
+    f"{q.EXPIRES})) "
     "FROM pdp.user_roles t WHERE t.tenant_id = $1 AND t.user_id = $2)::text"
 )
 UserKey = tuple[str, str]  # (tenant, user)

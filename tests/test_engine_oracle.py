@@ -27,7 +27,12 @@ from sync.pg_fallback import any_condition_true
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 NOW = T0.timestamp()
-EXPIRIES = [None, None, None, T0 - timedelta(hours=1), T0, T0 + timedelta(hours=1)]
+# Far-future expiries too, past 2^53 microseconds, where epoch seconds as a float8 no
+# longer hold every microsecond (the digest must render what the engine holds, on both
+# sides); and the infinities, which asyncpg writes for datetime.max and datetime.min.
+FAR = [datetime(9999, 12, 31, 23, 59, 59, 999998, tzinfo=UTC), datetime(2400, 1, 1, 0, 0, 0, 123457, tzinfo=UTC)]
+INFINITIES = [datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)]
+EXPIRIES = [None, None, None, T0 - timedelta(hours=1), T0, T0 + timedelta(hours=1), *FAR, *INFINITIES]
 TYPES = ["doc", "folder", "report"]
 IDS = ["1", "2"]
 ACTIONS = ["read", "write", "delete"]
@@ -169,3 +174,25 @@ async def test_engine_agrees_with_sql(oracle_db: asyncpg.Connection, data: dict[
         rows = after
         await _compare(pg, engine, tenant)
         assert engine.digest(tenant) == Engine.build(after, REVISION).digest(tenant)
+
+
+async def test_far_future_expiries_digest_alike_in_sql_and_the_engine(pg: asyncpg.Connection) -> None:
+    tenant = f"far{next(_counter)}"
+    data: dict[str, list[tuple[object, ...]]] = {entity: [] for entity in COLUMNS if entity != "tenants"}
+    data["users"] = [("u1", "active", "{}")]
+    data["groups"] = [("g0",)]
+    data["roles"] = [("r0",)]
+    data["role_permissions"] = [("r0", "doc:read", None)]
+    data["user_roles"] = [("u1", "r0", f"doc:{i}", at) for i, at in enumerate([*FAR, *INFINITIES])]
+    data["group_roles"] = [("g0", "r0", "*", FAR[0])]
+    await _insert(pg, tenant, data)
+    await pg.execute(  # "never" as SQL writes it: the last microsecond of 9999
+        "INSERT INTO pdp.user_roles VALUES ($1, 'u1', 'r0', 'doc:9', '9999-12-31 23:59:59.999999+00')", tenant
+    )
+    assert await pg.fetchval("SELECT count(*) FROM pdp.user_roles WHERE tenant_id = $1 AND NOT isfinite(expires_at)", tenant) == 2
+    engine = Engine.build(await _rows(pg, tenant), REVISION)
+    total, lines = await pg.fetchrow(q.TENANT_DIGEST, tenant)
+    assert engine.digest(tenant) == f"{int(total):016x}:{lines}"
+    for rid, allowed in (("0", True), ("1", True), ("2", True), ("3", False), ("9", True)):  # 2: infinity, 3: -infinity
+        assert engine.check(tenant, "u1", "doc", rid, "read", NOW).allowed is allowed, rid
+        assert await pg.fetchval("SELECT pdp.check($1, 'u1', 'doc', $2, 'read', $3)", tenant, rid, T0) is allowed, rid

@@ -18,9 +18,14 @@ Definition (a SQL version computes the same value from the tables at one snapsho
        resources         tenant_id, type, id, attributes
 
    A NULL field is the empty string. `expires_at` is written as the integer number
-   of microseconds since 1970-01-01 00:00:00 UTC, in decimal without padding
-   (Python `str(int(round(x * 1_000_000)))` of the epoch seconds `x`; SQL
-   `(extract(epoch FROM expires_at) * 1000000)::bigint::text`). A jsonb field is
+   of microseconds since 1970-01-01 00:00:00 UTC, in decimal without padding, as
+   computed from the epoch seconds held as a float8 `x` (Python
+   `str(int(round(x * 1_000_000)))`; SQL
+   `round(extract(epoch FROM expires_at)::float8 * 1000000)::bigint::text`): past
+   2^53 microseconds (year ~2255) a float8 no longer holds every microsecond, and
+   both sides render what the engine holds, not the exact value. The sync reads
+   `'infinity'` as NULL (never expires) and `'-infinity'` as the epoch (always
+   expired), so they render as those (`sync.pg_queries.EXPIRES`). A jsonb field is
    PostgreSQL's text of it (`attributes::text`, `{}` by default). So a tenant's line is
    `tenants|<id>` and a user's is `users|<tenant_id>|<id>|<status>|{}`.
 2. Each line's value is the first 16 hex digits of the MD5 of its UTF-8 bytes, read
