@@ -18,7 +18,7 @@ compiled objects) is written as its rows and rebuilt through the upserts.
 
 Writing is two steps. `capture` copies the state's containers (dicts and sets, and a
 user record holding a scope index), sharing everything immutable (ids, grant tuples,
-group tuples, attribute texts): ~0.3 s at 1,000,000 users, the only part during which
+group tuples, attribute texts): ~0.6 s at 1,000,000 users, the only part during which
 the caller must apply no change. `dump` then pickles the copy, which nothing else
 touches, while changes go on being applied to the engine.
 
