@@ -5,6 +5,7 @@ forked again, a full reload re-forking the workers, SIGTERM, the owner's death."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -97,8 +98,15 @@ class Served:
 @pytest.fixture
 async def served(tmp_path: Path, db_url: str) -> AsyncIterator[Served]:
     await seed.load(db_url, seed_data.demo())
+    async with _serving(tmp_path, db_url) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def _serving(tmp_path: Path, db_url: str, **extra: str) -> AsyncIterator[Served]:
+    """`pdp serve --workers 2` on the demo tenant, until ready; killed if still running."""
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = tmp_path / f"serve-{port}.log"
     routes = tmp_path / "routes.yaml"
     routes.write_text(TABLE_A)
     with log.open("wb") as out:
@@ -108,6 +116,7 @@ async def served(tmp_path: Path, db_url: str) -> AsyncIterator[Served]:
                 PDP_DATABASE_URL=db_url, PDP_PORT=str(port), PDP_LOG_LEVEL="INFO",
                 PDP_DRAIN_SECONDS="0.5", PDP_POLL_INTERVAL_SECONDS="0.2",
                 PDP_ROUTES=str(routes), PDP_FORWARD_AUTH_MODE="envoy", PDP_DEFAULT_TENANT="demo",
+                **extra,
             ),
             stdout=out, stderr=out,
         )  # fmt: skip
@@ -204,6 +213,30 @@ async def test_two_workers_serve_one_port_and_both_follow_a_change(
     assert children(served.proc.pid) == workers
     served.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(served.proc.wait(), DEADLINE) == 0, served.text()
+
+
+async def test_workers_restart_from_the_snapshot_file_and_catch_up(
+    tmp_path: Path, db_url: str, pg: asyncpg.Connection
+) -> None:
+    """The owner restores the file (format version 2, the state as held), forks the
+    workers, and the catch-up from the file's snapshot brings what changed while down."""
+    await seed.load(db_url, seed_data.demo())
+    path = tmp_path / "replica.pdpsnap"
+    async with _serving(tmp_path, db_url, PDP_SNAPSHOT_FILE=str(path)) as first:
+        assert all(a["decision"] is False for a in (await first.from_each_worker()).values())
+        first.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.proc.wait(), DEADLINE) == 0, first.text()
+    assert "wrote snapshot" in first.text()
+    assert path.read_bytes().startswith(b"PDPSNAP\n\x00\x00\x00\x02")
+    xid = await _grant_carol(pg)  # while no sidecar runs
+    async with _serving(tmp_path, db_url, PDP_SNAPSHOT_FILE=str(path)) as again:
+        answers = await again.from_each_worker({"X-PDP-Min-Revision": xid})
+        assert all(a["decision"] is True for a in answers.values()), answers
+        assert "sql" not in [a["context"]["revision"] for a in answers.values()]  # type: ignore[index]
+        assert "restored snapshot" in again.text()
+        assert "(bootstrap)" not in again.text()  # no load from PostgreSQL
+        again.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(again.proc.wait(), DEADLINE) == 0, again.text()
 
 
 async def test_a_killed_worker_is_forked_again(served: Served) -> None:
