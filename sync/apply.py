@@ -35,17 +35,11 @@ def install(
     replica: Replica, engine: Engine, batch: Batch, metrics: SyncMetrics, seconds: float
 ) -> None:
     """Swap in the engine built from a full batch that took `seconds` to read and build."""
-    serving = replica.engine is not None
     replica.install(engine, batch.epoch, batch.synced_at)
     # Millions of long-lived engine objects: keep the cyclic collector from walking
     # them on every full collection (a p99 spike each time). The old engine is
-    # acyclic and still freed by reference counting. A reload while serving collects
-    # first (what requests left while the build ran with the collector off: it walks
-    # every new object, 0.7 s on the event loop at 1,000,000 users). The first load
-    # does not: the heap then held little but the modules, and requests answered
-    # meanwhile (not ready) leave no cyclic garbage (measured: none in 2,000).
-    if serving:
-        gc.collect()
+    # acyclic and still freed by reference counting.
+    gc.collect()
     gc.freeze()
     metrics.full_reload(batch.reload_reason)
     metrics.snapshot_loaded(seconds)
