@@ -245,15 +245,8 @@ class SnapshotFile:
         self.attempted = asyncio.Event()  # set (and replaced) after every write attempt
 
     async def restore(self, replica: Replica) -> bool:
-        """Install the file's engine, unproven, when it is usable; else log why not.
-
-        For a replica with no engine yet (at start): the heap then holds little more
-        than the modules, so it is collected before the read (cheap), not after (0.75 s
-        at 1,000,000 users, on the event loop: every restored object walked once) and
-        the restored engine is frozen as it comes (`gc.freeze`, as after a full load).
-        """
+        """Install the file's engine, unproven, when it is usable; else log why not."""
         started = self._clock()
-        gc.collect()
         try:
             restored = await asyncio.to_thread(read, self.path, self._max_age, self._wall())
         except Unusable as exc:
@@ -268,7 +261,8 @@ class SnapshotFile:
             log.info("no snapshot file at %s yet; loading from PostgreSQL", self.path)
             return False
         replica.restore(restored.engine, restored.epoch)
-        gc.freeze()
+        gc.collect()
+        gc.freeze()  # as after a full load (`sync.apply.install`)
         self._saved = restored.engine.revision
         self._metrics.snapshot_file_loaded("loaded")
         log.info(
