@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import random
@@ -113,7 +114,9 @@ async def test_a_restored_file_is_not_ready_until_a_catch_up_proves_it(
     db_url: str, pg: asyncpg.Connection, saved: Path
 ) -> None:
     replica = Replica()
+    frozen = gc.get_freeze_count()
     assert await SnapshotFile(saved, HOUR, HOUR).restore(replica)
+    assert gc.get_freeze_count() > frozen  # the restored engine is out of the collector's way
     health = Health(replica, max_staleness=5.0)
     assert replica.engine is not None
     assert health.readiness().reason == "stale"
