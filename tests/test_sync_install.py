@@ -2,9 +2,9 @@
 
 Every install freezes the heap (`gc.freeze`), so the cyclic collector never walks the
 engine's millions of objects again, and collects first, the first load too: requests
-served while the build ran with the collector off leave cyclic garbage (a new
-connection ~15 objects, a malformed request or a read timeout 20-35 more), which a
-freeze without a collection would keep for the life of the process.
+served while the build ran with the collector off leave cyclic garbage (measured: 8
+objects a connection, 28 for a malformed request line, 44 for a read timeout), which
+a freeze without a collection would keep for the life of the process.
 """
 
 from __future__ import annotations
