@@ -9,13 +9,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp.engine import COLUMNS, Engine, Row, RowChange, Snapshot
+from pdp.engine import COLUMNS, Engine, Row, RowChange
 from tests.test_engine_property import (
     REV,
-    apply_to_model,
     assert_matches,
+    built_then_changed,
     change,
-    model_of,
     rows,
     tables_of,
 )
@@ -42,11 +41,7 @@ def _digests(engine: Engine) -> dict[str, str]:
 def test_tables_are_the_rows_held_and_rebuild_the_same_engine(
     data: list[tuple[str, Row]], batches: list[list[RowChange]]
 ) -> None:
-    model = model_of(data)
-    engine = Engine.build(tables_of(model), REV)
-    for i, batch in enumerate(batches):
-        engine.apply(batch, Snapshot(2 + i, 2 + i))
-        apply_to_model(model, batch)
+    engine, model = built_then_changed(data, batches)
     exported = engine.tables()
     assert _rows(exported) == _rows(tables_of(model))
     again = Engine.build(exported, engine.revision)

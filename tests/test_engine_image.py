@@ -23,12 +23,10 @@ from pdp.engine.tenant import TenantState
 from tests.test_engine_export import _rows
 from tests.test_engine_property import (
     REV,
-    apply_to_model,
     assert_matches,
+    built_then_changed,
     change,
-    model_of,
     rows,
-    tables_of,
 )
 
 
@@ -98,11 +96,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_image_loads_back_the_engine_it_was_taken_from(
     data: list[tuple[str, Row]], batches: list[list[RowChange]]
 ) -> None:
-    model = model_of(data)
-    engine = Engine.build(tables_of(model), REV)
-    for i, batch in enumerate(batches):
-        engine.apply(batch, Snapshot(2 + i, 2 + i))
-        apply_to_model(model, batch)
+    engine, model = built_then_changed(data, batches)
     back = _round_trip(engine)
     _assert_same(back, engine)
     assert_matches(back, model)

@@ -117,6 +117,19 @@ def tables_of(model: Model) -> dict[str, list[Row]]:
     return {e: list(t.values()) for e, t in model.items()}
 
 
+def built_then_changed(
+    data: list[tuple[str, Row]], batches: list[list[RowChange]]
+) -> tuple[Engine, Model]:
+    """An engine built from `data`, then given `batches` (at revisions 2, 3, ...), and
+    the model of the rows it must then hold."""
+    model = model_of(data)
+    engine = Engine.build(tables_of(model), REV)
+    for i, batch in enumerate(batches):
+        engine.apply(batch, Snapshot(2 + i, 2 + i))
+        apply_to_model(model, batch)
+    return engine, model
+
+
 def _rank(scope: str) -> int:
     return 2 if scope == "*" else 1 if scope.endswith(":*") else 0
 
