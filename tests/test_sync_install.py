@@ -62,25 +62,17 @@ def _install(replica: Replica, engine: Engine) -> None:
     apply.install(replica, engine, batch, NullMetrics(), 0.1)
 
 
-def test_the_first_load_collects_the_garbage_before_freezing() -> None:
+@pytest.mark.parametrize("serving", [False, True], ids=["first load", "reload while serving"])
+def test_an_install_collects_the_garbage_before_freezing(serving: bool) -> None:
     replica = Replica()
-    engine = _engine(1)
-    garbage = _cycle()  # what requests left while the first load was built
+    if serving:
+        _install(replica, _engine(1))
+    engine = _engine(2)
+    garbage = _cycle()  # what requests left while the load was built
     assert garbage() is not None  # the collector is off: the cycle is still there
     assert not _frozen(engine)
     _install(replica, engine)
     assert replica.engine is engine
+    assert replica.engine.revision == Snapshot(2, 2)
     assert _frozen(engine)
     assert garbage() is None  # collected, not frozen
-
-
-def test_a_reload_while_serving_collects_the_garbage_before_freezing() -> None:
-    replica = Replica()
-    _install(replica, _engine(1))
-    garbage = _cycle()
-    assert garbage() is not None  # the collector is off: the cycle is still there
-    _install(replica, _engine(2))
-    assert garbage() is None  # collected, not frozen
-    assert replica.engine is not None
-    assert replica.engine.revision == Snapshot(2, 2)
-    assert _frozen(replica.engine)
