@@ -420,6 +420,11 @@ OPTIONS: tuple[Option, ...] = (
         "an older snapshot file is not used at start (a normal load instead)",
     ),
     Option(
+        "load_processes", "PDP_LOAD_PROCESSES", _positive_int,
+        "processes a full load from PostgreSQL of 200,000 user rows or more is split "
+        "over (default: the CPUs available, at most 4; 1: one process)",
+    ),
+    Option(
         "cache_mode", "PDP_CACHE_MODE", _choice("full", "on_demand"),
         "full: every row in memory; on_demand: users' rows loaded on first use (huge tenants)",
     ),
@@ -586,6 +591,7 @@ class Settings:
     snapshot_file: Path | None = None
     snapshot_file_interval_seconds: float = 300.0
     snapshot_file_max_age_seconds: float = 86400.0
+    load_processes: int | None = None  # None: default_load_processes() at start
     cache_mode: str = "full"
     cache_users: int = 100_000
     cache_ttl_seconds: float = 600.0

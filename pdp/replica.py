@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from pdp.conditions import Facts
-from pdp.engine import Engine, RowChange, Snapshot
+from pdp.engine import Engine, RowChange, Snapshot, bulk
 
 
 class Fallback(Protocol):
@@ -53,7 +53,7 @@ class UserLoads(Protocol):
         """Forget the tenant's users (its state was replaced without them)."""
 
 
-USER_ENTITIES = ("users", "group_members", "user_roles")
+USER_ENTITIES = bulk.USER_ENTITIES
 
 
 def user_of(change: RowChange) -> tuple[str, str] | None:

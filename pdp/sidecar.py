@@ -65,7 +65,14 @@ def sync_options(settings: Settings) -> SyncOptions:
         poll_interval=settings.poll_interval_seconds,
         heartbeat=settings.heartbeat_seconds,
         on_demand=settings.cache_mode == "on_demand",
+        load_processes=settings.load_processes or default_load_processes(),
     )
+
+
+def default_load_processes() -> int:
+    """The CPUs this process may run on (its affinity, as a container's cpuset sets
+    it), at most 4: past that, the parent's share (absorbing the parts) dominates."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def sidecar_app(

@@ -30,6 +30,11 @@ class SyncOptions:
     # On-demand mode: loads (full and per tenant) leave out users, memberships and
     # direct assignments; `sync.user_cache` reads them per user on first use.
     on_demand: bool = False
+    # Full loads split over this many processes by user id (`sync.pg_load`) when the
+    # user tables hold about parallel_min_rows rows or more: below that a load is quick
+    # alone, and a child costs ~1 s of CPU to start.
+    load_processes: int = 1
+    parallel_min_rows: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)

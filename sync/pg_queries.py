@@ -79,6 +79,28 @@ def _tenant_column(entity: str) -> str:
 # Whole tables, in the engine's column order (expires_at as epoch seconds).
 ALL_ROWS: dict[str, str] = {entity: _select(entity) for entity in COLUMNS}
 
+# The user tables (`pdp.replica.USER_ENTITIES`, nearly all of a big tenant's rows) by
+# their user id column, for a full load split over processes (`sync.pg_part`).
+_USER_COLUMN = {"users": "id", "group_members": "user_id", "user_roles": "user_id"}
+
+# Part $2 of $1 of a user table's rows: those whose user id hashes to it, so every row of
+# a user falls in one part (the parts' users are disjoint, and each part's rows are
+# whole users). hashtext is stable for the life of a server, which is all two sessions
+# reading one snapshot need; the mask keeps the remainder non-negative.
+PART_ROWS: dict[str, str] = {
+    entity: f"{_select(entity)} WHERE (hashtext(t.{col}) & 2147483647) % $1 = $2"
+    for entity, col in _USER_COLUMN.items()
+}
+
+# About how many rows the user tables hold: the planner's estimate (free), or, for a
+# table never analyzed (reltuples -1), its size over 64 bytes a row.
+USER_ROWS_ESTIMATE = (
+    "SELECT coalesce(sum(CASE WHEN c.reltuples >= 0 THEN c.reltuples "
+    "ELSE pg_relation_size(c.oid) / 64 END), 0)::bigint FROM pg_class c WHERE c.oid IN ("
+    + ", ".join(f"'pdp.{entity}'::regclass" for entity in _USER_COLUMN)
+    + ")"
+)
+
 # One tenant's rows of a table ($1 = tenant id).
 TENANT_ROWS: dict[str, str] = {
     entity: f"{_select(entity)} WHERE t.{_tenant_column(entity)} = $1" for entity in COLUMNS

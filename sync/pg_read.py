@@ -16,7 +16,6 @@ Applying the batch is `sync.apply` (no I/O).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -25,16 +24,13 @@ from typing import Any
 
 import asyncpg
 
-from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Loader, Row, RowChange, Snapshot
+from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Row, RowChange, Snapshot
 from pdp.replica import USER_ENTITIES
+from sync import pg_load
 from sync import pg_queries as q
 from sync.options import SyncOptions
 
 _RELOAD_OPS = ("truncate", "bulk_load")
-# Rows fetched per round trip when a full read builds the engine as it goes: small
-# enough that a piece's records cost little memory (~15 MB), large enough that round
-# trips do not count.
-CHUNK_ROWS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +147,13 @@ async def read(
     probes: Sequence[Probe] = (),
     reload_tenants: Iterable[str] = (),
     build: bool = False,
+    url: str | None = None,
 ) -> Batch:
     """One catch-up in a REPEATABLE READ transaction (see the module docstring).
 
     With `build`, a full read builds `batch.engine` as the rows arrive instead of
-    holding every table in `batch.full` (see `_build_all`).
+    holding every table in `batch.full` (`sync.pg_load`), with processes of its own
+    reading from `url` (where `conn` reads) when it is given.
     """
     # No `async with transaction`: on failure the caller terminates the connection
     # (which aborts the transaction), never asks to roll back over a link that may be dead.
@@ -175,7 +173,7 @@ async def read(
             batch.reload_reason = reason
             bound.reschedule(asyncio.get_running_loop().time() + options.full_read_timeout)
             if build:
-                batch.engine = await _build_all(conn, options.on_demand, batch.snapshot)
+                batch.engine = await pg_load.build_all(conn, options, batch.snapshot, url)
             else:
                 batch.full = await _read_all(conn, options.on_demand)
         await tx.commit()
@@ -236,47 +234,6 @@ async def _read_all(conn: asyncpg.Connection, on_demand: bool) -> dict[str, list
         for entity, sql in q.ALL_ROWS.items()
         if not (on_demand and entity in USER_ENTITIES)
     }
-
-
-async def _build_all(conn: asyncpg.Connection, on_demand: bool, snapshot: Snapshot) -> Engine:
-    """The engine of every table, built piece by piece as the rows arrive.
-
-    Each table is read through a cursor CHUNK_ROWS at a time; while a worker thread
-    adds one piece to the engine, PostgreSQL is already producing the next (another
-    process, so the two overlap), and each piece is freed once added. So the load
-    takes about the longer of reading and building rather than their sum, and never
-    holds more than two pieces of records beside the engine.
-    """
-    loader = Loader()
-    # The cyclic collector stays off for the whole read, not only while a piece is added:
-    # run in the gaps, each collection walks the engine objects made since the last
-    # (1-5 s of 31-36 s CPU in two paired loads of 1,000,000 users). `install` collects.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        for entity, sql in q.ALL_ROWS.items():
-            if not (on_demand and entity in USER_ENTITIES):
-                await _stream(conn, sql, entity, loader)
-        return await asyncio.to_thread(loader.engine, snapshot)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-async def _stream(conn: asyncpg.Connection, sql: str, entity: str, loader: Loader) -> None:
-    """Add the rows of one table's query to `loader`, CHUNK_ROWS at a time in a thread."""
-    cursor = await conn.cursor(sql)
-    pending = asyncio.ensure_future(cursor.fetch(CHUNK_ROWS))
-    try:
-        while rows := await pending:
-            pending = asyncio.ensure_future(cursor.fetch(CHUNK_ROWS))
-            await asyncio.to_thread(loader.add, entity, rows)
-            del rows
-    finally:  # on failure the caller drops the connection: just settle `pending`
-        if not pending.done():
-            pending.cancel()
-        elif not pending.cancelled():
-            pending.exception()  # retrieved, so never logged as unretrieved
 
 
 async def _read_tenant(

@@ -295,6 +295,7 @@ class PgSync:
         return await pg_read.read(
             conn, cursor, options, self._clock(), probes=probes, reload_tenants=tenants,
             build=self._sink is None,  # a sink (the relay) publishes the rows themselves
+            url=self._read_url or self._url,  # for the processes of a parallel load
         )  # fmt: skip
 
     async def _apply(self, batch: Batch) -> None:

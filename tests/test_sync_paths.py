@@ -21,8 +21,8 @@ from pdp.config import Settings
 from pdp.engine import COLUMNS, Engine, RowChange, Snapshot
 from pdp.errors import DependencyError
 from pdp.sidecar import sidecar_app
+from sync import pg_load, pg_read
 from sync import pg_queries as q
-from sync import pg_read
 from sync.options import SyncOptions
 from sync.pg_fallback import PgFallback
 
@@ -111,7 +111,7 @@ async def test_full_read_that_builds_holds_exactly_the_rows_read(
     # next piece is fetched.
     await pg.execute(BASE)
     await pg.execute(CHANGES)
-    monkeypatch.setattr(pg_read, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(pg_load, "CHUNK_ROWS", 2)
     first = pg_read.Cursor(None, None)
     built = await pg_read.read(pg, first, SyncOptions(), time.monotonic(), build=True)
     assert built.full is None

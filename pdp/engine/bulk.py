@@ -26,6 +26,7 @@ from sys import intern
 from typing import Any
 
 from pdp.engine import grants as g
+from pdp.engine import holders as h
 from pdp.engine.digest import FIRST_64, md5
 from pdp.engine.tenant import EMPTY_ATTRIBUTES, TenantState
 
@@ -175,6 +176,36 @@ def add_user_roles(
     state.count["user_roles"] += added
     tally.total += total
     tally.lines += added
+
+
+USER_ENTITIES = ("users", "group_members", "user_roles")
+
+
+def absorb(state: TenantState, part: TenantState, tally: Tally) -> None:
+    """Add to `state` the user rows `part` holds: a load of other users of the tenant.
+
+    `part` holds the users, memberships and direct assignments of users `state` holds
+    no row of (a part of a load split by user id, `sync.pg_part`), and no other rows;
+    ValueError otherwise, `state` then left partly merged (the load is to be dropped).
+    Costs a dict update for the users, and a step per group and per (role, scope) for
+    the reverse indexes: the rows themselves are not upserted again. `part`'s containers
+    are taken over: it is not to be used after.
+    """
+    if any(part.count[entity] for entity in part.count if entity not in USER_ENTITIES):
+        raise ValueError(f"tenant {state.tenant_id}: a part holds rows other than users'")
+    held = len(state.users)
+    state.users.update(part.users)
+    if len(state.users) != held + len(part.users):  # a free test of disjointness
+        raise ValueError(f"tenant {state.tenant_id}: a part holds users this load holds too")
+    state.user_attributes.update(part.user_attributes)
+    h.merge(state.members, part.members)
+    h.merge_holders(state.user_holders, part.user_holders)
+    lines = 0
+    for entity in USER_ENTITIES:
+        state.count[entity] += part.count[entity]
+        lines += part.count[entity]
+    tally.total += part.running_sum()
+    tally.lines += lines
 
 
 BULK: dict[str, Callable[[TenantState, Iterable[AnyRow], Shared, Tally], None]] = {

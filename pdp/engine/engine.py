@@ -13,7 +13,7 @@ from itertools import groupby
 from operator import itemgetter
 
 from pdp.engine import evaluate
-from pdp.engine.bulk import BULK, Shared, Tally
+from pdp.engine.bulk import BULK, Shared, Tally, absorb
 from pdp.engine.decision import UNKNOWN_TENANT, ActionsResult, Decision, ResourcesResult
 from pdp.engine.digest import EMPTY
 from pdp.engine.export import TableRows, empty_tables, tenant_tables
@@ -65,6 +65,28 @@ class Loader:
             state = _state(self._states, entity, tenant, self._only)
             tally = tallies.get(state.tenant_id) or tallies.setdefault(state.tenant_id, Tally())
             add(state, run, shared, tally)
+
+    def absorb(self, part: Engine) -> None:
+        """Add the user rows of a load of other users (`pdp.engine.bulk.absorb`).
+
+        A full load split over processes by user id (`sync.pg_part`) builds each
+        part's users, memberships and direct assignments into an engine of their own;
+        this takes them into the load, with their share of the digest. `part` is not
+        to be used after. ValueError when a part holds anything else, or users this
+        load holds too; the load is then to be dropped.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for other in part.states():
+                state = _state(self._states, "users", other.tenant_id, self._only)
+                tally = self._tallies.get(state.tenant_id) or self._tallies.setdefault(
+                    state.tenant_id, Tally()
+                )
+                absorb(state, other, tally)
+        finally:
+            if collecting:
+                gc.enable()
 
     def finish(self) -> dict[str, TenantState]:
         """The tenant states, settled and with their running digests started."""

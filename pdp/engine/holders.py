@@ -65,6 +65,37 @@ def release(index: Holders, role: str, scope: str, who: str) -> None:
             del index[role]
 
 
+def merge(ids: Ids, other: Ids) -> None:
+    """Put every id under each key of `other` under that key of `ids` too (`other`'s id
+    sets may be taken over, not copied: `other` is not to be used after)."""
+    for key, theirs in other.items():
+        mine = ids.get(key)
+        if mine is None:
+            ids[key] = theirs
+        elif isinstance(mine, str):
+            if isinstance(theirs, str):
+                if theirs != mine:
+                    ids[key] = {mine: None, theirs: None}
+            else:
+                joined = {mine: None}
+                joined.update(theirs)
+                ids[key] = joined
+        elif isinstance(theirs, str):
+            mine[theirs] = None
+        else:
+            mine.update(theirs)
+
+
+def merge_holders(index: Holders, other: Holders) -> None:
+    """`merge` for every role of `other` (whose dicts may be taken over)."""
+    for role, by_scope in other.items():
+        mine = index.get(role)
+        if mine is None:
+            index[role] = by_scope
+        else:
+            merge(mine, by_scope)
+
+
 def pools(index: Holders, roles: Iterable[str], scopes: Iterable[str]) -> list[IdSet]:
     """The id sets of whoever holds one of `roles` at one of `scopes` (distinct scopes)."""
     out: list[IdSet] = []
