@@ -83,6 +83,7 @@ async def build_all(
         results: dict[int, asyncio.Future[Engine] | None] = {}
         if count > 1:
             assert url is not None
+            log.info("full load in %d processes (by user id)", count)
             exported = await conn.fetchval("SELECT pg_export_snapshot()")
             for i in range(1, count):
                 asked = request(
