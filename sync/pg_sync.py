@@ -300,7 +300,12 @@ class PgSync:
 
     async def _apply(self, batch: Batch) -> None:
         if not batch.is_full:
-            apply.apply_changes(self._replica, batch, self._metrics, self._wall)
+            # Tenants replaced whole are built first, off the event loop (seconds for
+            # a big tenant); the swap and the changes are then one synchronous step.
+            built = None
+            if batch.tenants:
+                built = await asyncio.to_thread(apply.build_tenants, batch.tenants)
+            apply.apply_changes(self._replica, batch, self._metrics, self._wall, built)
             return
         # Building a large engine takes a while: off the event loop; the swap is still
         # a single synchronous step.

@@ -39,7 +39,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from pdp.backoff import Backoff
-from pdp.engine import Engine, Snapshot
+from pdp.engine import Engine, Snapshot, TenantState
 from pdp.engine.digest import EMPTY
 from pdp.errors import DependencyError
 from pdp.pg.errors import DRIVER_ERRORS
@@ -228,12 +228,17 @@ class RedisFollower:
                     log.error("relay follower: undecodable stream entry %s: %r", entry_id, exc)
                     self._reload = "bad_entry"
                     return
-                self._follow(entry)
+                # Tenants replaced whole are built off the event loop (seconds for a big one).
+                built = None
+                if entry.tenants:
+                    built = await asyncio.to_thread(apply.build_tenants, entry.tenants)
+                self._follow(entry, built)
                 if self._reload is not None:
                     return
 
-    def _follow(self, entry: rs.Entry) -> None:
-        """Apply one entry, skip it, or ask for a reload. Never awaits."""
+    def _follow(self, entry: rs.Entry, built: dict[str, TenantState] | None = None) -> None:
+        """Apply one entry, skip it, or ask for a reload (`built`: the states of the
+        tenants it replaces, `apply.build_tenants`). Never awaits."""
         if entry.kind == "reset":
             self._reload = "reset"
             return
@@ -273,7 +278,7 @@ class RedisFollower:
             to, entry.epoch, self._synced_at(entry.at),
             tenants=entry.tenants, changes=entry.changes, committed_at=entry.committed_at,
         )  # fmt: skip
-        apply.apply_changes(self._replica, batch, self._metrics, self._wall)
+        apply.apply_changes(self._replica, batch, self._metrics, self._wall, built)
         self._applied += 1
         self.entries += 1
 

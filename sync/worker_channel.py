@@ -33,7 +33,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 
-from pdp.engine import Snapshot
+from pdp.engine import Snapshot, TenantState
 from pdp.replica import Replica
 from pdp.supervisor import Body
 from sync import apply
@@ -255,10 +255,15 @@ class Follower:
                     entry = decode(seq, body)
             except (ValueError, KeyError, TypeError, struct.error, zlib.error) as exc:
                 raise Broken(f"undecodable batch {seq}: {exc!r}") from None
-            self._apply(entry)
+            # Tenants replaced whole are built off the event loop (seconds for a big one).
+            built = None
+            if entry.tenants:
+                built = await asyncio.to_thread(apply.build_tenants, entry.tenants)
+            self._apply(entry, built)
 
-    def _apply(self, entry: rs.Entry) -> None:
-        """Apply one entry that continues the replica's chain. Never awaits."""
+    def _apply(self, entry: rs.Entry, built: dict[str, TenantState] | None = None) -> None:
+        """Apply one entry that continues the replica's chain (`built`: the states of
+        the tenants it replaces, `apply.build_tenants`). Never awaits."""
         replica = self._replica
         here = str(replica.revision)
         if entry.epoch != replica.epoch or entry.from_ != here:
@@ -271,5 +276,5 @@ class Follower:
             Snapshot.parse(entry.to), entry.epoch, synced_at,
             tenants=entry.tenants, changes=entry.changes, committed_at=entry.committed_at,
         )  # fmt: skip
-        apply.apply_changes(replica, batch, self._metrics, self._wall)
+        apply.apply_changes(replica, batch, self._metrics, self._wall, built)
         self.entries += 1

@@ -14,6 +14,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ import asyncpg
 import pytest
 from hypothesis import settings
 
+from pdp.engine import Engine, Tables, TenantState
 from pdp.pg import migrate
 from tests.pg_url import with_database
 
@@ -146,3 +148,18 @@ async def pg(db_url: str) -> AsyncIterator[asyncpg.Connection]:
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("dev", print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture
+def tenant_builds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each build of a replaced tenant's state (`Engine.tenant_state`) ran on
+    the main thread, the event loop's (it must not: seconds for a big tenant)."""
+    on_loop: list[bool] = []
+    build = Engine.tenant_state
+
+    def recorded(tenant_id: str, tables: Tables) -> TenantState:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return build(tenant_id, tables)
+
+    monkeypatch.setattr(Engine, "tenant_state", staticmethod(recorded))
+    return on_loop

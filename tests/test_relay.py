@@ -358,10 +358,12 @@ async def test_a_foreign_entry_in_the_stream_reloads_and_the_relay_starts_it_ove
 
 
 async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
-    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    seeded: str, pg: asyncpg.Connection, redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch, tenant_builds: list[bool],
+) -> None:  # fmt: skip
     """A batch that replaces a tenant whole (a bulk load, a verifier repair) carries the
-    tenant's rows; decoded off the event loop when large (here: every entry)."""
+    tenant's rows; decoded off the event loop when large (here: every entry), and the
+    tenant's new state is built off it too."""
     monkeypatch.setattr(redis_follower, "BIG_ENTRY", 0)
     async with fleet(seeded, redis_server.url) as running:
         side = running.side
@@ -377,3 +379,5 @@ async def test_a_tenant_reloaded_by_the_relay_reaches_the_followers(
         await until(lambda: side.entries > entries, 10, "nothing arrived")
         await assert_equal(pg, side.replica)
         assert side.reloads == ["bootstrap"], side.reloads
+        assert tenant_builds
+        assert not any(tenant_builds)  # none on the event loop

@@ -79,7 +79,9 @@ async def test_bootstrap_then_changes_arrive(service: SyncService, pg: asyncpg.C
     assert service.sync.fast_catchups < service.sync.catchups
 
 
-async def test_bulk_load_marker_reloads_the_tenant(service: SyncService, pg: asyncpg.Connection) -> None:
+async def test_bulk_load_marker_reloads_the_tenant(
+    service: SyncService, pg: asyncpg.Connection, tenant_builds: list[bool]
+) -> None:
     replica = service.sync.replica
     async with pg.transaction():
         await pg.execute("SET LOCAL pdp.capture = 'off'")
@@ -91,6 +93,7 @@ async def test_bulk_load_marker_reloads_the_tenant(service: SyncService, pg: asy
         xid = int(await pg.fetchval("SELECT pg_current_xact_id()::text::bigint"))
     assert await replica.wait_for_revision(xid, 5)
     assert _allowed(service, "carol", "read")
+    assert tenant_builds == [False]  # built in a worker thread, not on the event loop
 
 
 async def test_truncate_and_epoch_force_full_reloads(service: SyncService, pg: asyncpg.Connection) -> None:

@@ -98,6 +98,24 @@ async def test_batches_apply_in_order_on_the_worker(pair: Pair) -> None:
     assert pair.worker.staleness() < 5
 
 
+async def test_a_tenant_replaced_whole_is_built_off_the_event_loop(
+    pair: Pair, tenant_builds: list[bool]
+) -> None:
+    rows = {
+        "tenants": [TENANT_ROW],
+        "users": [("t", f"u{i}", "active", "{}") for i in range(50)],
+    }
+    replaced = _batch("11:11:")
+    replaced.tenants = {"t": rows}
+    await pair.ship(replaced)
+    await pair.until_worker_at("11:11:")
+    assert pair.broken == []
+    engine = pair.worker.engine
+    assert engine is not None
+    assert engine.counts()["users"] == 50
+    assert tenant_builds == [False]  # the worker built it in a thread
+
+
 async def test_a_gap_breaks_the_chain(pair: Pair) -> None:
     await pair.ship(_batch("11:11:", _user("alice")))
     await pair.until_worker_at("11:11:")

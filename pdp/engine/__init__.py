@@ -8,6 +8,7 @@ from pdp.engine.digest import digest_lines, render_expiry
 from pdp.engine.engine import Engine, Loader, Tables
 from pdp.engine.rows import COLUMNS, ENTITIES, KEY_WIDTH, REQUIRED, Row, RowChange
 from pdp.engine.snapshot import Snapshot
+from pdp.engine.tenant import TenantState
 
 __all__ = [
     "COLUMNS",
@@ -24,6 +25,7 @@ __all__ = [
     "RowChange",
     "Snapshot",
     "Tables",
+    "TenantState",
     "digest_lines",
     "render_expiry",
 ]
