@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pdp.engine import Engine, RowChange, Snapshot
+from pdp.engine import Engine, Row, RowChange, Snapshot
 from pdp.replica import Replica
 from sync import worker_channel
 from sync.pg_read import Batch
 from sync.worker_channel import Follower, Link, Publisher
 
 EPOCH = "e1"
-TENANT_ROW = ("t",)
+TENANT_ROW: Row = ("t",)
 
 
 def _replica(at: str) -> Replica:
@@ -101,10 +101,8 @@ async def test_batches_apply_in_order_on_the_worker(pair: Pair) -> None:
 async def test_a_tenant_replaced_whole_is_built_off_the_event_loop(
     pair: Pair, tenant_builds: list[bool]
 ) -> None:
-    rows = {
-        "tenants": [TENANT_ROW],
-        "users": [("t", f"u{i}", "active", "{}") for i in range(50)],
-    }
+    users: list[Row] = [("t", f"u{i}", "active", "{}") for i in range(50)]
+    rows: dict[str, list[Row]] = {"tenants": [TENANT_ROW], "users": users}
     replaced = _batch("11:11:")
     replaced.tenants = {"t": rows}
     await pair.ship(replaced)
