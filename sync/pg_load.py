@@ -48,7 +48,7 @@ from typing import IO, Any
 
 import asyncpg
 
-from pdp.engine import Engine, Loader, Snapshot, image
+from pdp.engine import Engine, Loader, Snapshot, TenantState, image
 from pdp.engine.bulk import USER_ENTITIES
 from sync import pg_queries as q
 from sync.options import SyncOptions
@@ -106,6 +106,23 @@ async def build_all(
             part.kill()
         if collecting:
             gc.enable()
+
+
+async def build_tenant(conn: asyncpg.Connection, tenant: str, on_demand: bool) -> TenantState:
+    """One tenant's state, its rows streamed in the open transaction of `conn` like
+    `build_all`'s (never all held at once), built in worker threads."""
+    loader = Loader(only=tenant)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for entity, sql in q.TENANT_ROWS.items():
+            if not (on_demand and entity in USER_ENTITIES):
+                await stream(conn, sql, entity, loader, tenant)
+        states = await asyncio.to_thread(loader.finish)
+    finally:
+        if collecting:
+            gc.enable()
+    return states[tenant]
 
 
 def _start(

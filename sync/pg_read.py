@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Row, RowChange, Snapshot
+from pdp.engine import COLUMNS, KEY_WIDTH, Engine, Row, RowChange, Snapshot, TenantState
 from pdp.replica import USER_ENTITIES
 from sync import pg_load
 from sync import pg_queries as q
@@ -71,6 +71,9 @@ class Batch:
     engine: Engine | None = None
     reload_reason: str = ""
     tenants: dict[str, dict[str, list[Row]]] = field(default_factory=dict)
+    # The states of `tenants` when the read built them (`read(build=True)`); their rows
+    # in `tenants` are then left empty.
+    built: dict[str, TenantState] = field(default_factory=dict)
     changes: list[RowChange] = field(default_factory=list)
     committed_at: list[float] = field(default_factory=list)  # one wall time per transaction
     # When the data was proven current (monotonic); None: when the read started. A read
@@ -168,7 +171,9 @@ async def read(
                 await probe.attach(exported)
         reason = reload_reason(cursor, epoch, purged)
         if reason is None and cursor.snapshot is not None:
-            reason = await _read_changes(conn, batch, cursor.snapshot, options, reload_tenants)
+            reason = await _read_changes(
+                conn, batch, cursor.snapshot, options, reload_tenants, build=build
+            )
         if reason is not None:
             batch.reload_reason = reason
             bound.reschedule(asyncio.get_running_loop().time() + options.full_read_timeout)
@@ -186,8 +191,14 @@ async def _read_changes(
     cursor: Snapshot,
     options: SyncOptions,
     reload_tenants: Iterable[str],
+    *,
+    build: bool = False,
 ) -> str | None:
-    """Fill `batch` with the changes after `cursor`; or the reason to reload everything."""
+    """Fill `batch` with the changes after `cursor`; or the reason to reload everything.
+
+    With `build`, a tenant to replace whole is built as its rows arrive (`batch.built`)
+    rather than held as rows: a big tenant's rows would cost several times its state.
+    """
     limit = options.max_batch_keys
     rows = await conn.fetch(q.CHANGES, str(cursor), limit + 1)
     if len(rows) > limit:
@@ -208,7 +219,10 @@ async def _read_changes(
     for tenant in reload_tenants:
         batch.tenants[tenant] = {}
     for tenant in batch.tenants:
-        batch.tenants[tenant] = await _read_tenant(conn, tenant, options.on_demand)
+        if build:
+            batch.built[tenant] = await pg_load.build_tenant(conn, tenant, options.on_demand)
+        else:
+            batch.tenants[tenant] = await _read_tenant(conn, tenant, options.on_demand)
     for entity, entity_keys in keys.items():
         wanted = [k for k in entity_keys if k[0] not in batch.tenants]
         batch.changes.extend(await read_keys(conn, entity, wanted))

@@ -302,9 +302,10 @@ class PgSync:
         if not batch.is_full:
             # Tenants replaced whole are built first, off the event loop (seconds for
             # a big tenant); the swap and the changes are then one synchronous step.
-            built = None
-            if batch.tenants:
-                built = await asyncio.to_thread(apply.build_tenants, batch.tenants)
+            built = dict(batch.built)  # the read built them as their rows arrived
+            unbuilt = {t: rows for t, rows in batch.tenants.items() if t not in built}
+            if unbuilt:
+                built.update(await asyncio.to_thread(apply.build_tenants, unbuilt))
             apply.apply_changes(self._replica, batch, self._metrics, self._wall, built)
             return
         # Building a large engine takes a while: off the event loop; the swap is still

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from hypothesis import settings
 
-from pdp.engine import Engine, Tables, TenantState
+from pdp.engine import Loader, TenantState
 from pdp.pg import migrate
 from tests.pg_url import with_database
 
@@ -152,14 +152,15 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 @pytest.fixture
 def tenant_builds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Whether each build of a replaced tenant's state (`Engine.tenant_state`) ran on
-    the main thread, the event loop's (it must not: seconds for a big tenant)."""
+    """Whether each build of a replaced tenant's state (a one-tenant `Loader` finishing)
+    ran on the main thread, the event loop's (it must not: seconds for a big tenant)."""
     on_loop: list[bool] = []
-    build = Engine.tenant_state
+    finish = Loader.finish
 
-    def recorded(tenant_id: str, tables: Tables) -> TenantState:
-        on_loop.append(threading.current_thread() is threading.main_thread())
-        return build(tenant_id, tables)
+    def recorded(self: Loader) -> dict[str, TenantState]:
+        if self._only is not None:  # a tenant's state, not a full load's
+            on_loop.append(threading.current_thread() is threading.main_thread())
+        return finish(self)
 
-    monkeypatch.setattr(Engine, "tenant_state", staticmethod(recorded))
+    monkeypatch.setattr(Loader, "finish", recorded)
     return on_loop

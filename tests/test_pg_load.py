@@ -28,7 +28,7 @@ from pdp.engine import Engine, Snapshot
 from pdp.engine.holders import Holders, Ids
 from pdp.replica import Replica
 from pdp.sidecar import default_load_processes, sync_options
-from sync import pg_load
+from sync import pg_load, pg_read
 from sync import pg_queries as q
 from sync.options import SyncOptions
 from sync.pg_sync import PgSync
@@ -307,3 +307,36 @@ def test_load_processes_setting() -> None:
     assert 1 <= default_load_processes() <= min(4, len(os.sched_getaffinity(0)))
     with pytest.raises(Exception, match="PDP_LOAD_PROCESSES"):
         Settings.from_env({"PDP_LOAD_PROCESSES": "0"})
+
+
+async def test_a_tenant_reload_is_built_as_its_rows_arrive(
+    db_url: str, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _seed(pg, users=80)
+    monkeypatch.setattr(pg_load, "CHUNK_ROWS", 7)  # every table in several pieces
+    async with _reading(db_url) as (conn, _):
+        state = await pg_load.build_tenant(conn, "t", on_demand=False)
+        rows = {
+            e: [tuple(r) for r in await conn.fetch(sql, "t")] for e, sql in q.TENANT_ROWS.items()
+        }
+    expected = Engine.tenant_state("t", rows)
+    assert state.digest() == expected.digest()
+    assert state.count == expected.count
+    assert state.users == expected.users
+    assert _ids(state.members) == _ids(expected.members)
+    assert _holders(state.user_holders) == _holders(expected.user_holders)
+    # Read as a catch-up: built when the read builds, as rows for a sink otherwise.
+    epoch = await pg.fetchval("SELECT epoch::text FROM pdp.sync_meta")
+    now = Snapshot.parse(await pg.fetchval("SELECT pg_current_snapshot()::text"))
+    cursor = pg_read.Cursor(now, epoch)
+    for build in (True, False):
+        batch = await pg_read.read(
+            pg, cursor, SyncOptions(), time.monotonic(), reload_tenants={"t"}, build=build
+        )
+        assert set(batch.tenants) == {"t"}
+        if build:
+            assert batch.built["t"].digest() == expected.digest()
+            assert batch.tenants["t"] == {}  # no rows held beside the state
+        else:
+            assert not batch.built
+            assert sum(map(len, batch.tenants["t"].values())) == sum(map(len, rows.values()))
