@@ -3,6 +3,7 @@ connection cap, and the drain on SIGTERM under load."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -239,3 +240,21 @@ def test_sigterm_while_starting_stops_at_once(tmp_path: Path) -> None:
         finally:
             proc.stop()
     assert "SIGTERM before the sidecar had started: stopping" in proc.tail()
+
+
+# --- the runtime ----------------------------------------------------------------------
+
+
+def test_the_serving_runtime_hands_the_gil_to_the_loop_within_a_millisecond() -> None:
+    # A build in a worker thread (a reload while serving) keeps the GIL this long at most
+    # before the event loop may take it back (see sidecar.SWITCH_INTERVAL).
+    from pdp import sidecar
+
+    before = sys.getswitchinterval()
+    try:
+        sidecar.event_loop_policy()
+        assert sys.getswitchinterval() == pytest.approx(sidecar.SWITCH_INTERVAL)
+        assert sidecar.SWITCH_INTERVAL <= 0.001
+    finally:
+        sys.setswitchinterval(before)
+        asyncio.set_event_loop_policy(None)
