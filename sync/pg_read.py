@@ -172,7 +172,7 @@ async def read(
         reason = reload_reason(cursor, epoch, purged)
         if reason is None and cursor.snapshot is not None:
             reason = await _read_changes(
-                conn, batch, cursor.snapshot, options, reload_tenants, build=build
+                conn, batch, cursor.snapshot, options, reload_tenants, build=build, bound=bound
             )
         if reason is not None:
             batch.reload_reason = reason
@@ -193,11 +193,14 @@ async def _read_changes(
     reload_tenants: Iterable[str],
     *,
     build: bool = False,
+    bound: asyncio.Timeout | None = None,
 ) -> str | None:
     """Fill `batch` with the changes after `cursor`; or the reason to reload everything.
 
     With `build`, a tenant to replace whole is built as its rows arrive (`batch.built`)
     rather than held as rows: a big tenant's rows would cost several times its state.
+    Reading tenants whole moves `bound` (the read's timeout) to the full-read timeout,
+    as a full read does: a big tenant takes as long as a full load.
     """
     limit = options.max_batch_keys
     rows = await conn.fetch(q.CHANGES, str(cursor), limit + 1)
@@ -218,6 +221,8 @@ async def _read_changes(
             keys[entity].add(key_tuple(entity, json.loads(row["key"])))
     for tenant in reload_tenants:
         batch.tenants[tenant] = {}
+    if batch.tenants and bound is not None:
+        bound.reschedule(asyncio.get_running_loop().time() + options.full_read_timeout)
     for tenant in batch.tenants:
         if build:
             batch.built[tenant] = await pg_load.build_tenant(conn, tenant, options.on_demand)

@@ -340,3 +340,39 @@ async def test_a_tenant_reload_is_built_as_its_rows_arrive(
         else:
             assert not batch.built
             assert sum(map(len, batch.tenants["t"].values())) == sum(map(len, rows.values()))
+
+
+async def test_a_big_tenant_reload_gets_the_full_read_timeout(
+    db_url: str, pg: asyncpg.Connection
+) -> None:
+    # A tenant read whole takes as long as a full load of it: the catch-up's short read
+    # bound must not cut it off (it did, and every retry timed out the same way).
+    await pg.execute(
+        "INSERT INTO pdp.tenants (id) VALUES ('t');"
+        "INSERT INTO pdp.roles (tenant_id, id) VALUES ('t', 'viewer');"
+    )
+    users = [("t", f"user-{i}", "active") for i in range(60_000)]
+    await pg.copy_records_to_table(
+        "users", schema_name="pdp", records=users, columns=["tenant_id", "id", "status"]
+    )
+    grants = [("t", f"user-{i}", "viewer", f"doc:{i}") for i in range(60_000)]
+    await pg.copy_records_to_table(
+        "user_roles", schema_name="pdp", records=grants,
+        columns=["tenant_id", "user_id", "role_id", "scope"],
+    )  # fmt: skip
+    bound = 0.2
+    replica = Replica()
+    sync = PgSync(db_url, replica, options=SyncOptions(read_timeout=bound))
+    try:
+        await sync.catch_up()  # the first load (a full read: its own timeout)
+        sync.reload_tenant("t")
+        started = time.monotonic()
+        await sync.catch_up()
+        took = time.monotonic() - started
+    finally:
+        await sync.close()
+    assert took > bound  # so the reload did outlast the read bound
+    assert replica.engine is not None
+    total, lines = await pg.fetchrow(q.TENANT_DIGEST, "t")
+    assert replica.engine.digest("t") == f"{int(total):016x}:{lines}"
+    assert lines == 120_002
