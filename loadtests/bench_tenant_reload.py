@@ -63,7 +63,7 @@ async def run(url: str) -> dict[str, float]:
         "PDP_DATABASE_URL": url,
         "PDP_PORT": str(port),
         "PDP_DRAIN_SECONDS": "0",
-        "PDP_LOG_LEVEL": "WARNING",
+        "PDP_LOG_LEVEL": os.environ.get("BENCH_PDP_LOG_LEVEL", "WARNING"),
     }
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pdp", "serve", env=env)
     try:
