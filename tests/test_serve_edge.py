@@ -208,8 +208,13 @@ def test_sigterm_drains_under_load_and_exits_0(tmp_path: Path, db_url: str) -> N
         # Served on during the drain; a request started 1 s before its end outlives it.
         time.sleep(max(0.0, signalled + DRAIN - 1.0 - time.monotonic()))  # the drain is time
         slow_thread = threading.Thread(target=in_flight)
+        launched = time.monotonic()
         slow_thread.start()
-        time.sleep(0.5)
+        # Still served after the slow request set off (an answer to wait for, not a pause).
+        poll(
+            lambda: any(t > launched for t in hammer.answered), 5, "answers late in the drain",
+            pdp.proc,
+        )  # fmt: skip
         hammer.stop()
         assert any(t > signalled + DRAIN - 1.5 for t in hammer.answered)
         slow_thread.join(20)
