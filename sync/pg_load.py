@@ -205,10 +205,6 @@ class Part:
         self._proc = proc
         self._errors = errors
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     @classmethod
     def start(cls, request: dict[str, Any]) -> Part:
         """Start the child of `request` (see `request`); quick (fork and exec)."""

@@ -79,8 +79,8 @@ def _tenant_column(entity: str) -> str:
 # Whole tables, in the engine's column order (expires_at as epoch seconds).
 ALL_ROWS: dict[str, str] = {entity: _select(entity) for entity in COLUMNS}
 
-# The user tables (`pdp.replica.USER_ENTITIES`, nearly all of a big tenant's rows) by
-# their user id column, for a full load split over processes (`sync.pg_part`).
+# The user tables (`pdp.engine.bulk.USER_ENTITIES`, nearly all of a big tenant's rows) by
+# their user id column, for a full load split over processes (`sync.pg_load`).
 _USER_COLUMN = {"users": "id", "group_members": "user_id", "user_roles": "user_id"}
 
 # Part $2 of $1 of a user table's rows: those whose user id hashes to it, so every row of

@@ -185,7 +185,7 @@ def absorb(state: TenantState, part: TenantState, tally: Tally) -> None:
     """Add to `state` the user rows `part` holds: a load of other users of the tenant.
 
     `part` holds the users, memberships and direct assignments of users `state` holds
-    no row of (a part of a load split by user id, `sync.pg_part`), and no other rows;
+    no row of (a part of a load split by user id, `sync.pg_load`), and no other rows;
     ValueError otherwise, `state` then left partly merged (the load is to be dropped).
     Costs a dict update for the users, and a step per group and per (role, scope) for
     the reverse indexes: the rows themselves are not upserted again. `part`'s containers

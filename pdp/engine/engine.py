@@ -69,7 +69,7 @@ class Loader:
     def absorb(self, part: Engine) -> None:
         """Add the user rows of a load of other users (`pdp.engine.bulk.absorb`).
 
-        A full load split over processes by user id (`sync.pg_part`) builds each
+        A full load split over processes by user id (`sync.pg_load`) builds each
         part's users, memberships and direct assignments into an engine of their own;
         this takes them into the load, with their share of the digest. `part` is not
         to be used after. ValueError when a part holds anything else, or users this

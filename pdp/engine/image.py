@@ -93,7 +93,7 @@ def capture(engine: Engine, *, copy: bool = True) -> list[Held]:
 
     The engine must not change meanwhile; checks may read it (this only reads).
     `copy=False` takes the states' own containers instead, for an engine that nothing
-    will change again (a load's part, `sync.pg_part`): no time spent copying.
+    will change again (a load's part, `sync.pg_load`): no time spent copying.
     """
     return [_capture(state, copy) for state in engine.states()]
 
