@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pdp.engine import Engine, Snapshot
+from pdp.engine import Engine, Snapshot, collector_off
 from pdp.engine import image as state_image
 from pdp.replica import Replica
 from sync.metrics import NullMetrics, SnapshotFileMetrics
@@ -168,13 +168,8 @@ def read(path: Path, max_age: float, now: float) -> Restored | None:
         raise Unusable("expired", f"it was written {age:.0f} s ago, more than {max_age:g} s")
     # Millions of acyclic tuples and dicts: the cyclic collector would walk them again
     # and again while they are made.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         engine = _load(body, snapshot)
-    finally:
-        if collecting:
-            gc.enable()
     held = {t: engine.digest(t) for t in engine.tenants()}
     if held != digests:
         raise Unusable("corrupt", "its state does not hold the digests it was written with")

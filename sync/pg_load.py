@@ -48,7 +48,7 @@ from typing import IO, Any
 
 import asyncpg
 
-from pdp.engine import Engine, Loader, Snapshot, TenantState, image
+from pdp.engine import Engine, Loader, Snapshot, TenantState, collector_off, image
 from pdp.engine.bulk import USER_ENTITIES
 from sync import pg_queries as q
 from sync.options import SyncOptions
@@ -72,56 +72,48 @@ async def build_all(
     """The engine of every table, read in the open transaction of `conn` (see the module
     docstring). `url`: where `conn` reads, for the children; None: no children."""
     loader = Loader()
+    parts: list[Part] = []
     # The cyclic collector stays off for the whole read, not only while a piece is added:
     # run in the gaps, each collection walks the engine objects made since the last
     # (1-5 s of 31-36 s CPU in two paired loads of 1,000,000 users). `install` collects.
-    collecting = gc.isenabled()
-    gc.disable()
-    parts: list[Part] = []
-    try:
-        count = 1 if url is None else await _parts(conn, options)
-        results: dict[int, asyncio.Future[Engine] | None] = {}
-        if count > 1:
-            assert url is not None
-            log.info("full load in %d processes (by user id)", count)
-            exported = await conn.fetchval("SELECT pg_export_snapshot()")
-            for i in range(1, count):
-                asked = request(
-                    url, exported, i, count, connect_timeout=options.connect_timeout,
-                    statement_timeout_ms=options.statement_timeout_ms,
-                )  # fmt: skip
-                results[i] = _start(asked, snapshot, parts)
-        for entity, sql in q.ALL_ROWS.items():
-            if options.on_demand and entity in USER_ENTITIES:
-                continue
-            if count > 1 and entity in USER_ENTITIES:
-                await stream(conn, q.PART_ROWS[entity], entity, loader, count, 0)
-            else:
-                await stream(conn, sql, entity, loader)
-        for i, result in results.items():
-            await _take(conn, loader, result, i, count)
-        return await asyncio.to_thread(loader.engine, snapshot)
-    finally:
-        for part in parts:
-            part.kill()
-        if collecting:
-            gc.enable()
+    with collector_off():
+        try:
+            count = 1 if url is None else await _parts(conn, options)
+            results: dict[int, asyncio.Future[Engine] | None] = {}
+            if count > 1:
+                assert url is not None
+                log.info("full load in %d processes (by user id)", count)
+                exported = await conn.fetchval("SELECT pg_export_snapshot()")
+                for i in range(1, count):
+                    asked = request(
+                        url, exported, i, count, connect_timeout=options.connect_timeout,
+                        statement_timeout_ms=options.statement_timeout_ms,
+                    )  # fmt: skip
+                    results[i] = _start(asked, snapshot, parts)
+            for entity, sql in q.ALL_ROWS.items():
+                if options.on_demand and entity in USER_ENTITIES:
+                    continue
+                if count > 1 and entity in USER_ENTITIES:
+                    await stream(conn, q.PART_ROWS[entity], entity, loader, count, 0)
+                else:
+                    await stream(conn, sql, entity, loader)
+            for i, result in results.items():
+                await _take(conn, loader, result, i, count)
+            return await asyncio.to_thread(loader.engine, snapshot)
+        finally:
+            for part in parts:
+                part.kill()
 
 
 async def build_tenant(conn: asyncpg.Connection, tenant: str, on_demand: bool) -> TenantState:
     """One tenant's state, its rows streamed in the open transaction of `conn` like
     `build_all`'s (never all held at once), built in worker threads."""
     loader = Loader(only=tenant)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         for entity, sql in q.TENANT_ROWS.items():
             if not (on_demand and entity in USER_ENTITIES):
                 await stream(conn, sql, entity, loader, tenant)
         states = await asyncio.to_thread(loader.finish)
-    finally:
-        if collecting:
-            gc.enable()
     return states[tenant]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from itertools import groupby
 from operator import itemgetter
 
@@ -22,6 +23,22 @@ from pdp.engine.snapshot import Snapshot
 from pdp.engine.tenant import TenantState, upserter
 
 Tables = Mapping[str, Iterable[Row]]
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """The cyclic collector off for the block (back on after, if it was on).
+
+    A bulk load allocates millions of acyclic tuples and dicts; the collector would walk
+    them again on every generation-2 pass (a third of the load time at 1M users).
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class Loader:
@@ -46,18 +63,11 @@ class Loader:
 
     def add(self, entity: str, rows: Iterable[Row]) -> None:
         """Upsert these rows of `entity`, creating tenant states as rows name them."""
-        # A bulk load allocates millions of acyclic tuples; the cyclic collector would walk
-        # them again on every generation-2 pass (a third of the load time at 1M users).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             if entity in BULK:
                 self._add_bulk(entity, rows)
             else:
                 _load_rows(self._states, entity, rows, self._only)
-        finally:
-            if collecting:
-                gc.enable()
 
     def _add_bulk(self, entity: str, rows: Iterable[Row]) -> None:
         add, shared, tallies = BULK[entity], self._shared, self._tallies
@@ -75,32 +85,22 @@ class Loader:
         to be used after. ValueError when a part holds anything else, or users this
         load holds too; the load is then to be dropped.
         """
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             for other in part.states():
                 state = _state(self._states, "users", other.tenant_id, self._only)
                 tally = self._tallies.get(state.tenant_id) or self._tallies.setdefault(
                     state.tenant_id, Tally()
                 )
                 absorb(state, other, tally)
-        finally:
-            if collecting:
-                gc.enable()
 
     def finish(self) -> dict[str, TenantState]:
         """The tenant states, settled and with their running digests started."""
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_off():
             for tenant, state in self._states.items():
                 state.settle()
                 # Here rather than at the first digest() call: a full load runs in a
                 # worker thread, the verifier's digest() on the loop.
                 state.start_digest(self._user_rows_sum(tenant, state))
-        finally:
-            if collecting:
-                gc.enable()
         return self._states
 
     def _user_rows_sum(self, tenant: str, state: TenantState) -> int | None:
