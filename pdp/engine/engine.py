@@ -70,11 +70,14 @@ class Loader:
                 _load_rows(self._states, entity, rows, self._only)
 
     def _add_bulk(self, entity: str, rows: Iterable[Row]) -> None:
-        add, shared, tallies = BULK[entity], self._shared, self._tallies
+        add, shared = BULK[entity], self._shared
         for tenant, run in groupby(rows, _TENANT):  # one run per tenant: usually one
             state = _state(self._states, entity, tenant, self._only)
-            tally = tallies.get(state.tenant_id) or tallies.setdefault(state.tenant_id, Tally())
-            add(state, run, shared, tally)
+            add(state, run, shared, self._tally(state.tenant_id))
+
+    def _tally(self, tenant: str) -> Tally:
+        """The digest tally of the tenant's user rows (made on first use)."""
+        return self._tallies.get(tenant) or self._tallies.setdefault(tenant, Tally())
 
     def absorb(self, part: Engine) -> None:
         """Add the user rows of a load of other users (`pdp.engine.bulk.absorb`).
@@ -88,10 +91,7 @@ class Loader:
         with collector_off():
             for other in part.states():
                 state = _state(self._states, "users", other.tenant_id, self._only)
-                tally = self._tallies.get(state.tenant_id) or self._tallies.setdefault(
-                    state.tenant_id, Tally()
-                )
-                absorb(state, other, tally)
+                absorb(state, other, self._tally(state.tenant_id))
 
     def finish(self) -> dict[str, TenantState]:
         """The tenant states, settled and with their running digests started."""
