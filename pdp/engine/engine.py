@@ -304,6 +304,11 @@ class Engine:
             return UNKNOWN_TENANT
         return evaluate.check(state, user, resource_type, resource_id, action, now, facts)
 
+    def batch(self, now: float) -> evaluate.BatchCheck:
+        """`check` for many requests at time `now`, sharing one user's work between them
+        (see `evaluate.BatchCheck`); valid until the next change is applied."""
+        return evaluate.BatchCheck(self._tenants, now)
+
     def actions(  # noqa: PLR0917 -- the request's parts
         self,
         tenant: str,

@@ -420,9 +420,10 @@ class AuthzenApi:
         """Each entry from memory. A malformed entry always carries its error (it is a
         report to the caller, not a decision's reason). `why`, when given, receives each
         entry's reason in order."""
-        now = time.time()
         semantic, reasons, user_types = batch.semantic, batch.reasons, self._user_types
         reason_only = {"reason": "not_ready" if blocked is None else blocked["reason"]}
+        # One user's entries share their work (exactly `check`'s answers; see BatchCheck).
+        checks = None if engine is None else engine.batch(time.time())
         results: list[JsonObject] = []
         for entry in batch.entries:
             if isinstance(entry, RequestError):
@@ -430,7 +431,7 @@ class AuthzenApi:
             elif entry.subject_type not in user_types:
                 result = _entry_result(False, {"reason": _UNSUPPORTED}, reasons)
                 reason = _UNSUPPORTED
-            elif engine is None:
+            elif checks is None:
                 result, reason = _entry_result(False, reason_only, reasons), reason_only["reason"]
             elif failed is not None and (
                 (entry.tenant, entry.user) in failed or not self._loaded(entry)
@@ -438,9 +439,9 @@ class AuthzenApi:
                 result = _entry_result(False, dict(_USER_UNAVAILABLE), reasons)
                 reason = "user_unavailable"
             else:
-                decision = engine.check(
+                decision = checks.check(
                     entry.tenant, entry.user, entry.resource_type, entry.resource_id,
-                    entry.action, now, entry.facts,
+                    entry.action, entry.facts,
                 )  # fmt: skip
                 if not reasons:
                     result = _BARE[decision.allowed]
