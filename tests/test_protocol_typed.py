@@ -80,6 +80,21 @@ ALICE = {"type": "user", "id": "alice"}
     [
         {"subject": ALICE, "evaluations": [{"action": READ, "resource": DOC}] * 3},
         {"evaluations": [COMMON, {**COMMON, "subject": {"type": "user", "id": "bob"}}]},
+        # The subject (and the action) once at the top, in each combination with entries
+        # that name their own.
+        {"subject": ALICE, "action": READ, "evaluations": [{"resource": DOC}] * 3},
+        {
+            "subject": ALICE,
+            "action": READ,
+            "evaluations": [{"resource": DOC}, {"resource": DOC, "action": {"name": "write"}}],
+        },
+        {
+            "subject": ALICE,
+            "evaluations": [
+                {"action": READ, "resource": DOC},
+                {**COMMON, "subject": {"type": "user", "id": "bob"}},
+            ],
+        },
         {  # an entry's key replaces the default whole
             "subject": ALICE,
             "action": READ,
@@ -105,6 +120,7 @@ def test_a_common_batch_decodes_to_the_general_parsers_batch(body: dict[str, obj
         {"subject": ALICE, "evaluations": []},  # no entries: one evaluation
         {"subject": ALICE, "evaluations": [{"action": READ, "resource": DOC}] * 101},  # too many
         {"subject": ALICE, "evaluations": [{"action": READ}]},  # no resource anywhere
+        {"subject": ALICE, "evaluations": [{"action": READ, "resource": DOC}, {"resource": DOC}]},
         {"subject": None, "evaluations": [COMMON]},  # null is not absent
         {"evaluations": [{**COMMON, "subject": None}]},
         {"evaluations": [COMMON], "options": {"include_reasons": True}},
