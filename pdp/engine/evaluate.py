@@ -158,7 +158,7 @@ class BatchCheck:
         self._users: dict[tuple[str, str], _Shared] = {}
         # The last (tenant, user) and what they share: a batch's entries mostly name the
         # same two string objects (its default subject), so most entries skip the lookup.
-        self._last: tuple[str, str, _Shared] = ("", "", (None, (), {}))
+        self._last: tuple[str | None, str | None, _Shared] = (None, None, (None, (), {}))
 
     def check(  # noqa: PLR0917 -- mirrors Engine.check
         self, tenant: str, user: str, rtype: str, rid: str, action: str,
