@@ -11,7 +11,8 @@ so background load on the machine hits both alike. pdp is
 `pdp.pg.seed_data` (no database); the baseline is `loadtests/bare_app.py` (JSON parse
 + dict lookup). Bodies are drawn round-robin from a list of real users and resource
 ids, so decisions mix allow and deny. Prints req/s, p50 and p99 for both, the
-ratio, and decisions/s for batches of `--batch` on `/access/v1/evaluations`.
+ratio, and decisions/s for batches of `--batch` on `/access/v1/evaluations` (a round of
+them after each round of singles, median reported).
 
 The parent process only orchestrates (subprocesses and wrk); pdp is imported in the
 server process alone (`--serve`).
@@ -302,12 +303,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         print(f"pdp: {info}")
         try:
             # Interleaved rounds, medians reported: the ratio survives a noisy machine.
-            bares, singles, forwards = [], [], []
+            bares, singles, forwards, batches = [], [], [], []
             for _ in range(args.rounds):
                 bares.append(_measure(bare_port, EVALUATION, single_bodies, args))
                 singles.append(_measure(pdp_port, EVALUATION, single_bodies, args))
                 forwards.append(_measure(pdp_port, FORWARD_AUTH, work / "forward.tsv", args))
-            batch = _measure(pdp_port, EVALUATIONS, batch_bodies, args)
+                batches.append(_measure(pdp_port, EVALUATIONS, batch_bodies, args))
         finally:
             for proc in (pdp, bare):
                 proc.kill()
@@ -322,7 +323,9 @@ def orchestrate(args: argparse.Namespace) -> None:
     ratios = ", ".join(f"{f.rps / s.rps:.2f}" for s, f in zip(singles, forwards, strict=True))
     ratio = forward.rps / single.rps
     print(f"{'ratio forward-auth / eval':<28}{ratio:>9.2f}   (per round: {ratios})")
-    print(_line(f"pdp /evaluations x{args.batch}", batch, args.batch))
+    rates = ", ".join(f"{b.rps * args.batch:,.0f}" for b in batches)
+    print(_line(f"pdp /evaluations x{args.batch}", _median(batches), args.batch))
+    print(f"{'':<28}(decisions/s per round: {rates})")
 
 
 def main(argv: list[str] | None = None) -> None:
