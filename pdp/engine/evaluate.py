@@ -145,9 +145,9 @@ class BatchCheck:
     A request whose resource scope (`type:id`) no grant of the user (direct or through a
     group) names can only be decided by grants of scope `type:*` or `*`: its decision
     is the same for every such id, so it is computed once per (type, action) and reused.
-    Not reused: a decision a condition took part in, and any denial in a tenant with
-    conditional grants (a condition reads the resource's id and attributes). Every other
-    request is decided by `check` itself, so each answer is exactly `check`'s.
+    Not reused: a decision a condition took part in (a condition reads the resource's id
+    and attributes; every decision with a conditional candidate names its condition).
+    Every other request is decided by `check` itself, so each answer is exactly `check`'s.
     """
 
     __slots__ = ("_last", "_now", "_tenants", "_users")
@@ -181,7 +181,7 @@ class BatchCheck:
         decision = memo.get(key)
         if decision is None:
             decision = check(state, user, rtype, rid, action, self._now, facts)
-            if decision.condition is None and (decision.allowed or not state.roles.cond_closure):
+            if decision.condition is None:  # no conditional grant was a candidate
                 memo[key] = decision
         return decision
 
