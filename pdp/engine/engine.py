@@ -307,7 +307,7 @@ class Engine:
     def batch(self, now: float) -> evaluate.BatchCheck:
         """`check` for many requests at time `now`, sharing one user's work between them
         (see `evaluate.BatchCheck`); valid until the next change is applied."""
-        return evaluate.BatchCheck(self._tenants, now)
+        return evaluate.BatchCheck(self._live, now)
 
     def actions(  # noqa: PLR0917 -- the request's parts
         self,

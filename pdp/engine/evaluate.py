@@ -150,10 +150,10 @@ class BatchCheck:
     Every other request is decided by `check` itself, so each answer is exactly `check`'s.
     """
 
-    __slots__ = ("_last", "_now", "_tenants", "_users")
+    __slots__ = ("_last", "_live", "_now", "_users")
 
-    def __init__(self, tenants: dict[str, TenantState], now: float) -> None:
-        self._tenants = tenants
+    def __init__(self, live: Callable[[str], TenantState | None], now: float) -> None:
+        self._live = live  # an existing tenant's state, else None (Engine._live)
         self._now = now
         self._users: dict[tuple[str, str], _Shared] = {}
         # The last (tenant, user) and what they share: a batch's entries mostly name the
@@ -186,16 +186,15 @@ class BatchCheck:
         return decision
 
     def _share(self, tenant: str, user: str) -> _Shared:
-        state = self._tenants.get(tenant)
-        if state is None or not state.exists:
+        state = self._live(tenant)
+        if state is None:
             return None, (), {}
         rec = state.users.get(user)
         if rec is None:
             return state, (), {}
-        live = state.live_groups
         small: set[str] = set()
         indexed: list[Container[str]] = []
-        for grants in (rec[1], *(live[gid] for gid in rec[2] if gid in live)):
+        for grants in _holders(state, rec):
             if isinstance(grants, dict):
                 indexed.append(grants)
             else:
@@ -311,6 +310,12 @@ def _decision(state: TenantState, hit: _Hit, group: str | None, wanted: _Wanted)
     return state.granted(role, perm, group, scope, expires)
 
 
+def _holders(state: TenantState, rec: UserRec) -> tuple[Grants, ...]:
+    """A user's grant holders: her own grants, then each existing group's she is in."""
+    live = state.live_groups
+    return (rec[1], *(live[gid] for gid in rec[2] if gid in live))
+
+
 def _live_grants(
     state: TenantState, rec: UserRec, now: float, scopes: _Scopes | None = None
 ) -> Iterator[Grant]:
@@ -320,8 +325,7 @@ def _live_grants(
     (others may still come: the caller filters), so a holder of thousands of
     resource-scoped grants costs three lookups.
     """
-    live = state.live_groups
-    for grants in (rec[1], *(live[gid] for gid in rec[2] if gid in live)):
+    for grants in _holders(state, rec):
         if scopes is not None and isinstance(grants, dict):
             scan: Iterable[Grant] = candidates(grants, scopes[0], scopes[1])
         else:
